@@ -1,0 +1,564 @@
+/* io_engine.c — an I/O thread with its own io_uring, serving one queue (the per-queue design)
+ * or several (the shared-thread baseline).
+ *
+ * The loop: kick CQE -> pop the avail ring -> parse -> SQEs that point into guest memory;
+ * I/O CQE -> status byte + used ring; then one interrupt per queue per batch (EVENT_IDX
+ * permitting). Nothing here takes a lock per request: the only lock guards the control
+ * mailbox, which the control plane uses to attach, detach and reconfigure queues.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "io_engine.h"
+
+enum { CMD_ATTACH, CMD_DETACH, CMD_SET_CALL, CMD_EXIT };
+
+struct engine_cmd {
+    int op;
+    int arg;
+    struct dp_vq *vq;
+    int done;
+    int result;
+    struct engine_cmd *next;
+};
+
+struct dp_engine {
+    struct io_uring ring;
+    struct dp_vq *vqs;            /* attached queues (engine thread only) */
+    unsigned npolling;            /* attached queues without a kick fd */
+    int exiting;
+    uint64_t ctl_buf;
+    int ctl_fd;
+
+    pthread_t thread;
+    char name[16];
+    int cpu;
+    unsigned entries;
+    int tid;
+    int init_done;
+    int init_rc;
+
+    pthread_mutex_t lock;         /* guards cmds, done flags and init state */
+    pthread_cond_t cond;
+    struct engine_cmd *cmds;
+    struct engine_cmd **cmds_tail;
+};
+
+/* Single writer per counter (the queue's engine thread); readers load relaxed. */
+#define STAT_ADD(vq, field, n) \
+    __atomic_store_n(&(vq)->stats.field, (vq)->stats.field + (n), __ATOMIC_RELAXED)
+
+struct io_uring_sqe *engine_get_sqe(struct dp_engine *engine)
+{
+    struct io_uring_sqe *sqe;
+    while (!(sqe = io_uring_get_sqe(&engine->ring)))
+        io_uring_submit(&engine->ring);
+    return sqe;
+}
+
+/* ---- requests ---- */
+
+static void release_req(struct dp_vq *vq, struct dp_req *req)
+{
+    free(req->bounce);
+    req->bounce = NULL;
+    req->next_free = vq->free_reqs;
+    vq->free_reqs = req;
+    STAT_ADD(vq, inflight, -1);
+    if (vq->starved) {
+        vq->starved = 0;
+        vq->need_pop = 1;
+    }
+}
+
+void req_complete(struct dp_req *req, uint8_t status)
+{
+    struct dp_vq *vq = req->vq;
+    if (status == VIRTIO_BLK_S_OK) {
+        if (req->type == VIRTIO_BLK_T_IN) {
+            req->used_len = (uint32_t)req->nbytes + 1;
+            STAT_ADD(vq, bytes_read, req->nbytes);
+        } else if (req->type == VIRTIO_BLK_T_OUT) {
+            STAT_ADD(vq, bytes_written, req->nbytes);
+        }
+    } else {
+        req->used_len = 1;
+        STAT_ADD(vq, errors, 1);
+    }
+    /* The status byte is ordered before used->idx by the release in vq_push_used. */
+    *req->status = status;
+    vq_push_used(vq, req->head, req->used_len);
+    vq->need_notify = 1;
+    release_req(vq, req);
+}
+
+static void count_request(struct dp_vq *vq, uint32_t type)
+{
+    STAT_ADD(vq, requests, 1);
+    switch (type) {
+    case VIRTIO_BLK_T_IN: STAT_ADD(vq, reads, 1); break;
+    case VIRTIO_BLK_T_OUT: STAT_ADD(vq, writes, 1); break;
+    case VIRTIO_BLK_T_FLUSH: STAT_ADD(vq, flushes, 1); break;
+    case VIRTIO_BLK_T_GET_ID: STAT_ADD(vq, get_ids, 1); break;
+    case VIRTIO_BLK_T_DISCARD: STAT_ADD(vq, discards, 1); break;
+    case VIRTIO_BLK_T_WRITE_ZEROES: STAT_ADD(vq, write_zeroes, 1); break;
+    default: STAT_ADD(vq, unsupported, 1); break;
+    }
+}
+
+static void start_request(struct dp_engine *engine, struct dp_req *req,
+                          const struct vq_chain *chain)
+{
+    struct dp_vq *vq = req->vq;
+    req->head = chain->head;
+    req->done = 0;
+    req->pending = 0;
+    req->result = VIRTIO_BLK_S_OK;
+
+    int status = blk_req_parse(req, chain, vq->disk);
+    if (status < 0) {
+        /* No status byte to answer with: the driver broke the ring's contract. */
+        STAT_ADD(vq, errors, 1);
+        release_req(vq, req);
+        vq_set_broken(vq);
+        return;
+    }
+    count_request(vq, req->type);
+    if (status != VIRTIO_BLK_S_OK) {
+        req_complete(req, (uint8_t)status);
+        return;
+    }
+    if (req->type == VIRTIO_BLK_T_GET_ID) {
+        char serial[DP_SERIAL_LEN] = { 0 };
+        memcpy(serial, vq->disk->p.serial, sizeof(serial));
+        size_t n = iov_from_buf(req->iov, req->iovcnt, 0, serial, sizeof(serial));
+        req->used_len = (uint32_t)n + 1;
+        req_complete(req, VIRTIO_BLK_S_OK);
+        return;
+    }
+    if ((req->type == VIRTIO_BLK_T_IN || req->type == VIRTIO_BLK_T_OUT) && req->nbytes == 0) {
+        req_complete(req, VIRTIO_BLK_S_OK);
+        return;
+    }
+    if (vq->disk->p.null_disk)
+        null_submit(engine, req);
+    else
+        file_submit(engine, req);
+}
+
+/* Pop everything the driver made available, re-enabling kicks before going idle. */
+static void process_avail(struct dp_engine *engine, struct dp_vq *vq)
+{
+    vq->need_pop = 0;
+    if (vq->stopping || vq->broken)
+        return;
+    do {
+        struct dp_req *req;
+        while ((req = vq->free_reqs)) {
+            struct vq_chain chain;
+            int rc = vq_pop(vq, &chain, req->seg, REQ_MAX_SEGS);
+            if (rc <= 0)
+                break;
+            vq->free_reqs = req->next_free;
+            STAT_ADD(vq, inflight, 1);
+            start_request(engine, req, &chain);
+            if (vq->broken)
+                return;
+        }
+        if (vq->broken)
+            return;
+        if (!vq->free_reqs) {
+            /* Only a driver that re-posts heads still in flight gets here. */
+            vq->starved = 1;
+            return;
+        }
+    } while (vq_enable_notify(vq));
+}
+
+static void notify(struct dp_vq *vq)
+{
+    vq->need_notify = 0;
+    if (vq_need_notify(vq) && vq->call_fd >= 0) {
+        uint64_t one = 1;
+        ssize_t rc = write(vq->call_fd, &one, sizeof(one));
+        (void)rc;   /* a full counter still wakes the driver; nothing else to do */
+        STAT_ADD(vq, notifies, 1);
+    }
+}
+
+/* ---- control mailbox ---- */
+
+static void arm_kick(struct dp_engine *engine, struct dp_vq *vq)
+{
+    struct io_uring_sqe *sqe = engine_get_sqe(engine);
+    io_uring_prep_read(sqe, vq->kick_fd, &vq->kick_buf, sizeof(vq->kick_buf), (uint64_t)-1);
+    io_uring_sqe_set_data64(sqe, (uintptr_t)vq | TAG_KICK);
+    vq->kick_armed = 1;
+}
+
+static void arm_ctl(struct dp_engine *engine)
+{
+    struct io_uring_sqe *sqe = engine_get_sqe(engine);
+    io_uring_prep_read(sqe, engine->ctl_fd, &engine->ctl_buf, sizeof(engine->ctl_buf),
+                       (uint64_t)-1);
+    io_uring_sqe_set_data64(sqe, (uintptr_t)engine | TAG_CTL);
+}
+
+static void cmd_done(struct dp_engine *engine, struct engine_cmd *cmd, int result)
+{
+    pthread_mutex_lock(&engine->lock);
+    cmd->result = result;
+    cmd->done = 1;
+    pthread_cond_broadcast(&engine->cond);
+    pthread_mutex_unlock(&engine->lock);
+}
+
+static int engine_call(struct dp_engine *engine, int op, struct dp_vq *vq, int arg)
+{
+    struct engine_cmd cmd = { .op = op, .vq = vq, .arg = arg };
+    uint64_t one = 1;
+
+    pthread_mutex_lock(&engine->lock);
+    *engine->cmds_tail = &cmd;
+    engine->cmds_tail = &cmd.next;
+    pthread_mutex_unlock(&engine->lock);
+    if (write(engine->ctl_fd, &one, sizeof(one)) != sizeof(one))
+        return -EIO;
+    pthread_mutex_lock(&engine->lock);
+    while (!cmd.done)
+        pthread_cond_wait(&engine->cond, &engine->lock);
+    pthread_mutex_unlock(&engine->lock);
+    return cmd.result;
+}
+
+static void attach(struct dp_engine *engine, struct dp_vq *vq)
+{
+    vq->used_idx = __atomic_load_n(&vq->used->idx, __ATOMIC_ACQUIRE);
+    vq->shadow_avail_idx = vq->last_avail_idx;
+    vq->signalled_used_valid = 0;
+    vq->stopping = 0;
+    vq->starved = 0;
+    vq->need_notify = 0;
+    vq->need_pop = 1;   /* buffers may have been posted before we listened */
+    vq->next = engine->vqs;
+    engine->vqs = vq;
+    if (vq->kick_fd >= 0)
+        arm_kick(engine, vq);
+    else
+        engine->npolling++;
+}
+
+static void begin_detach(struct dp_engine *engine, struct dp_vq *vq, struct engine_cmd *cmd)
+{
+    vq->stopping = 1;
+    vq->detach_cmd = cmd;
+    if (vq->kick_armed) {
+        struct io_uring_sqe *sqe = engine_get_sqe(engine);
+        io_uring_prep_cancel64(sqe, (uintptr_t)vq | TAG_KICK, 0);
+        io_uring_sqe_set_data64(sqe, TAG_IGNORE);
+    }
+}
+
+/* A stopping queue leaves once its in-flight requests and its kick read are done. */
+static void finish_detaches(struct dp_engine *engine)
+{
+    struct dp_vq **link = &engine->vqs;
+    while (*link) {
+        struct dp_vq *vq = *link;
+        if (!vq->stopping || vq->stats.inflight || vq->kick_armed) {
+            link = &vq->next;
+            continue;
+        }
+        *link = vq->next;
+        vq->next = NULL;
+        if (vq->kick_fd < 0)
+            engine->npolling--;
+        if (vq->need_notify)
+            notify(vq);
+        cmd_done(engine, vq->detach_cmd, vq->last_avail_idx);
+        vq->detach_cmd = NULL;
+    }
+}
+
+static void run_commands(struct dp_engine *engine)
+{
+    pthread_mutex_lock(&engine->lock);
+    struct engine_cmd *cmd = engine->cmds;
+    engine->cmds = NULL;
+    engine->cmds_tail = &engine->cmds;
+    pthread_mutex_unlock(&engine->lock);
+
+    while (cmd) {
+        struct engine_cmd *next = cmd->next;   /* cmd may be gone once done */
+        switch (cmd->op) {
+        case CMD_ATTACH:
+            attach(engine, cmd->vq);
+            cmd_done(engine, cmd, 0);
+            break;
+        case CMD_DETACH:
+            begin_detach(engine, cmd->vq, cmd);
+            break;
+        case CMD_SET_CALL:
+            cmd->vq->call_fd = cmd->arg;
+            cmd_done(engine, cmd, 0);
+            break;
+        case CMD_EXIT:
+            engine->exiting = 1;
+            cmd_done(engine, cmd, 0);
+            break;
+        }
+        cmd = next;
+    }
+}
+
+/* ---- the loop ---- */
+
+static void handle_cqe(struct dp_engine *engine, uint64_t user_data, int res)
+{
+    void *ptr = (void *)(uintptr_t)(user_data & ~(uint64_t)TAG_MASK);
+    switch (user_data & TAG_MASK) {
+    case TAG_REQ:
+    case TAG_RANGE:
+        file_complete(engine, user_data, res);
+        break;
+    case TAG_KICK: {
+        struct dp_vq *vq = ptr;
+        vq->kick_armed = 0;
+        if (vq->stopping)
+            break;
+        if (res < 0 && res != -EINTR && res != -EAGAIN)
+            break;   /* the front end closed its end: nothing more will come from it */
+        STAT_ADD(vq, kicks, 1);
+        vq->need_pop = 1;
+        arm_kick(engine, vq);
+        break;
+    }
+    case TAG_CTL:
+        run_commands(engine);
+        if (!engine->exiting)
+            arm_ctl(engine);
+        break;
+    default:
+        break;
+    }
+}
+
+static void reap(struct dp_engine *engine)
+{
+    struct io_uring_cqe *cqe;
+    unsigned head, n = 0;
+    io_uring_for_each_cqe(&engine->ring, head, cqe) {
+        handle_cqe(engine, cqe->user_data, cqe->res);
+        n++;
+    }
+    io_uring_cq_advance(&engine->ring, n);
+}
+
+static int ring_init(struct dp_engine *engine)
+{
+    static const unsigned flag_sets[] = {
+        IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
+        IORING_SETUP_COOP_TASKRUN,
+        0,
+    };
+    int rc = -EINVAL;
+    for (size_t i = 0; i < sizeof(flag_sets) / sizeof(flag_sets[0]); i++) {
+        struct io_uring_params params = { .flags = flag_sets[i] | IORING_SETUP_CQSIZE,
+                                          .cq_entries = engine->entries * 4 };
+        rc = io_uring_queue_init_params(engine->entries, &engine->ring, &params);
+        if (rc != -EINVAL)
+            break;
+    }
+    return rc;
+}
+
+static void *engine_main(void *arg)
+{
+    struct dp_engine *engine = arg;
+    int rc = 0;
+
+    pthread_setname_np(pthread_self(), engine->name);
+    if (engine->cpu >= 0) {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET(engine->cpu, &set);
+        rc = -pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+    }
+    if (!rc)
+        rc = ring_init(engine);   /* created here: SINGLE_ISSUER wants the submitting thread */
+    if (!rc)
+        arm_ctl(engine);
+
+    pthread_mutex_lock(&engine->lock);
+    engine->tid = (int)syscall(SYS_gettid);
+    engine->init_rc = rc;
+    engine->init_done = 1;
+    pthread_cond_broadcast(&engine->cond);
+    pthread_mutex_unlock(&engine->lock);
+    if (rc)
+        return NULL;
+
+    while (!engine->exiting) {
+        if (engine->npolling)
+            io_uring_submit_and_get_events(&engine->ring);
+        else
+            io_uring_submit_and_wait(&engine->ring, 1);
+        reap(engine);
+        for (struct dp_vq *vq = engine->vqs; vq; vq = vq->next)
+            if (vq->need_pop || (vq->kick_fd < 0 && !vq->stopping))
+                process_avail(engine, vq);
+        for (struct dp_vq *vq = engine->vqs; vq; vq = vq->next)
+            if (vq->need_notify)
+                notify(vq);
+        finish_detaches(engine);
+    }
+    io_uring_queue_exit(&engine->ring);
+    return NULL;
+}
+
+struct dp_engine *dp_engine_new(const char *name, int cpu, unsigned ring_entries, int *err)
+{
+    struct dp_engine *engine = calloc(1, sizeof(*engine));
+    *err = -ENOMEM;
+    if (!engine)
+        return NULL;
+    strncpy(engine->name, name, sizeof(engine->name) - 1);
+    engine->cpu = cpu;
+    engine->entries = ring_entries ? ring_entries : 256;
+    engine->cmds_tail = &engine->cmds;
+    pthread_mutex_init(&engine->lock, NULL);
+    pthread_cond_init(&engine->cond, NULL);
+    engine->ctl_fd = eventfd(0, EFD_CLOEXEC);
+    if (engine->ctl_fd < 0) {
+        *err = -errno;
+        goto fail;
+    }
+    /* Signals belong to the control plane's main thread: the new thread starts with all
+     * of them blocked (it inherits the mask in force at pthread_create). */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    int rc = pthread_create(&engine->thread, NULL, engine_main, engine);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc) {
+        *err = -rc;
+        goto fail;
+    }
+    pthread_mutex_lock(&engine->lock);
+    while (!engine->init_done)
+        pthread_cond_wait(&engine->cond, &engine->lock);
+    pthread_mutex_unlock(&engine->lock);
+    if (engine->init_rc) {
+        *err = engine->init_rc;
+        pthread_join(engine->thread, NULL);
+        goto fail;
+    }
+    *err = 0;
+    return engine;
+
+fail:
+    if (engine->ctl_fd >= 0)
+        close(engine->ctl_fd);
+    pthread_mutex_destroy(&engine->lock);
+    pthread_cond_destroy(&engine->cond);
+    free(engine);
+    return NULL;
+}
+
+void dp_engine_free(struct dp_engine *engine)
+{
+    if (!engine)
+        return;
+    engine_call(engine, CMD_EXIT, NULL, 0);
+    pthread_join(engine->thread, NULL);
+    close(engine->ctl_fd);
+    pthread_mutex_destroy(&engine->lock);
+    pthread_cond_destroy(&engine->cond);
+    free(engine);
+}
+
+int dp_engine_thread_id(const struct dp_engine *engine)
+{
+    return engine->tid;
+}
+
+/* ---- queue lifecycle (control plane side) ---- */
+
+static int vq_alloc_reqs(struct dp_vq *vq)
+{
+    if (vq->nreqs != vq->num) {
+        free(vq->reqs);
+        free(vq->iov_pool);
+        vq->nreqs = 0;
+        vq->reqs = calloc(vq->num, sizeof(*vq->reqs));
+        vq->iov_pool = calloc((size_t)vq->num * REQ_MAX_SEGS, sizeof(struct iovec));
+        if (!vq->reqs || !vq->iov_pool)
+            return -ENOMEM;
+        vq->nreqs = vq->num;
+    }
+    vq->free_reqs = NULL;
+    for (unsigned i = vq->nreqs; i-- > 0;) {
+        struct dp_req *req = &vq->reqs[i];
+        req->vq = vq;
+        req->seg = &vq->iov_pool[(size_t)i * REQ_MAX_SEGS];
+        req->bounce = NULL;
+        req->next_free = vq->free_reqs;
+        vq->free_reqs = req;
+    }
+    return 0;
+}
+
+int dp_vq_start(struct dp_vq *vq, struct dp_engine *engine)
+{
+    if (vq->engine)
+        return -EBUSY;
+    int rc = vq_map_rings(vq);
+    if (rc)
+        return rc;
+    rc = vq_alloc_reqs(vq);
+    if (rc)
+        return rc;
+    vq->broken = 0;
+    __atomic_store_n(&vq->stats.broken, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&vq->stats.inflight, 0, __ATOMIC_RELAXED);
+    vq->engine = engine;
+    rc = engine_call(engine, CMD_ATTACH, vq, 0);
+    if (rc)
+        vq->engine = NULL;
+    return rc;
+}
+
+int dp_vq_stop(struct dp_vq *vq)
+{
+    if (!vq->engine)
+        return vq->last_avail_idx;
+    int rc = engine_call(vq->engine, CMD_DETACH, vq, 0);
+    vq->engine = NULL;
+    return rc;
+}
+
+int dp_vq_set_call_fd(struct dp_vq *vq, int call_fd)
+{
+    if (vq->engine)
+        return engine_call(vq->engine, CMD_SET_CALL, vq, call_fd);
+    vq->call_fd = call_fd;
+    return 0;
+}
+
+void dp_vq_free(struct dp_vq *vq)
+{
+    if (!vq)
+        return;
+    dp_vq_stop(vq);
+    free(vq->reqs);
+    free(vq->iov_pool);
+    free(vq);
+}

@@ -1,0 +1,186 @@
+"""The backing disk: a regular file, a block device, or `null:SIZE` (no I/O at all).
+
+Python opens the file and reads its geometry; the C core only ever sees the resulting
+`struct dp_disk_params` (C never parses configuration).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import re
+import stat
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .core import ffi, lib
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SECTOR = 512
+BLKGETSIZE64 = 0x80081272
+BLKSSZGET = 0x1268
+BLKPBSZGET = 0x127B
+BLKIOMIN = 0x1278
+BLKIOOPT = 0x1279
+
+# Limits advertised in the config space (and enforced by the C core).
+MAX_DISCARD_SECTORS = 0x400000  # 2 GiB per range
+MAX_DISCARD_SEG = 32
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10,
+    "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
+    "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30,
+    "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40,
+}
+
+
+def parse_size(text: str) -> int:
+    """A byte count with fio's suffixes (k, m, g, t; powers of 1024), e.g. '4G', '512k'."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(f"bad size {text!r}: expected a number with an optional k/m/g/t suffix")
+    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if value != int(value):
+        raise ConfigError(f"bad size {text!r}: not a whole number of bytes")
+    return int(value)
+
+
+@dataclass
+class Disk:
+    """An open backing disk and its C handle. Close it when the backend stops."""
+
+    description: str
+    size: int
+    null: bool
+    read_only: bool
+    direct: bool
+    logical_block_size: int = SECTOR
+    physical_block_size: int = 4096
+    min_io_size: int = 0
+    opt_io_size: int = 0
+    serial: str = "dataplane"
+    fd: int = -1
+    handle: object = field(default=None, repr=False)
+
+    @property
+    def capacity_sectors(self) -> int:
+        return self.size // SECTOR
+
+    def close(self) -> None:
+        if self.handle is not None:
+            lib.dp_disk_free(self.handle)
+            self.handle = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def set_writeback(self, enabled: bool) -> None:
+        lib.dp_disk_set_writeback(self.handle, int(enabled))
+
+    @property
+    def writeback(self) -> bool:
+        return bool(lib.dp_disk_get_writeback(self.handle))
+
+
+def _block_queue_attr(st_dev: int, name: str) -> int | None:
+    """Read /sys/dev/block/MAJ:MIN/queue/NAME for the device a file lives on."""
+    base = Path(f"/sys/dev/block/{os.major(st_dev)}:{os.minor(st_dev)}")
+    for candidate in (base / "queue" / name, base / ".." / "queue" / name):
+        try:
+            return int(candidate.read_text().strip())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _ioctl_int(fd: int, request: int, fmt: str) -> int:
+    buf = fcntl.ioctl(fd, request, b"\0" * struct.calcsize(fmt))
+    return struct.unpack(fmt, buf)[0]
+
+
+def open_disk(spec: str, *, read_only: bool = False, cache: str = "none",
+              serial: str = "dataplane") -> Disk:
+    """Open `PATH` or `null:SIZE` and create the C handle. Raises ConfigError on bad input."""
+    if cache not in ("none", "writeback"):
+        raise ConfigError(f"bad --cache {cache!r}: expected none or writeback")
+    serial_bytes = serial.encode()
+    if len(serial_bytes) > 20:
+        raise ConfigError(f"bad --serial {serial!r}: at most 20 bytes")
+
+    if spec.startswith("null:") or spec == "null":
+        size_text = spec.partition(":")[2] or "1G"
+        size = parse_size(size_text)
+        if size < SECTOR:
+            raise ConfigError(f"bad size {size_text!r} for the null disk: at least 512 bytes")
+        disk = Disk(description=f"null:{size_text}", size=size - size % SECTOR, null=True,
+                    read_only=read_only, direct=False, serial=serial)
+    else:
+        disk = _open_file(spec, read_only=read_only, direct=(cache == "none"), serial=serial)
+
+    params = ffi.new("struct dp_disk_params *")
+    params.fd = disk.fd
+    params.null_disk = int(disk.null)
+    params.read_only = int(read_only)
+    params.direct = int(disk.direct)
+    params.size_bytes = disk.size
+    params.logical_block_size = disk.logical_block_size
+    params.dio_align = disk.logical_block_size if disk.direct else 0
+    params.max_discard_sectors = MAX_DISCARD_SECTORS
+    params.max_write_zeroes_sectors = MAX_DISCARD_SECTORS
+    params.max_discard_seg = MAX_DISCARD_SEG
+    params.max_write_zeroes_seg = MAX_DISCARD_SEG
+    ffi.memmove(params.serial, serial_bytes.ljust(20, b"\0"), 20)
+    disk.handle = lib.dp_disk_new(params)
+    if disk.handle == ffi.NULL:
+        disk.close()
+        raise ConfigError(f"cannot set up disk {spec!r}")
+    return disk
+
+
+def _open_file(path: str, *, read_only: bool, direct: bool, serial: str) -> Disk:
+    flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+    if direct:
+        flags |= os.O_DIRECT
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise ConfigError(f"disk {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"disk {path!r} is a directory") from None
+    except PermissionError:
+        raise ConfigError(f"disk {path!r}: permission denied") from None
+    except OSError as exc:
+        if direct and exc.errno == 22:
+            raise ConfigError(f"disk {path!r}: its filesystem does not support O_DIRECT; "
+                              "use --cache=writeback") from None
+        raise ConfigError(f"disk {path!r}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISBLK(st.st_mode):
+            size = _ioctl_int(fd, BLKGETSIZE64, "Q")
+            logical = _ioctl_int(fd, BLKSSZGET, "i")
+            physical = _ioctl_int(fd, BLKPBSZGET, "I")
+            min_io = _ioctl_int(fd, BLKIOMIN, "I")
+            opt_io = _ioctl_int(fd, BLKIOOPT, "I")
+        elif stat.S_ISREG(st.st_mode):
+            size = st.st_size
+            logical = _block_queue_attr(st.st_dev, "logical_block_size") or SECTOR
+            physical = max(logical, 4096)
+            min_io, opt_io = 0, 0
+        else:
+            raise ConfigError(f"disk {path!r} is neither a regular file nor a block device")
+        size -= size % SECTOR
+        if size == 0:
+            raise ConfigError(f"disk {path!r} is empty (size must be at least 512 bytes)")
+    except BaseException:
+        os.close(fd)
+        raise
+    return Disk(description=path, size=size, null=False, read_only=read_only, direct=direct,
+                logical_block_size=max(logical, SECTOR), physical_block_size=physical,
+                min_io_size=min_io, opt_io_size=opt_io, serial=serial, fd=fd)

@@ -1,0 +1,701 @@
+"""vhost-user control plane, backend side: one handler per message, dispatched from a table.
+
+The server accepts one front end (QEMU, or dataplane's own frontend) at a time, negotiates
+features, maps guest memory, and hands finished vring descriptions to the C core, which
+serves each virtqueue from its I/O thread. Nothing here runs per I/O request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import socket
+import stat
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import virtio_blk as vb
+from .core import check, ffi, lib
+from .disk import MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, Disk
+from .errors import ConfigError, DeviceError, ProtocolError
+from .vhost_proto import (
+    CONFIG_HEADER,
+    MEMORY_HEADER,
+    MEMORY_REGION,
+    U64,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    VHOST_USER_MAX_CONFIG_SIZE,
+    VHOST_USER_REPLY_MASK,
+    VHOST_USER_VERSION,
+    VHOST_USER_VERSION_MASK,
+    VHOST_USER_VRING_IDX_MASK,
+    VHOST_USER_VRING_NOFD_MASK,
+    VRING_ADDR,
+    VRING_STATE,
+    Message,
+    ProtocolFeature,
+    Request,
+    close_fds,
+    recv_message,
+    request_name,
+    send_message,
+)
+
+log = logging.getLogger("dataplane.vhost")
+
+SEG_MAX = int(lib.DP_SEG_MAX)
+MAX_QUEUE_SIZE = int(lib.DP_MAX_QUEUE_SIZE)
+MAX_MEM_REGIONS = int(lib.DP_MAX_MEM_REGIONS)
+
+PROTOCOL_FEATURES = (
+    (1 << ProtocolFeature.MQ)
+    | (1 << ProtocolFeature.REPLY_ACK)
+    | (1 << ProtocolFeature.CONFIG)
+)
+
+
+def device_features(disk: Disk) -> int:
+    """Virtio features this backend offers for a disk."""
+    f = [vb.VIRTIO_F_VERSION_1, vb.VIRTIO_RING_F_INDIRECT_DESC, vb.VIRTIO_RING_F_EVENT_IDX,
+         vb.VIRTIO_F_ANY_LAYOUT, vb.VIRTIO_BLK_F_SEG_MAX, vb.VIRTIO_BLK_F_BLK_SIZE,
+         vb.VIRTIO_BLK_F_FLUSH, vb.VIRTIO_BLK_F_TOPOLOGY, vb.VIRTIO_BLK_F_MQ,
+         vb.VIRTIO_BLK_F_CONFIG_WCE, VHOST_USER_F_PROTOCOL_FEATURES]
+    if disk.read_only:
+        f.append(vb.VIRTIO_BLK_F_RO)
+    else:
+        f += [vb.VIRTIO_BLK_F_DISCARD, vb.VIRTIO_BLK_F_WRITE_ZEROES]
+    return sum(1 << b for b in f)
+
+
+class MessageError(Exception):
+    """A message that cannot be honoured; the connection survives, the reply says 'failed'."""
+
+
+@dataclass
+class Vring:
+    """What the front end told us about one virtqueue, and the C queue that serves it."""
+
+    index: int
+    handle: object
+    num: int = 0
+    addr: tuple[int, int, int] | None = None   # desc, avail, used (front-end user addresses)
+    base: int = 0
+    kick_fd: int | None = None   # None: not received; -1: "no fd", poll the ring
+    call_fd: int = -1
+    err_fd: int = -1
+    enabled: bool = False
+    started: bool = False        # a kick was received since the last GET_VRING_BASE
+    running: bool = False        # attached to its I/O thread
+
+    def close_fds(self) -> None:
+        for name in ("kick_fd", "call_fd", "err_fd"):
+            fd = getattr(self, name)
+            if fd is not None and fd >= 0:
+                os.close(fd)
+            setattr(self, name, -1)
+        self.kick_fd = None
+
+
+@dataclass
+class EnginePool:
+    """I/O threads by name. The per-queue policy gives vring i its own thread `dp-vq<i>`."""
+
+    ring_entries: int = 1024
+    cpus: dict[int, int] = field(default_factory=dict)   # vring index -> host CPU
+    engines: dict[str, object] = field(default_factory=dict)
+
+    def name_for(self, index: int) -> str:
+        return f"dp-vq{index}"
+
+    def engine_for(self, index: int) -> object:
+        name = self.name_for(index)
+        engine = self.engines.get(name)
+        if engine is None:
+            err = ffi.new("int *")
+            engine = lib.dp_engine_new(name.encode(), self.cpus.get(index, -1), self.ring_entries,
+                                       err)
+            if engine == ffi.NULL:
+                check(err[0], f"starting I/O thread {name}")
+            self.engines[name] = engine
+        return engine
+
+    def thread_ids(self) -> dict[str, int]:
+        return {name: lib.dp_engine_thread_id(e) for name, e in self.engines.items()}
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            lib.dp_engine_free(engine)
+        self.engines.clear()
+
+
+class VhostUserBlkDevice:
+    """The protocol state of one front-end session; `handle()` processes one message."""
+
+    def __init__(self, disk: Disk, num_queues: int, engines: EnginePool) -> None:
+        self.disk = disk
+        self.num_queues = num_queues
+        self.engines = engines
+        self.features_offered = device_features(disk)
+        self.vrings = [Vring(i, self._new_vq(i)) for i in range(num_queues)]
+        self.mem: object | None = None
+        self._reset_state()
+        self.handlers: dict[int, Callable[[Message], bytes | None]] = {
+            Request.GET_FEATURES: self.get_features,
+            Request.SET_FEATURES: self.set_features,
+            Request.SET_OWNER: self.set_owner,
+            Request.RESET_OWNER: self.reset_owner,
+            Request.RESET_DEVICE: self.reset_owner,
+            Request.GET_PROTOCOL_FEATURES: self.get_protocol_features,
+            Request.SET_PROTOCOL_FEATURES: self.set_protocol_features,
+            Request.GET_QUEUE_NUM: self.get_queue_num,
+            Request.SET_MEM_TABLE: self.set_mem_table,
+            Request.SET_VRING_NUM: self.set_vring_num,
+            Request.SET_VRING_ADDR: self.set_vring_addr,
+            Request.SET_VRING_BASE: self.set_vring_base,
+            Request.GET_VRING_BASE: self.get_vring_base,
+            Request.SET_VRING_KICK: self.set_vring_kick,
+            Request.SET_VRING_CALL: self.set_vring_call,
+            Request.SET_VRING_ERR: self.set_vring_err,
+            Request.SET_VRING_ENABLE: self.set_vring_enable,
+            Request.GET_CONFIG: self.get_config,
+            Request.SET_CONFIG: self.set_config,
+        }
+
+    # ---- lifecycle ----
+
+    def _new_vq(self, index: int) -> object:
+        vq = lib.dp_vq_new(self.disk.handle, index)
+        if vq == ffi.NULL:
+            raise DeviceError(f"cannot allocate virtqueue {index}")
+        return vq
+
+    def _reset_state(self) -> None:
+        self.features = 0
+        self.protocol_features = 0
+        self.owner = False
+
+    def close(self) -> None:
+        """Stop every queue (draining in-flight requests) and release memory and fds."""
+        for vring in self.vrings:
+            self._stop(vring)
+            vring.close_fds()
+            lib.dp_vq_free(vring.handle)
+        self.vrings = []
+        self._free_mem()
+
+    def _free_mem(self) -> None:
+        if self.mem is not None:
+            lib.dp_mem_free(self.mem)
+            self.mem = None
+
+    def stats(self) -> list[dict[str, int]]:
+        out = []
+        for vring in self.vrings:
+            s = ffi.new("struct dp_vq_stats *")
+            lib.dp_vq_get_stats(vring.handle, s)
+            out.append({name: getattr(s, name) for name, _ in ffi.typeof(s[0]).fields})
+        return out
+
+    # ---- dispatch ----
+
+    def handle(self, msg: Message) -> Message | None:
+        """Process one message and return the reply to send, if any."""
+        name = request_name(msg.request)
+        if (msg.flags & VHOST_USER_VERSION_MASK) != VHOST_USER_VERSION:
+            close_fds(msg.fds)
+            log.error("%s: unsupported protocol version in flags %#x", name, msg.flags)
+            return self._ack(msg, ok=False)
+        handler = self.handlers.get(msg.request)
+        if handler is None:
+            close_fds(msg.fds)
+            log.warning("%s (%d bytes): not supported, ignored", name, len(msg.payload))
+            return self._ack(msg, ok=False)
+        try:
+            payload = handler(msg)
+        except (MessageError, ProtocolError, DeviceError) as exc:
+            close_fds(msg.fds)
+            log.error("%s failed: %s", name, exc)
+            if msg.request in _REPLY_REQUESTS:
+                return Message(msg.request, VHOST_USER_VERSION | VHOST_USER_REPLY_MASK)
+            return self._ack(msg, ok=False)
+        if payload is not None:
+            return Message(msg.request, VHOST_USER_VERSION | VHOST_USER_REPLY_MASK, payload)
+        return self._ack(msg, ok=True)
+
+    def _ack(self, msg: Message, ok: bool) -> Message | None:
+        """REPLY_ACK: a u64 status when the front end asked for one (0 = success)."""
+        if not msg.need_reply or msg.request in _REPLY_REQUESTS:
+            return None
+        return Message(msg.request, VHOST_USER_VERSION | VHOST_USER_REPLY_MASK,
+                       U64.pack(0 if ok else 1))
+
+    # ---- payload helpers ----
+
+    @staticmethod
+    def _payload(msg: Message, st: struct.Struct) -> tuple:
+        if len(msg.payload) < st.size:
+            raise MessageError(f"payload of {len(msg.payload)} bytes, expected {st.size}")
+        return st.unpack_from(msg.payload)
+
+    @staticmethod
+    def _no_fds(msg: Message) -> None:
+        if msg.fds:
+            raise MessageError(f"unexpected {len(msg.fds)} file descriptor(s)")
+
+    def _vring(self, index: int) -> Vring:
+        if not 0 <= index < len(self.vrings):
+            raise MessageError(f"queue index {index} out of range (device has {len(self.vrings)})")
+        return self.vrings[index]
+
+    def _fd_message(self, msg: Message) -> tuple[Vring, int]:
+        """SET_VRING_KICK/CALL/ERR: a u64 with the index and a 'no fd' bit, plus 0 or 1 fd."""
+        (value,) = self._payload(msg, U64)
+        vring = self._vring(value & VHOST_USER_VRING_IDX_MASK)
+        nofd = bool(value & VHOST_USER_VRING_NOFD_MASK)
+        expected = 0 if nofd else 1
+        if len(msg.fds) != expected:
+            raise MessageError(f"queue {vring.index}: expected {expected} fd(s), got {len(msg.fds)}")
+        fd = -1 if nofd else msg.fds.pop()
+        return vring, fd
+
+    # ---- feature negotiation ----
+
+    def get_features(self, msg: Message) -> bytes:
+        return U64.pack(self.features_offered)
+
+    def set_features(self, msg: Message) -> None:
+        self._no_fds(msg)
+        (features,) = self._payload(msg, U64)
+        unknown = features & ~self.features_offered
+        if unknown:
+            raise MessageError(f"features {unknown:#x} were not offered")
+        self.features = features
+        log.info("features acked: %s", " ".join(vb.feature_names(features & ~(1 << 30))))
+
+    def get_protocol_features(self, msg: Message) -> bytes:
+        return U64.pack(PROTOCOL_FEATURES)
+
+    def set_protocol_features(self, msg: Message) -> None:
+        self._no_fds(msg)
+        (features,) = self._payload(msg, U64)
+        unknown = features & ~PROTOCOL_FEATURES
+        if unknown:
+            raise MessageError(f"protocol features {unknown:#x} were not offered")
+        self.protocol_features = features
+
+    def set_owner(self, msg: Message) -> None:
+        self.owner = True
+
+    def reset_owner(self, msg: Message) -> None:
+        """RESET_OWNER / RESET_DEVICE: back to the state of a fresh connection."""
+        for vring in self.vrings:
+            self._stop(vring)
+            vring.close_fds()
+            vring.num, vring.addr, vring.base = 0, None, 0
+            vring.enabled = vring.started = False
+        self._free_mem()
+        self._reset_state()
+
+    def get_queue_num(self, msg: Message) -> bytes:
+        return U64.pack(self.num_queues)
+
+    @property
+    def _protocol_features_acked(self) -> bool:
+        return bool(self.features & (1 << VHOST_USER_F_PROTOCOL_FEATURES))
+
+    # ---- memory ----
+
+    def set_mem_table(self, msg: Message) -> None:
+        nregions, _ = self._payload(msg, MEMORY_HEADER)
+        if not 1 <= nregions <= MAX_MEM_REGIONS:
+            raise MessageError(f"{nregions} memory regions (1 to {MAX_MEM_REGIONS} allowed)")
+        if len(msg.payload) < MEMORY_HEADER.size + nregions * MEMORY_REGION.size:
+            raise MessageError(f"payload too short for {nregions} regions")
+        if len(msg.fds) != nregions:
+            raise MessageError(f"{nregions} regions but {len(msg.fds)} fds")
+        mem = lib.dp_mem_new()
+        try:
+            for i in range(nregions):
+                gpa, size, uva, offset = MEMORY_REGION.unpack_from(
+                    msg.payload, MEMORY_HEADER.size + i * MEMORY_REGION.size)
+                rc = lib.dp_mem_map_region(mem, msg.fds[i], gpa, size, uva, offset)
+                if rc < 0:
+                    raise MessageError(
+                        f"region {i} (gpa {gpa:#x} size {size:#x} uva {uva:#x} offset {offset:#x}):"
+                        f" {os.strerror(-rc)}")
+        except BaseException:
+            lib.dp_mem_free(mem)
+            raise
+        finally:
+            close_fds(msg.fds)   # the mappings keep the memory alive
+
+        # Quiesce the running queues, swap the table, resume (rings re-translated).
+        running = [v for v in self.vrings if v.running]
+        for vring in running:
+            self._stop(vring)
+        old, self.mem = self.mem, mem
+        for vring in self.vrings:
+            rc = lib.dp_vq_set_mem(vring.handle, mem)
+            if rc < 0 and vring.addr is not None:
+                log.error("vq%d: rings not inside the new memory table (%s)", vring.index,
+                          os.strerror(-rc))
+        if old is not None:
+            lib.dp_mem_free(old)
+        for vring in running:
+            self._maybe_start(vring)
+        log.info("memory table: %d region(s), %d MiB%s", nregions,
+                 sum(MEMORY_REGION.unpack_from(msg.payload, MEMORY_HEADER.size + i * 32)[1]
+                     for i in range(nregions)) >> 20,
+                 f", {len(running)} queue(s) resumed" if running else "")
+
+    # ---- vrings ----
+
+    def set_vring_num(self, msg: Message) -> None:
+        self._no_fds(msg)
+        index, num = self._payload(msg, VRING_STATE)
+        vring = self._vring(index)
+        if vring.running:
+            raise MessageError(f"queue {index} is running")
+        if not 0 < num <= MAX_QUEUE_SIZE or num & (num - 1):
+            raise MessageError(f"queue {index}: size {num} is not a power of 2 up to {MAX_QUEUE_SIZE}")
+        check(lib.dp_vq_set_num(vring.handle, num), f"vq{index}: SET_VRING_NUM")
+        vring.num = num
+
+    def set_vring_addr(self, msg: Message) -> None:
+        self._no_fds(msg)
+        index, _flags, desc, used, avail, _log = self._payload(msg, VRING_ADDR)
+        vring = self._vring(index)
+        if vring.running:
+            raise MessageError(f"queue {index} is running")
+        if self.mem is not None and vring.num:
+            rc = lib.dp_vq_set_addr(vring.handle, self.mem, desc, avail, used)
+            if rc < 0:
+                raise MessageError(
+                    f"queue {index}: ring addresses desc={desc:#x} avail={avail:#x} used={used:#x}"
+                    f" are not inside guest memory ({os.strerror(-rc)})")
+        vring.addr = (desc, avail, used)
+
+    def set_vring_base(self, msg: Message) -> None:
+        self._no_fds(msg)
+        index, num = self._payload(msg, VRING_STATE)
+        vring = self._vring(index)
+        if vring.running:
+            raise MessageError(f"queue {index} is running")
+        if num > 0xFFFF:
+            raise MessageError(f"queue {index}: base {num} does not fit a split ring index")
+        vring.base = num
+        check(lib.dp_vq_set_base(vring.handle, num), f"vq{index}: SET_VRING_BASE")
+
+    def get_vring_base(self, msg: Message) -> bytes:
+        self._no_fds(msg)
+        index, _ = self._payload(msg, VRING_STATE)
+        vring = self._vring(index)
+        self._stop(vring)
+        vring.started = False
+        vring.base = lib.dp_vq_last_avail_idx(vring.handle)
+        # The ring is stopped: forget the kick fd, a restart sends a new one.
+        if vring.kick_fd is not None and vring.kick_fd >= 0:
+            os.close(vring.kick_fd)
+        vring.kick_fd = None
+        return VRING_STATE.pack(index, vring.base)
+
+    def set_vring_kick(self, msg: Message) -> None:
+        vring, fd = self._fd_message(msg)
+        was_running = vring.running
+        self._stop(vring)
+        if vring.kick_fd is not None and vring.kick_fd >= 0:
+            os.close(vring.kick_fd)
+        vring.kick_fd = fd
+        vring.started = True
+        if not self._protocol_features_acked:
+            vring.enabled = True   # without PROTOCOL_FEATURES a ring starts enabled
+        self._maybe_start(vring, quiet=was_running)
+
+    def set_vring_call(self, msg: Message) -> None:
+        vring, fd = self._fd_message(msg)
+        check(lib.dp_vq_set_call_fd(vring.handle, fd), f"vq{vring.index}: SET_VRING_CALL")
+        if vring.call_fd >= 0:
+            os.close(vring.call_fd)
+        vring.call_fd = fd
+
+    def set_vring_err(self, msg: Message) -> None:
+        vring, fd = self._fd_message(msg)
+        was_running = vring.running
+        self._stop(vring, quiet=True)
+        check(lib.dp_vq_set_err_fd(vring.handle, fd), f"vq{vring.index}: SET_VRING_ERR")
+        if vring.err_fd >= 0:
+            os.close(vring.err_fd)
+        vring.err_fd = fd
+        if was_running:
+            self._maybe_start(vring, quiet=True)
+
+    def set_vring_enable(self, msg: Message) -> None:
+        self._no_fds(msg)
+        index, enable = self._payload(msg, VRING_STATE)
+        vring = self._vring(index)
+        if enable not in (0, 1):
+            raise MessageError(f"queue {index}: enable must be 0 or 1, got {enable}")
+        vring.enabled = bool(enable)
+        if vring.enabled:
+            self._maybe_start(vring)
+        else:
+            self._stop(vring)
+
+    # ---- config space ----
+
+    def config_bytes(self) -> bytes:
+        return vb.config_space(
+            capacity_sectors=self.disk.capacity_sectors, seg_max=SEG_MAX,
+            blk_size=self.disk.logical_block_size,
+            physical_block_size=self.disk.physical_block_size,
+            min_io_size=self.disk.min_io_size, opt_io_size=self.disk.opt_io_size,
+            writeback=self.disk.writeback, num_queues=self.num_queues,
+            max_discard_sectors=MAX_DISCARD_SECTORS, max_discard_seg=MAX_DISCARD_SEG)
+
+    def get_config(self, msg: Message) -> bytes:
+        self._no_fds(msg)
+        offset, size, flags = self._payload(msg, CONFIG_HEADER)
+        if size > VHOST_USER_MAX_CONFIG_SIZE or offset + size > VHOST_USER_MAX_CONFIG_SIZE:
+            raise MessageError(f"config range {offset}+{size} beyond {VHOST_USER_MAX_CONFIG_SIZE}")
+        space = self.config_bytes().ljust(VHOST_USER_MAX_CONFIG_SIZE, b"\0")
+        return CONFIG_HEADER.pack(offset, size, flags) + space[offset: offset + size]
+
+    def set_config(self, msg: Message) -> None:
+        self._no_fds(msg)
+        offset, size, _flags = self._payload(msg, CONFIG_HEADER)
+        data = msg.payload[CONFIG_HEADER.size: CONFIG_HEADER.size + size]
+        if len(data) != size:
+            raise MessageError(f"SET_CONFIG announces {size} bytes, carries {len(data)}")
+        current = self.config_bytes()
+        for i, byte in enumerate(data, start=offset):
+            if i == vb.CONFIG_WRITEBACK_OFFSET:
+                if not self.features & (1 << vb.VIRTIO_BLK_F_CONFIG_WCE):
+                    raise MessageError("writeback changed without CONFIG_WCE")
+                if byte not in (0, 1):
+                    raise MessageError(f"writeback must be 0 or 1, got {byte}")
+            elif i >= len(current) or current[i] != byte:
+                raise MessageError(f"config byte {i} is read-only")
+        if offset <= vb.CONFIG_WRITEBACK_OFFSET < offset + size:
+            wce = data[vb.CONFIG_WRITEBACK_OFFSET - offset]
+            self.disk.set_writeback(bool(wce))
+            log.info("write cache: %s", "writeback" if wce else "writethrough")
+
+    # ---- starting and stopping queues ----
+
+    def _ready(self, vring: Vring) -> bool:
+        return (vring.started and vring.enabled and vring.kick_fd is not None
+                and vring.addr is not None and vring.num > 0 and self.mem is not None)
+
+    def _maybe_start(self, vring: Vring, quiet: bool = False) -> None:
+        if vring.running or not self._ready(vring):
+            return
+        vq = vring.handle
+        flags = 0
+        if self.features & (1 << vb.VIRTIO_RING_F_EVENT_IDX):
+            flags |= lib.DP_VQ_F_EVENT_IDX
+        if self.features & (1 << vb.VIRTIO_RING_F_INDIRECT_DESC):
+            flags |= lib.DP_VQ_F_INDIRECT
+        desc, avail, used = vring.addr
+        what = f"vq{vring.index}"
+        check(lib.dp_vq_set_flags(vq, flags), what)
+        check(lib.dp_vq_set_num(vq, vring.num), what)
+        rc = lib.dp_vq_set_addr(vq, self.mem, desc, avail, used)
+        if rc < 0:
+            log.error("%s: cannot start, rings outside guest memory (%s)", what, os.strerror(-rc))
+            return
+        check(lib.dp_vq_set_kick_fd(vq, vring.kick_fd), what)
+        check(lib.dp_vq_set_call_fd(vq, vring.call_fd), what)
+        check(lib.dp_vq_set_err_fd(vq, vring.err_fd), what)
+        engine = self.engines.engine_for(vring.index)
+        check(lib.dp_vq_start(vq, engine), f"{what}: start")
+        vring.running = True
+        if not quiet:
+            log.info("%s started: size %d, avail_idx %d, thread %s%s", what, vring.num,
+                     lib.dp_vq_last_avail_idx(vq), self.engines.name_for(vring.index),
+                     "" if vring.kick_fd >= 0 else ", polling (no kick fd)")
+
+    def _stop(self, vring: Vring, quiet: bool = False) -> None:
+        if not vring.running:
+            return
+        idx = check(lib.dp_vq_stop(vring.handle), f"vq{vring.index}: stop")
+        vring.running = False
+        if not quiet:
+            s = ffi.new("struct dp_vq_stats *")
+            lib.dp_vq_get_stats(vring.handle, s)
+            log.info("vq%d stopped at avail_idx %d: %d requests (%d reads, %d writes, %d flushes,"
+                     " %d discards, %d write-zeroes), %d errors%s", vring.index, idx, s.requests,
+                     s.reads, s.writes, s.flushes, s.discards, s.write_zeroes, s.errors,
+                     ", ring broken" if s.broken else "")
+
+
+# Requests whose reply carries data (their failure is an empty reply, not a REPLY_ACK).
+_REPLY_REQUESTS = {
+    Request.GET_FEATURES, Request.GET_PROTOCOL_FEATURES, Request.GET_QUEUE_NUM,
+    Request.GET_VRING_BASE, Request.GET_CONFIG, Request.GET_INFLIGHT_FD,
+    Request.GET_MAX_MEM_SLOTS, Request.GET_STATUS,
+}
+
+
+@dataclass
+class ServerOptions:
+    socket_path: Path
+    num_queues: int
+    socket_mode: int = 0o600
+
+
+def prepare_socket_path(path: Path) -> None:
+    """Refuse a path another server listens on; remove a stale socket left by a crash."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"socket path {path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        path.unlink()   # nobody listening: left over from a previous run
+        return
+    except OSError as exc:
+        raise ConfigError(f"socket path {path}: {exc.strerror}") from None
+    finally:
+        probe.close()
+    raise ConfigError(f"socket path {path} is in use by another server")
+
+
+class VhostUserBlkServer:
+    """Listens on a UNIX socket and serves one front end at a time until stopped."""
+
+    def __init__(self, disk: Disk, options: ServerOptions, engines: EnginePool | None = None):
+        self.disk = disk
+        self.options = options
+        self.engines = engines or EnginePool()
+        self.device: VhostUserBlkDevice | None = None
+        self.conn: socket.socket | None = None
+        self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._stopping = False
+        self.listener = self._listen()
+
+    def _listen(self) -> socket.socket:
+        path = self.options.socket_path
+        prepare_socket_path(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o777 & ~self.options.socket_mode)
+        try:
+            sock.bind(str(path))
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(f"cannot listen on {path}: {exc.strerror}") from None
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, self.options.socket_mode)
+        sock.listen(4)
+        sock.setblocking(False)
+        return sock
+
+    def stop(self) -> None:
+        """Ask serve_forever to return (safe from signal handlers and other threads)."""
+        self._stopping = True
+        try:
+            os.write(self._stop_w, b"x")
+        except OSError:
+            pass
+
+    def serve_forever(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self.listener, selectors.EVENT_READ, "listen")
+        sel.register(self._stop_r, selectors.EVENT_READ, "stop")
+        log.info("listening on %s (%s, %d queue(s))", self.options.socket_path,
+                 self.disk.description, self.options.num_queues)
+        try:
+            while not self._stopping:
+                for key, _ in sel.select():
+                    if key.data == "listen":
+                        self._accept(sel)
+                    elif key.data == "conn":
+                        self._on_message(sel)
+                    if self._stopping:
+                        break
+        finally:
+            if self.conn is not None:
+                self._disconnect(sel, "backend shutting down")
+            sel.close()
+
+    def _accept(self, sel: selectors.BaseSelector) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        if self.conn is not None:
+            log.warning("refused a second front end: one is already connected")
+            conn.close()
+            return
+        conn.setblocking(True)
+        self.conn = conn
+        self.device = VhostUserBlkDevice(self.disk, self.options.num_queues, self.engines)
+        sel.register(conn, selectors.EVENT_READ, "conn")
+        log.info("front end connected")
+
+    def _on_message(self, sel: selectors.BaseSelector) -> None:
+        assert self.conn is not None and self.device is not None
+        try:
+            msg = recv_message(self.conn)
+        except ProtocolError as exc:
+            log.error("dropping the connection: %s", exc)
+            self._disconnect(sel, "protocol error")
+            return
+        except OSError as exc:
+            self._disconnect(sel, f"socket error: {exc.strerror}")
+            return
+        if msg is None:
+            self._disconnect(sel, "front end disconnected")
+            return
+        log.debug("<- %r", msg)
+        reply = self.device.handle(msg)
+        close_fds(msg.fds)   # any fd a handler did not keep
+        if reply is not None:
+            try:
+                send_message(self.conn, reply)
+            except OSError as exc:
+                self._disconnect(sel, f"socket error: {exc.strerror}")
+
+    def _disconnect(self, sel: selectors.BaseSelector, why: str) -> None:
+        if self.conn is None:
+            return
+        sel.unregister(self.conn)
+        self.conn.close()
+        self.conn = None
+        if self.device is not None:
+            self.device.close()
+            self.device = None
+        log.info("%s", why)
+
+    def close(self) -> None:
+        self.listener.close()
+        try:
+            self.options.socket_path.unlink()
+        except FileNotFoundError:
+            pass
+        self.engines.close()
+        os.close(self._stop_r)
+        os.close(self._stop_w)
+
+
+def install_signal_handlers(server: VhostUserBlkServer) -> None:
+    """SIGINT/SIGTERM: drain and exit cleanly (the C threads never see signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("%s: draining and exiting", signal.Signals(signum).name)
+        server.stop()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
