@@ -239,6 +239,7 @@ int dp_vq_set_addr(struct dp_vq *vq, struct dp_mem *mem, uint64_t desc_uva, uint
         *vq = saved;
         return rc;
     }
+    vq->used_idx = __atomic_load_n(&vq->used->idx, __ATOMIC_ACQUIRE);
     return 0;
 }
 

@@ -1,0 +1,79 @@
+"""Shared fixtures: an in-process backend on a socket, and a rebuild of a stale C core."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _rebuild_if_stale() -> None:
+    """In a source checkout, rebuild dataplane._core when csrc/ changed since the build."""
+    built = sorted((ROOT / "dataplane").glob("_core*.so"), key=lambda p: p.stat().st_mtime)
+    sources = list((ROOT / "csrc").glob("*.[ch]")) + [ROOT / "dataplane" / "_build.py"]
+    newest = max(p.stat().st_mtime for p in sources)
+    if not built or built[-1].stat().st_mtime < newest:
+        subprocess.run([sys.executable, "-m", "dataplane._build"], cwd=ROOT, check=True,
+                       stdout=subprocess.DEVNULL)
+
+
+_rebuild_if_stale()
+
+from dataplane.disk import open_disk  # noqa: E402
+from dataplane.vhost import ServerOptions, VhostUserBlkServer  # noqa: E402
+
+
+class RunningBackend:
+    """A VhostUserBlkServer serving in a background thread of the test process."""
+
+    def __init__(self, server: VhostUserBlkServer, thread: threading.Thread) -> None:
+        self.server = server
+        self.thread = thread
+        self.socket = str(server.options.socket_path)
+        self.disk = server.disk
+
+    @property
+    def device(self):
+        return self.server.device
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.thread.join(timeout=30)
+        assert not self.thread.is_alive(), "backend did not stop within 30 s"
+        self.server.close()
+        self.disk.close()
+
+
+@pytest.fixture
+def start_backend(tmp_path: Path) -> Iterator:
+    """Factory: start_backend(disk='null:64M', queues=2, read_only=False, cache='none')."""
+    started: list[RunningBackend] = []
+
+    def start(disk: str = "null:64M", queues: int = 2, read_only: bool = False,
+              cache: str = "none", serial: str = "dp-test") -> RunningBackend:
+        d = open_disk(disk, read_only=read_only, cache=cache, serial=serial)
+        sock = tmp_path / f"vhost{len(started)}.sock"
+        server = VhostUserBlkServer(d, ServerOptions(socket_path=sock, num_queues=queues))
+        thread = threading.Thread(target=server.serve_forever, name="vhost-server", daemon=True)
+        thread.start()
+        backend = RunningBackend(server, thread)
+        started.append(backend)
+        return backend
+
+    yield start
+    for backend in started:
+        backend.stop()
+
+
+@pytest.fixture
+def disk_file(tmp_path: Path) -> Path:
+    path = tmp_path / "disk.img"
+    with open(path, "wb") as f:
+        f.truncate(64 << 20)
+    return path
