@@ -334,8 +334,8 @@ static void handle_cqe(struct dp_engine *engine, uint64_t user_data, int res)
         vq->kick_armed = 0;
         if (vq->stopping)
             break;
-        if (res < 0 && res != -EINTR && res != -EAGAIN)
-            break;   /* the front end closed its end: nothing more will come from it */
+        if (res == 0 || (res < 0 && res != -EINTR && res != -EAGAIN))
+            break;   /* not an eventfd any more, or gone: nothing more will come from it */
         STAT_ADD(vq, kicks, 1);
         vq->need_pop = 1;
         arm_kick(engine, vq);

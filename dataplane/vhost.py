@@ -72,6 +72,13 @@ def device_features(disk: Disk) -> int:
     return sum(1 << b for b in f)
 
 
+def _is_eventfd(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return False
+
+
 class MessageError(Exception):
     """A message that cannot be honoured; the connection survives, the reply says 'failed'."""
 
@@ -260,7 +267,11 @@ class VhostUserBlkDevice:
         expected = 0 if nofd else 1
         if len(msg.fds) != expected:
             raise MessageError(f"queue {vring.index}: expected {expected} fd(s), got {len(msg.fds)}")
-        fd = -1 if nofd else msg.fds.pop()
+        fd = -1 if nofd else msg.fds[0]
+        if fd >= 0 and not _is_eventfd(fd):
+            raise MessageError(f"queue {vring.index}: the fd is not an eventfd")
+        if fd >= 0:
+            msg.fds.pop()
         return vring, fd
 
     # ---- feature negotiation ----

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -14,7 +15,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _rebuild_if_stale() -> None:
-    """In a source checkout, rebuild dataplane._core when csrc/ changed since the build."""
+    """In a source checkout, rebuild dataplane._core when csrc/ changed since the build
+    (DATAPLANE_SKIP_REBUILD=1 keeps the current build)."""
+    if os.environ.get("DATAPLANE_SKIP_REBUILD"):
+        return
     built = sorted((ROOT / "dataplane").glob("_core*.so"), key=lambda p: p.stat().st_mtime)
     sources = list((ROOT / "csrc").glob("*.[ch]")) + [ROOT / "dataplane" / "_build.py"]
     newest = max(p.stat().st_mtime for p in sources)

@@ -302,6 +302,21 @@ def test_wrong_fd_counts_are_refused_without_leaking(start_backend):
     assert wait_for(lambda: len(os.listdir("/proc/self/fd")) <= before)
 
 
+def test_vring_fds_must_be_eventfds(start_backend):
+    backend = start_backend("null:16M", queues=1)
+    client = VhostUserClient(backend.socket)
+    devnull = os.open("/dev/null", os.O_RDONLY)
+    try:
+        client.set_u64(Request.SET_PROTOCOL_FEATURES, 1 << ProtocolFeature.REPLY_ACK)
+        client.reply_ack = True
+        for request in (Request.SET_VRING_KICK, Request.SET_VRING_CALL, Request.SET_VRING_ERR):
+            with pytest.raises(DeviceError):
+                client.set_u64(request, 0, [devnull])
+    finally:
+        os.close(devnull)
+        client.close()
+
+
 def test_overlapping_or_unmappable_memory_regions_are_refused(start_backend):
     backend = start_backend("null:16M", queues=1)
     client = VhostUserClient(backend.socket)
