@@ -1,0 +1,667 @@
+"""Host topology from sysfs, and the placement plan: vCPU i → virtqueue i → I/O thread → host CPU
+→ blk-mq hardware queue of the backing device, on the device's NUMA node.
+
+Pure data and pure functions: every sysfs read takes a `root` (tests build fake trees), every
+stat goes through an injectable `dev_of`, and nothing here pins a thread (the server does, from
+a `Plan`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+MAX_CPUS = 8192   # the kernel's largest NR_CPUS; bounds "0-99999999" typed by mistake
+
+# ---------------------------------------------------------------------------------------------
+# CPU lists
+
+
+def parse_cpulist(text: str, *, what: str = "CPU list") -> list[int]:
+    """'0-3,8-11' (sysfs cpulist) or '0, 1, 2' (blk-mq cpu_list) → sorted, distinct CPU numbers.
+
+    An empty or blank list is valid (sysfs writes "\\n" for "no CPU"). Raises ConfigError.
+    """
+    cpus: set[int] = set()
+    for part in re.split(r"[,\s]+", text.strip()):
+        if not part:
+            continue
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise ConfigError(f"bad {what} {text.strip()!r}: {part!r} is not a CPU number or a "
+                              "range (expected e.g. 0-3,8)")
+        first = int(m.group(1))
+        last = int(m.group(2)) if m.group(2) is not None else first
+        if last < first:
+            raise ConfigError(f"bad {what} {text.strip()!r}: range {part!r} runs backwards")
+        if last >= MAX_CPUS:
+            raise ConfigError(f"bad {what} {text.strip()!r}: CPU {last} is beyond {MAX_CPUS - 1}")
+        cpus.update(range(first, last + 1))
+    return sorted(cpus)
+
+
+def format_cpulist(cpus: Iterable[int]) -> str:
+    """[0, 1, 2, 3, 8] → '0-3,8' (the kernel's own notation); '' for no CPU."""
+    out: list[str] = []
+    run: list[int] = []
+    for cpu in sorted(set(cpus)):
+        if run and cpu == run[-1] + 1:
+            run.append(cpu)
+            continue
+        if run:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [cpu]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(out)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _read_int(path: Path) -> int | None:
+    text = _read(path)
+    try:
+        return int(text.strip()) if text is not None else None
+    except ValueError:
+        return None
+
+
+def _read_cpulist(path: Path) -> list[int] | None:
+    """None when the file is missing or unreadable as a CPU list (the caller degrades)."""
+    text = _read(path)
+    if text is None:
+        return None
+    try:
+        return parse_cpulist(text, what=str(path))
+    except ConfigError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Host CPUs and NUMA nodes
+
+
+@dataclass
+class Topology:
+    """Online CPUs, SMT siblings, cores, packages, NUMA nodes and isolated CPUs of a host."""
+
+    cpus: list[int]                           # online, sorted
+    siblings: dict[int, frozenset[int]]       # cpu → its online SMT siblings, itself included
+    core_ids: dict[int, int]
+    package_ids: dict[int, int]
+    nodes: dict[int, list[int]]               # NUMA node → its online CPUs (nodes with CPUs only)
+    isolated: frozenset[int] = frozenset()    # isolcpus=: left alone by the scheduler
+    allowed: frozenset[int] | None = None     # CPUs this process may run on; None: every online CPU
+    notes: list[str] = field(default_factory=list)   # what sysfs lacked and what replaced it
+
+    @classmethod
+    def from_sysfs(cls, root: Path = Path("/"), allowed: Iterable[int] | None = None) -> Topology:
+        """Read /sys/devices/system/{cpu,node} under `root`. Missing files degrade (with a note):
+        no `online` → the cpuN directories; no siblings → no SMT; no node dirs → one node.
+
+        `allowed` (e.g. os.sched_getaffinity(0)) limits the CPUs a plan may pin threads to.
+        """
+        notes: list[str] = []
+        cpu_dir = root / "sys/devices/system/cpu"
+        online = _read_cpulist(cpu_dir / "online")
+        if online is None:
+            online = sorted(int(p.name[3:]) for p in _listdir(cpu_dir) if re.fullmatch(r"cpu\d+", p.name))
+            if not online:
+                online = list(range(os.cpu_count() or 1)) if root == Path("/") else [0]
+            notes.append(f"no {cpu_dir / 'online'}: assuming CPUs {format_cpulist(online)} are online")
+        online_set = frozenset(online)
+
+        siblings: dict[int, frozenset[int]] = {}
+        core_ids: dict[int, int] = {}
+        package_ids: dict[int, int] = {}
+        for cpu in online:
+            topo = cpu_dir / f"cpu{cpu}" / "topology"
+            sib = _read_cpulist(topo / "thread_siblings_list") or _read_cpulist(topo / "core_cpus_list")
+            siblings[cpu] = (frozenset(sib) & online_set) | {cpu} if sib else frozenset({cpu})
+            core = _read_int(topo / "core_id")
+            core_ids[cpu] = core if core is not None else cpu
+            package = _read_int(topo / "physical_package_id")
+            package_ids[cpu] = package if package is not None and package >= 0 else 0
+
+        nodes: dict[int, list[int]] = {}
+        for node_dir in _listdir(root / "sys/devices/system/node"):
+            m = re.fullmatch(r"node(\d+)", node_dir.name)
+            node_cpus = _read_cpulist(node_dir / "cpulist") if m else None
+            if m and node_cpus is not None:
+                local = [c for c in node_cpus if c in online_set]
+                if local:
+                    nodes[int(m.group(1))] = local
+        if not nodes:
+            nodes = {0: list(online)}
+            notes.append("no NUMA information in sysfs: treating the host as one node")
+        else:
+            stray = online_set - {c for cpus in nodes.values() for c in cpus}
+            if stray:
+                notes.append(f"CPUs {format_cpulist(stray)} belong to no NUMA node in sysfs")
+        nodes = dict(sorted(nodes.items()))
+
+        isolated = frozenset(_read_cpulist(cpu_dir / "isolated") or ()) & online_set
+        allowed_set = None
+        if allowed is not None:
+            allowed_set = frozenset(allowed) & online_set
+            outside = online_set - allowed_set
+            if outside:
+                notes.append(f"CPUs {format_cpulist(outside)} are outside this process's affinity:"
+                             " not used")
+        return cls(list(online), siblings, core_ids, package_ids, nodes, isolated, allowed_set, notes)
+
+    def node_of(self, cpu: int) -> int | None:
+        for node, cpus in self.nodes.items():
+            if cpu in cpus:
+                return node
+        return None
+
+    def siblings_of(self, cpu: int) -> frozenset[int]:
+        """The other hardware threads of cpu's core (empty without SMT)."""
+        return self.siblings.get(cpu, frozenset({cpu})) - {cpu}
+
+    @property
+    def smt(self) -> bool:
+        return any(len(s) > 1 for s in self.siblings.values())
+
+    def usable_cpus(self) -> list[int]:
+        """Online CPUs this process may run on (all online ones if the affinity leaves none)."""
+        if self.allowed:
+            return [c for c in self.cpus if c in self.allowed]
+        return list(self.cpus)
+
+
+def _listdir(path: Path) -> list[Path]:
+    try:
+        return sorted(path.iterdir())
+    except OSError:
+        return []
+
+
+# ---------------------------------------------------------------------------------------------
+# The backing device and its blk-mq hardware queues
+
+
+@dataclass(frozen=True)
+class HwQueue:
+    """One blk-mq hardware context: submissions from `cpus` land on it."""
+
+    index: int
+    cpus: tuple[int, ...]
+
+
+@dataclass
+class DeviceInfo:
+    """What placement needs to know about the disk behind a path."""
+
+    path: str                                # as given (file, block device node or null:SIZE)
+    disk: str | None = None                  # whole-disk name in /sys/block, e.g. nvme0n1
+    partition: str | None = None             # the partition in between, e.g. nvme0n1p1
+    dev: str | None = None                   # "MAJ:MIN" that was looked up
+    sysfs: Path | None = None                # the disk's sysfs directory
+    hw_queues: list[HwQueue] = field(default_factory=list)
+    numa_node: int | None = None             # None: unknown (sysfs says -1, or no device link)
+    mapping_note: str | None = None          # why the CPU → hw queue mapping is missing or indirect
+
+    def hw_queue_of(self, cpu: int) -> int | None:
+        """The hw queue a submission from cpu lands on. With poll or read queues a CPU is listed
+        in several contexts; the default map comes first, and it is the one io_uring uses."""
+        for q in self.hw_queues:
+            if cpu in q.cpus:
+                return q.index
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "disk": self.disk, "partition": self.partition, "dev": self.dev,
+                "numa_node": self.numa_node,
+                "hw_queues": [{"index": q.index, "cpus": list(q.cpus)} for q in self.hw_queues],
+                "mapping_note": self.mapping_note}
+
+
+DevOf = Callable[[str], tuple[int, int, bool]]
+
+# Filesystems whose mount source names no local block device even when it starts with /dev/.
+_NO_BLOCK_FS = {"tmpfs", "ramfs", "overlay", "nfs", "nfs4", "cifs", "smb3", "9p", "virtiofs", "fuse",
+                "proc", "sysfs", "devtmpfs", "squashfs", "ceph", "glusterfs"}
+
+
+def stat_dev(path: str) -> tuple[int, int, bool]:
+    """(major, minor, is_block): a block device node's own number, else its filesystem's."""
+    st = os.stat(path)
+    if stat.S_ISBLK(st.st_mode):
+        return os.major(st.st_rdev), os.minor(st.st_rdev), True
+    return os.major(st.st_dev), os.minor(st.st_dev), False
+
+
+@dataclass
+class BlockDevice:
+    """A disk's directory in sysfs (/sys/devices/.../block/<name>) and what it says."""
+
+    name: str
+    sysfs: Path
+
+    @classmethod
+    def resolve(cls, path: str | os.PathLike[str], root: Path = Path("/"),
+                dev_of: DevOf = stat_dev) -> DeviceInfo:
+        """The disk behind `path`: a block device node (a partition resolves to its disk), a
+        regular file (the disk of its filesystem), or `null:SIZE`. Never raises for a missing
+        mapping (DeviceInfo.mapping_note says why); raises ConfigError if path does not exist."""
+        spec = os.fspath(path)
+        if spec == "null" or spec.startswith("null:"):
+            return DeviceInfo(spec, mapping_note="null disk: no I/O reaches a device, so there is no"
+                              " hw queue to map; threads are placed by NUMA and SMT only")
+        try:
+            major, minor, is_block = dev_of(spec)
+        except FileNotFoundError:
+            raise ConfigError(f"disk {spec!r} does not exist") from None
+        except OSError as exc:
+            raise ConfigError(f"disk {spec!r}: {exc.strerror}") from None
+        if major != 0:
+            return cls._from_dev(spec, major, minor, root)
+
+        # An anonymous device number: tmpfs, overlay, NFS, FUSE... or btrfs, which gives every
+        # subvolume one; the mount table then still names the real device.
+        fstype, source = _mount_of(root, f"{major}:{minor}")
+        dev = f"{major}:{minor}"
+        if fstype not in _NO_BLOCK_FS and source.startswith("/dev/"):
+            try:
+                smajor, sminor, sblock = dev_of(source)
+            except OSError:
+                sblock = False
+            if sblock and smajor != 0:
+                info = cls._from_dev(spec, smajor, sminor, root)
+                via = (f"{fstype} gives {spec} the anonymous device {dev}; placed for its mount "
+                       f"source {source}")
+                info.mapping_note = f"{via}; {info.mapping_note}" if info.mapping_note else via
+                return info
+        kind = f"a {fstype} filesystem" if fstype else "a filesystem"
+        return DeviceInfo(spec, dev=dev, mapping_note=(
+            f"{spec} is on {kind} with no block device behind it (device {dev}): no CPU → hw queue"
+            " mapping; threads are placed by NUMA and SMT only"))
+
+    @classmethod
+    def _from_dev(cls, spec: str, major: int, minor: int, root: Path) -> DeviceInfo:
+        dev = f"{major}:{minor}"
+        link = root / "sys/dev/block" / dev
+        if not link.exists():
+            return DeviceInfo(spec, dev=dev, mapping_note=(
+                f"device {dev} has no {link}: no CPU → hw queue mapping; threads are placed by NUMA"
+                " and SMT only"))
+        node_dir = link.resolve()
+        partition = None
+        if (node_dir / "partition").exists():
+            partition, node_dir = node_dir.name, node_dir.parent
+        bdev = cls(node_dir.name, node_dir)
+        info = DeviceInfo(spec, disk=bdev.name, partition=partition, dev=dev, sysfs=node_dir)
+        fallback = "no CPU → hw queue mapping; threads are placed by NUMA and SMT only"
+
+        stacked = bdev.stacked_kind()
+        if stacked:
+            under = bdev.slaves()
+            nodes = {s.numa_node() for s in under}
+            info.numa_node = nodes.pop() if len(nodes) == 1 else None
+            label = f"{bdev.name} ({bdev.dm_name()})" if bdev.dm_name() else bdev.name
+            over = f" over {', '.join(s.name for s in under)}" if under else ""
+            info.mapping_note = (f"{label} is {stacked}{over}: it remaps I/O onto other devices and"
+                                 f" has no hw queues of its own; {fallback}")
+            return info
+
+        info.hw_queues = bdev.hw_queues()
+        info.numa_node = bdev.numa_node()
+        if not info.hw_queues:
+            for path_dev in bdev.multipath_paths():   # native NVMe multipath: the head is bio-based
+                queues = path_dev.hw_queues()
+                if queues:
+                    info.hw_queues = queues
+                    if info.numa_node is None:
+                        info.numa_node = path_dev.numa_node()
+                    info.mapping_note = (f"{bdev.name} is an NVMe multipath head: using the hw queues"
+                                         f" of its path {path_dev.name}")
+                    break
+        if not info.hw_queues:
+            info.mapping_note = (f"{bdev.name} has no blk-mq hw queues (bio-based driver, e.g. zram"
+                                 f" or brd): {fallback}")
+        return info
+
+    def hw_queues(self) -> list[HwQueue]:
+        """mq/<n>/cpu_list, by n. Contexts no CPU maps to (more queues than CPUs) are dropped."""
+        queues = []
+        for qdir in _listdir(self.sysfs / "mq"):
+            if qdir.name.isdigit():
+                cpus = _read_cpulist(qdir / "cpu_list")
+                if cpus:
+                    queues.append(HwQueue(int(qdir.name), tuple(cpus)))
+        return sorted(queues, key=lambda q: q.index)
+
+    def numa_node(self) -> int | None:
+        """device/numa_node, else the nearest ancestor's (a virtio or NVMe controller has none of
+        its own; its PCI function does). -1 means the firmware did not say."""
+        device = self.sysfs / "device"
+        if not device.exists():
+            return None
+        here = device.resolve()
+        for _ in range(16):
+            node = _read_int(here / "numa_node")
+            if node is not None:
+                return node if node >= 0 else None
+            if here.name == "devices" or here.parent == here:
+                break
+            here = here.parent
+        return None
+
+    def stacked_kind(self) -> str | None:
+        if (self.sysfs / "dm").is_dir() or self.name.startswith("dm-"):
+            return "a device-mapper device"
+        if (self.sysfs / "md").is_dir() or re.fullmatch(r"md\d+|md_.*", self.name):
+            return "an md RAID device"
+        return None
+
+    def dm_name(self) -> str | None:
+        text = (_read(self.sysfs / "dm" / "name") or "").strip()
+        return text or None
+
+    def slaves(self) -> list[BlockDevice]:
+        """The devices under a stacked one (a partition counts as its disk)."""
+        out = []
+        for link in _listdir(self.sysfs / "slaves"):
+            d = link.resolve()
+            if (d / "partition").exists():
+                d = d.parent
+            if all(s.sysfs != d for s in out):
+                out.append(BlockDevice(d.name, d))
+        return out
+
+    def multipath_paths(self) -> list[BlockDevice]:
+        return [BlockDevice(p.name, p.resolve()) for p in _listdir(self.sysfs / "multipath")]
+
+
+def _mount_of(root: Path, dev: str) -> tuple[str, str]:
+    """(fstype, source) of the mount with device number dev, from proc/self/mountinfo."""
+    text = _read(root / "proc/self/mountinfo") or ""
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 10 or fields[2] != dev or "-" not in fields[6:]:
+            continue
+        sep = fields.index("-", 6)
+        if len(fields) > sep + 2:
+            return fields[sep + 1], fields[sep + 2]
+    return "", ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Placement policies and the plan
+
+
+@dataclass(frozen=True)
+class Policy:
+    """per-queue (a thread per virtqueue), shared (one thread: QEMU's virtio-blk-data-plane
+    baseline) or threads=K (K threads, the queues spread evenly)."""
+
+    kind: str                  # "per-queue" | "shared" | "threads"
+    threads: int | None = None
+
+    def __str__(self) -> str:
+        return f"threads={self.threads}" if self.kind == "threads" else self.kind
+
+
+PER_QUEUE = Policy("per-queue")
+SHARED = Policy("shared")
+
+
+def parse_policy(text: str | Policy) -> Policy:
+    if isinstance(text, Policy):
+        return text
+    if not isinstance(text, str):
+        raise ConfigError(f"bad policy {text!r}: expected per-queue, shared or threads=K")
+    value = text.strip().lower().replace(" ", "")
+    if value in ("per-queue", "shared"):
+        return Policy(value)
+    m = re.fullmatch(r"threads=(\d+)", value)
+    if m and int(m.group(1)) >= 1:
+        return Policy("threads", int(m.group(1)))
+    raise ConfigError(f"bad policy {text!r}: expected per-queue, shared or threads=K with K ≥ 1")
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    vcpu: int
+    virtqueue: int
+    thread_name: str
+    host_cpu: int
+    hw_queue: int | None
+    numa_node: int | None
+    reason: str
+
+
+@dataclass
+class Plan:
+    """Who serves which virtqueue where, and why. Rows are ordered by virtqueue."""
+
+    policy: Policy
+    device: DeviceInfo
+    rows: list[PlanRow]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def queues(self) -> int:
+        return len(self.rows)
+
+    def thread_for_queue(self, index: int) -> tuple[str, int]:
+        row = self.rows[index]
+        return row.thread_name, row.host_cpu
+
+    def threads(self) -> dict[str, int]:
+        """Thread name → host CPU, in order of first use."""
+        return {row.thread_name: row.host_cpu for row in self.rows}
+
+    def to_dict(self) -> dict[str, Any]:
+        threads = [{"name": name, "cpu": cpu,
+                    "virtqueues": [r.virtqueue for r in self.rows if r.thread_name == name]}
+                   for name, cpu in self.threads().items()]
+        return {"policy": str(self.policy), "queues": self.queues, "device": self.device.to_dict(),
+                "threads": threads,
+                "rows": [{"vcpu": r.vcpu, "virtqueue": r.virtqueue, "thread": r.thread_name,
+                          "host_cpu": r.host_cpu, "hw_queue": r.hw_queue, "numa_node": r.numa_node,
+                          "reason": r.reason} for r in self.rows],
+                "notes": list(self.notes)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_table(self) -> str:
+        header = ("vCPU", "virtqueue", "thread", "host CPU", "hw queue", "NUMA node", "reason")
+        body = [(str(r.vcpu), str(r.virtqueue), r.thread_name, str(r.host_cpu), _dash(r.hw_queue),
+                 _dash(r.numa_node), r.reason) for r in self.rows]
+        widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header) - 1)]
+        lines = [self._title()]
+        for row in [header, *body]:
+            lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False))
+                         + "  " + row[-1])
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def _title(self) -> str:
+        d = self.device
+        what = [d.disk or "no block device"]
+        if d.hw_queues:
+            what.append(f"{len(d.hw_queues)} hw queue{'s' if len(d.hw_queues) != 1 else ''}")
+        what.append(f"NUMA node {d.numa_node}" if d.numa_node is not None else "NUMA node unknown")
+        return (f"policy {self.policy}, {self.queues} virtqueue{'s' if self.queues != 1 else ''},"
+                f" {len(self.threads())} I/O thread{'s' if len(self.threads()) != 1 else ''};"
+                f" disk {d.path}: {', '.join(what)}")
+
+
+def _dash(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def plan(topology: Topology, device_info: DeviceInfo, queues: int, policy: Policy | str = PER_QUEUE,
+         vcpu_cpus: Iterable[int] | None = None) -> Plan:
+    """Place the I/O threads for `queues` virtqueues. vCPU i's requests arrive on virtqueue i (the
+    guest's blk-mq maps cpu i to hctx i when queues == vCPUs), so each row starts at a vCPU.
+
+    CPU choice, strongest rule first: a CPU of its own while there are enough; not a vCPU or
+    isolated CPU unless there is nothing else; a hw queue no other thread submits to (the
+    least-shared one otherwise); the device's NUMA node; no other I/O thread on an SMT sibling;
+    the lowest number. Hw queue before NUMA: distinct hw queues are the point of the design, and
+    a thread one hop away still completes without contending for another thread's tags.
+    """
+    policy = parse_policy(policy)
+    if queues < 1:
+        raise ConfigError(f"queues: expected a positive integer, got {queues}")
+    if policy.kind == "per-queue":
+        names = [f"dp-vq{i}" for i in range(queues)]
+        owner = list(range(queues))
+    elif policy.kind == "shared":
+        names = ["dp-io0"]
+        owner = [0] * queues
+    else:
+        k = policy.threads or 1
+        if k > queues:
+            raise ConfigError(f"policy threads={k}: more I/O threads than the {queues} virtqueue(s);"
+                              f" use at most threads={queues}")
+        names = [f"dp-io{t}" for t in range(k)]
+        owner = [i * k // queues for i in range(queues)]   # contiguous runs, sizes differ by ≤ 1
+
+    notes = [_policy_note(policy, queues, len(names))]
+    cpus, reasons, place_notes = _place(topology, device_info, names, vcpu_cpus)
+    if device_info.mapping_note:
+        notes.append(device_info.mapping_note)
+    notes += place_notes + topology.notes
+
+    rows = []
+    first_row: dict[int, int] = {}
+    for i in range(queues):
+        t = owner[i]
+        cpu = cpus[t]
+        if t in first_row:
+            reason = f"same thread as virtqueue {first_row[t]} (cpu {cpu})"
+        else:
+            first_row[t] = i
+            reason = reasons[t]
+        rows.append(PlanRow(i, i, names[t], cpu, device_info.hw_queue_of(cpu), topology.node_of(cpu),
+                            reason))
+    return Plan(policy, device_info, rows, notes)
+
+
+def _policy_note(policy: Policy, queues: int, threads: int) -> str:
+    if policy.kind == "per-queue":
+        return f"per-queue: one I/O thread per virtqueue ({queues})"
+    if policy.kind == "shared":
+        return (f"shared: one I/O thread serves all {queues} virtqueue(s), as QEMU's"
+                " virtio-blk-data-plane does (the baseline)")
+    low, high = queues // threads, -(-queues // threads)
+    each = str(low) if low == high else f"{low} or {high}"
+    return f"threads={threads}: {threads} I/O threads, {each} consecutive virtqueue(s) each"
+
+
+def _place(topology: Topology, device: DeviceInfo, names: Sequence[str],
+           vcpu_cpus: Iterable[int] | None) -> tuple[list[int], list[str], list[str]]:
+    """A host CPU per thread, a reason per thread, and notes on every compromise."""
+    notes: list[str] = []
+    usable = topology.usable_cpus()
+    vcpus = frozenset(vcpu_cpus) if vcpu_cpus is not None else None
+    reserved = (vcpus or frozenset()) | topology.isolated
+    pool = [c for c in usable if c not in reserved]
+    if vcpus is not None:
+        offline = vcpus - set(topology.cpus)
+        if offline:
+            notes.append(f"vCPU CPUs {format_cpulist(offline)} are not online here: ignored")
+    if not pool:
+        pool = usable
+        notes.append("every usable CPU runs a vCPU or is isolated: I/O threads share them anyway")
+    elif len(pool) < len(usable):
+        kinds = []
+        if vcpus and vcpus & set(usable):
+            kinds.append(f"vCPU CPUs {format_cpulist(vcpus & set(usable))}")
+        if topology.isolated & set(usable):
+            kinds.append(f"isolated CPUs {format_cpulist(topology.isolated & set(usable))}")
+        notes.append(f"kept off {' and '.join(kinds)}")
+
+    device_node = device.numa_node
+    hwq_of = {c: device.hw_queue_of(c) for c in pool}
+    remote = {c: device_node is not None and topology.node_of(c) != device_node for c in pool}
+    hwq_load: Counter[int] = Counter()
+    chosen: list[int] = []
+    taken: set[int] = set()
+
+    def key(cpu: int) -> tuple[int, bool, bool, int, int]:
+        hwq = hwq_of[cpu]
+        return (hwq_load[hwq] if hwq is not None else 0, hwq is None and bool(device.hw_queues),
+                remote[cpu], len(topology.siblings_of(cpu) & taken), cpu)
+
+    for _ in range(min(len(names), len(pool))):
+        cpu = min((c for c in pool if c not in taken), key=key)
+        chosen.append(cpu)
+        taken.add(cpu)
+        if hwq_of[cpu] is not None:
+            hwq_load[hwq_of[cpu]] += 1
+    cpus = [chosen[t % len(chosen)] for t in range(len(names))]   # round-robin beyond the pool
+    if len(names) > len(chosen):
+        notes.append(f"{len(names)} I/O threads but only {len(chosen)} suitable CPU(s)"
+                     f" ({format_cpulist(chosen)}): threads share CPUs round-robin")
+
+    distinct_hwqs = {device.hw_queue_of(c) for c in chosen} - {None}
+    if device.hw_queues and len(distinct_hwqs) < len(chosen):
+        notes.append(f"{len(chosen)} CPUs in use but only {len(distinct_hwqs)} distinct hw queue(s)"
+                     f" behind them (the device has {len(device.hw_queues)}): some threads share"
+                     " a hw queue")
+    off_node = [t for t, c in enumerate(cpus) if remote[c]]
+    if off_node:
+        notes.append(f"{len(off_node)} of {len(names)} thread(s) run off the device's NUMA node"
+                     f" {device_node} (its CPUs are taken, kept off, or on busier hw queues)")
+
+    reasons = [_reason(t, cpus, names, topology, device, vcpus) for t in range(len(names))]
+    return cpus, reasons, notes
+
+
+def _reason(t: int, cpus: list[int], names: Sequence[str], topology: Topology, device: DeviceInfo,
+            vcpus: frozenset[int] | None) -> str:
+    cpu = cpus[t]
+    first = cpus.index(cpu)
+    if first != t:
+        return (f"cpu {cpu}: shared with {names[first]} (more threads than suitable CPUs),"
+                f" hw queue {_dash(device.hw_queue_of(cpu))}")
+    parts = []
+    others = {c: names[u] for u, c in enumerate(cpus) if c != cpu and cpus.index(c) == u}
+    hwq = device.hw_queue_of(cpu)
+    if hwq is not None:
+        same = [name for c, name in others.items() if device.hw_queue_of(c) == hwq]
+        parts.append(f"hw queue {hwq} (also used by {', '.join(same)})" if same
+                     else f"hw queue {hwq} (not used by another thread)")
+    elif device.hw_queues:
+        parts.append("in no hw queue's cpu_list")
+    else:
+        parts.append("no hw queue mapping")
+    node = topology.node_of(cpu)
+    if device.numa_node is not None:
+        parts.append(f"NUMA node {node} (device-local)" if node == device.numa_node
+                     else f"NUMA node {_dash(node)} (remote: device on node {device.numa_node})")
+    elif len(topology.nodes) == 1:
+        parts.append(f"NUMA node {_dash(node)} (the only node)")
+    else:
+        parts.append(f"NUMA node {_dash(node)} (device node unknown)")
+    if vcpus is not None:
+        parts.append("a vCPU CPU (nothing else left)" if cpu in vcpus else "not a vCPU CPU")
+    if cpu in topology.isolated:
+        parts.append("isolated (nothing else left)")
+    siblings = topology.siblings_of(cpu)
+    if siblings:
+        busy = [f"{others[s]} on {s}" for s in sorted(siblings) if s in others]
+        parts.append(f"SMT sibling of {', '.join(busy)}" if busy
+                     else f"no I/O thread on SMT sibling {format_cpulist(siblings)}")
+    return f"cpu {cpu}: " + ", ".join(parts)
