@@ -371,7 +371,7 @@ static int ring_init(struct dp_engine *engine)
     };
     int rc = -EINVAL;
     for (size_t i = 0; i < sizeof(flag_sets) / sizeof(flag_sets[0]); i++) {
-        struct io_uring_params params = { .flags = flag_sets[i] | IORING_SETUP_CQSIZE,
+        struct io_uring_params params = { .flags = flag_sets[i] | IORING_SETUP_CQSIZE | IORING_SETUP_CLAMP,
                                           .cq_entries = engine->entries * 4 };
         rc = io_uring_queue_init_params(engine->entries, &engine->ring, &params);
         if (rc != -EINVAL)

@@ -17,6 +17,7 @@ import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 from . import virtio_blk as vb
@@ -110,22 +111,30 @@ class Vring:
 
 @dataclass
 class EnginePool:
-    """I/O threads by name. The per-queue policy gives vring i its own thread `dp-vq<i>`."""
+    """I/O threads by name, created on first use. `placement` maps a vring index to its
+    thread name and host CPU (-1: not pinned); by default vring i gets its own unpinned
+    thread `dp-vq<i>`. Several vrings naming one thread share it (the shared-thread baseline).
+    """
 
     ring_entries: int = 1024
-    cpus: dict[int, int] = field(default_factory=dict)   # vring index -> host CPU
+    placement: dict[int, tuple[str, int]] = field(default_factory=dict)
     engines: dict[str, object] = field(default_factory=dict)
 
+    @classmethod
+    def from_plan(cls, plan: Any, ring_entries: int = 1024) -> EnginePool:
+        return cls(ring_entries=ring_entries,
+                   placement={row.virtqueue: (row.thread_name, row.host_cpu) for row in plan.rows})
+
     def name_for(self, index: int) -> str:
-        return f"dp-vq{index}"
+        return self.placement.get(index, (f"dp-vq{index}", -1))[0]
 
     def engine_for(self, index: int) -> object:
-        name = self.name_for(index)
+        name, cpu = self.placement.get(index, (f"dp-vq{index}", -1))
         engine = self.engines.get(name)
         if engine is None:
+            sharing = sum(1 for n, _ in self.placement.values() if n == name) or 1
             err = ffi.new("int *")
-            engine = lib.dp_engine_new(name.encode(), self.cpus.get(index, -1), self.ring_entries,
-                                       err)
+            engine = lib.dp_engine_new(name.encode(), cpu, self.ring_entries * sharing, err)
             if engine == ffi.NULL:
                 check(err[0], f"starting I/O thread {name}")
             self.engines[name] = engine
@@ -156,7 +165,7 @@ class VhostUserBlkDevice:
             Request.SET_FEATURES: self.set_features,
             Request.SET_OWNER: self.set_owner,
             Request.RESET_OWNER: self.reset_owner,
-            Request.RESET_DEVICE: self.reset_owner,
+            Request.RESET_DEVICE: self.reset_device,
             Request.GET_PROTOCOL_FEATURES: self.get_protocol_features,
             Request.SET_PROTOCOL_FEATURES: self.set_protocol_features,
             Request.GET_QUEUE_NUM: self.get_queue_num,
@@ -303,7 +312,14 @@ class VhostUserBlkDevice:
         self.owner = True
 
     def reset_owner(self, msg: Message) -> None:
-        """RESET_OWNER / RESET_DEVICE: back to the state of a fresh connection."""
+        """Deprecated RESET_OWNER: disable every ring (the spec warns against discarding
+        connection state here)."""
+        for vring in self.vrings:
+            self._stop(vring)
+            vring.enabled = False
+
+    def reset_device(self, msg: Message) -> None:
+        """RESET_DEVICE: back to the state of a fresh connection."""
         for vring in self.vrings:
             self._stop(vring)
             vring.close_fds()

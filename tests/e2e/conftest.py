@@ -114,8 +114,6 @@ BACKEND_PARAMS = [
     pytest.param(("null", 1), id="null-q1"),
     pytest.param(("null", 2), id="null-q2"),
 ]
-FILE_BACKEND_PARAMS = [p for p in BACKEND_PARAMS if p.values[0][0] == "file"]
-NULL_BACKEND_PARAMS = [p for p in BACKEND_PARAMS if p.values[0][0] == "null"]
 
 
 @pytest.fixture(scope="session")

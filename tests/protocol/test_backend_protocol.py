@@ -468,11 +468,17 @@ def test_mem_table_resent_while_queues_run(start_backend, disk_file):
             assert dev.read(i * 4096, 4096, queue=i % 2) == pattern(i, 4096)
 
 
-def test_reset_owner_returns_to_a_fresh_state(start_backend):
+def test_reset_owner_disables_rings_and_reset_device_starts_afresh(start_backend):
     backend = start_backend("null:16M", queues=1)
     with Device.connect(backend.socket) as dev:
         dev.read(0, 512)
         dev.client.call(Request.RESET_OWNER)
+        assert not backend.device.vrings[0].running
+        assert backend.device.mem is not None        # RESET_OWNER keeps the session
+        assert backend.device.features != 0
+        dev.client.call(Request.SET_VRING_ENABLE, VRING_STATE.pack(0, 1))
+        assert dev.read(0, 512) == bytes(512)
+        dev.client.call(Request.RESET_DEVICE)
         assert not backend.device.vrings[0].running
         assert backend.device.mem is None
         assert backend.device.features == 0
