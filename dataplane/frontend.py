@@ -22,6 +22,7 @@ import struct
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from . import virtio_blk as vb
 from .errors import DeviceError, ProtocolError
@@ -44,6 +45,9 @@ from .vhost_proto import (
     request_name,
     send_message,
 )
+
+if TYPE_CHECKING:
+    from .load import Job, LoadResult, VerifyState
 
 SECTOR = 512
 VRING_DESC_F_NEXT = 1
@@ -418,6 +422,17 @@ class Device:
             ring.close()
         self.mem.close()
         self.client = None  # type: ignore[assignment]
+
+    # -- load (C driver threads take the rings over for the run) --
+
+    def load(self, job: Job, queues: Sequence[int] | None = None,
+             verify_state: VerifyState | None = None) -> LoadResult:
+        """Run a dataplane.load Job on the given queues (all by default), one C thread each.
+        Connect with memory=job.memory_needed(queues) and queue_size=job.queue_size(...)
+        when the job needs more than the defaults."""
+        from .load import run_job
+
+        return run_job(self, job, queues, verify_state)
 
     # -- requests --
 

@@ -1,0 +1,865 @@
+/* driver.c — a load generator that plays the guest: one thread per virtqueue fills the ring
+ * with virtio-blk requests (closed loop at a fixed iodepth, or open loop on a schedule),
+ * reaps the used ring, and records latency histograms, errors and verify results.
+ *
+ * The rings were set up by the Python frontend; this thread takes them over for the run and
+ * hands back its indices at the end. Everything read from the used ring comes from the
+ * backend under test and is checked before use: a bad element ends the run with -EPROTO.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdlib.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "driver.h"
+
+#define NO_SLOT 0xffff
+#define VERIFY_BUSY 0x80000000u
+#define VERIFY_MAGIC 0x564c5044u   /* "DPLV" */
+#define SECTOR 512
+#define ARENA_ALIGN 4096
+#define STATUS_UNSET 0xff
+#define DEFAULT_TIMEOUT_NS (30ull * 1000000000ull)
+#define DEFAULT_SAMPLE_NS (500ull * 1000000ull)
+#define SPIN_BELOW_NS 20000ull     /* open loop: closer than this to the schedule, spin */
+
+/* Single writer (the load thread); dp_load_progress reads these while it runs. */
+#define COUNTER_ADD(field, n) \
+    __atomic_store_n(&(field), (field) + (n), __ATOMIC_RELAXED)
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* ---- random numbers: splitmix64 to seed, xorshift64* to run ---- */
+
+static uint64_t splitmix64(uint64_t *state)
+{
+    uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static inline uint64_t xorshift64s(uint64_t *state)
+{
+    uint64_t x = *state;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *state = x;
+    return x * 0x2545f4914f6cdd1dull;
+}
+
+/* Uniform in [0, n) without a division (Lemire's multiply-shift). */
+static inline uint64_t rand_below(uint64_t *state, uint64_t n)
+{
+    return (uint64_t)(((unsigned __int128)xorshift64s(state) * n) >> 64);
+}
+
+/* ---- driver side of the split ring ---- */
+
+static uint16_t *used_event_ptr(struct driver_ring *r)
+{
+    return &r->avail->ring[r->num];
+}
+
+static uint16_t *avail_event_ptr(struct driver_ring *r)
+{
+    return (uint16_t *)&r->used->ring[r->num];
+}
+
+static inline void ring_add(struct driver_ring *r, uint16_t head)
+{
+    __atomic_store_n(&r->avail->ring[r->avail_idx & (r->num - 1)], head, __ATOMIC_RELAXED);
+    r->avail_idx++;
+}
+
+/* Make the added heads the device's; returns 1 when the device asked to be kicked. */
+static int ring_publish(struct driver_ring *r)
+{
+    uint16_t old = r->published_idx, new = r->avail_idx;
+    driver_store_release_u16(&r->avail->idx, new);
+    r->published_idx = new;
+    driver_mb();   /* avail->idx before avail_event / used->flags */
+    if (r->event_idx) {
+        uint16_t event = __atomic_load_n(avail_event_ptr(r), __ATOMIC_RELAXED);
+        /* vring_need_event(): did avail->idx move past avail_event with this batch? */
+        return (uint16_t)(new - event - 1) < (uint16_t)(new - old);
+    }
+    return !(__atomic_load_n(&r->used->flags, __ATOMIC_RELAXED) & VRING_USED_F_NO_NOTIFY);
+}
+
+static inline uint16_t ring_used_pending(struct driver_ring *r)
+{
+    return (uint16_t)(driver_load_acquire_u16(&r->used->idx) - r->last_used_idx);
+}
+
+/* Ask for an interrupt on the next completion; returns the completions already there
+ * (then the caller must not sleep). */
+static uint16_t ring_enable_interrupts(struct driver_ring *r)
+{
+    if (r->event_idx)
+        __atomic_store_n(used_event_ptr(r), r->last_used_idx, __ATOMIC_RELAXED);
+    else
+        __atomic_store_n(&r->avail->flags, 0, __ATOMIC_RELAXED);
+    driver_mb();   /* used_event / avail->flags before the re-read of used->idx */
+    return ring_used_pending(r);
+}
+
+/* While busy the driver polls. With EVENT_IDX a used_event left behind is enough: the device
+ * signals only when used->idx crosses it again (once per 64 Ki completions). */
+static void ring_disable_interrupts(struct driver_ring *r)
+{
+    if (!r->event_idx)
+        __atomic_store_n(&r->avail->flags, VRING_AVAIL_F_NO_INTERRUPT, __ATOMIC_RELAXED);
+}
+
+static int ring_kick(struct driver_ring *r)
+{
+    uint64_t one = 1;
+    if (write(r->kick_fd, &one, sizeof(one)) != sizeof(one))
+        return errno == EAGAIN ? 0 : -errno;   /* a saturated counter is still a kick */
+    return 0;
+}
+
+/* ---- verify pattern: every sector starts with a header, the rest is a seeded stream ---- */
+
+struct verify_header {
+    uint32_t magic;
+    uint32_t queue;
+    uint64_t offset;
+    uint64_t generation;
+    uint64_t run_id;
+};
+
+static uint64_t sector_seed(const struct verify_header *h)
+{
+    uint64_t s = h->run_id ^ (h->offset * 0x9e3779b97f4a7c15ull) ^
+                 ((uint64_t)h->generation << 32) ^ h->queue;
+    return splitmix64(&s) | 1;   /* xorshift state must not be 0 */
+}
+
+static void fill_sector(uint8_t *p, const struct verify_header *h)
+{
+    memcpy(p, h, sizeof(*h));
+    uint64_t state = sector_seed(h), *w = (uint64_t *)(p + sizeof(*h));
+    for (unsigned i = 0; i < (SECTOR - sizeof(*h)) / 8; i++)
+        w[i] = xorshift64s(&state);
+}
+
+static int check_sector(const uint8_t *p, const struct verify_header *h)
+{
+    if (memcmp(p, h, sizeof(*h)) != 0)
+        return 0;
+    uint64_t state = sector_seed(h);
+    const uint64_t *w = (const uint64_t *)(p + sizeof(*h));
+    for (unsigned i = 0; i < (SECTOR - sizeof(*h)) / 8; i++)
+        if (w[i] != xorshift64s(&state))
+            return 0;
+    return 1;
+}
+
+static struct verify_header make_header(const struct dp_load *l, uint64_t offset, uint32_t gen)
+{
+    return (struct verify_header){ .magic = VERIFY_MAGIC, .queue = l->p.queue, .offset = offset,
+                                   .generation = gen, .run_id = l->p.verify_run_id };
+}
+
+static void verify_fill(struct dp_load *l, struct load_slot *s)
+{
+    for (uint32_t off = 0; off < l->p.bs; off += SECTOR) {
+        struct verify_header h = make_header(l, s->offset + off, s->generation);
+        fill_sector(s->data + off, &h);
+    }
+}
+
+/* A read came back: every sector this run (or an earlier one sharing the map) wrote must hold
+ * what was written. Blocks never written, or whose write failed, are not checked. */
+static void verify_check(struct dp_load *l, struct load_slot *s, uint32_t expected)
+{
+    if (expected == DP_VERIFY_NEVER || expected == DP_VERIFY_UNKNOWN)
+        return;
+    struct dp_load_stats *st = &l->stats;
+    for (uint32_t off = 0; off < l->p.bs; off += SECTOR) {
+        struct verify_header h = make_header(l, s->offset + off, expected);
+        st->verify_checked++;
+        if (!check_sector(s->data + off, &h)) {
+            if (st->verify_failures < DP_LOAD_VERIFY_REPORTS)
+                st->verify_fail_offset[st->verify_failures] = s->offset + off;
+            COUNTER_ADD(st->verify_failures, 1);
+        }
+    }
+}
+
+/* ---- requests ---- */
+
+/* fio's io_u_dist buckets: 1, 2-3, 4-7, 8-15, 16-31, 32-63, >=64 */
+static inline unsigned depth_bucket(unsigned depth)
+{
+    unsigned b = depth ? 31u - (unsigned)__builtin_clz(depth) : 0;
+    return b < 6 ? b : 6;
+}
+
+/* fio's submit/complete buckets: 0, 1-4, 5-8, 9-16, 17-32, 33-64, >64 */
+static inline unsigned batch_bucket(unsigned n)
+{
+    if (n == 0)
+        return 0;
+    if (n <= 4)
+        return 1;
+    unsigned b = 32u - (unsigned)__builtin_clz(n - 1);   /* ceil(log2 n) */
+    return b - 1 < 6 ? b - 1 : 6;
+}
+
+static uint64_t pick_block(struct dp_load *l, unsigned dir)
+{
+    uint64_t b;
+    int random = l->p.rw == DP_RW_RANDREAD || l->p.rw == DP_RW_RANDWRITE ||
+                 l->p.rw == DP_RW_RANDRW;
+    if (random)
+        b = rand_below(&l->rng, l->nblocks);
+    else
+        b = l->seq_block[dir];
+    if (l->p.verify) {
+        /* One request per block at a time, or what a read expects is undefined. There are
+         * more blocks than slots, so this ends. */
+        while (__atomic_load_n(&l->p.verify_map[b], __ATOMIC_RELAXED) & VERIFY_BUSY)
+            b = b + 1 == l->nblocks ? 0 : b + 1;
+    }
+    if (!random)
+        l->seq_block[dir] = b + 1 == l->nblocks ? 0 : b + 1;
+    return b;
+}
+
+static unsigned pick_dir(struct dp_load *l)
+{
+    switch (l->p.rw) {
+    case DP_RW_READ:
+    case DP_RW_RANDREAD:
+        return DP_DIR_READ;
+    case DP_RW_WRITE:
+    case DP_RW_RANDWRITE:
+        return DP_DIR_WRITE;
+    default:
+        return rand_below(&l->rng, 100) < l->p.rwmixread ? DP_DIR_READ : DP_DIR_WRITE;
+    }
+}
+
+static uint32_t next_generation(struct dp_load *l)
+{
+    uint32_t g = l->p.verify_generation + 1;
+    if (g == 0 || g >= DP_VERIFY_UNKNOWN)
+        g = 1;
+    l->p.verify_generation = g;
+    return g;
+}
+
+static void prep_request(struct dp_load *l, struct load_slot *s, uint64_t t_sched, int counted)
+{
+    unsigned dir = pick_dir(l);
+    uint64_t block = pick_block(l, dir);
+    s->offset = l->p.offset + block * l->p.bs;
+    s->dir = (uint8_t)dir;
+    s->counted = (uint8_t)counted;
+    s->t_sched = t_sched;
+    s->hdr->type = dir == DP_DIR_READ ? VIRTIO_BLK_T_IN : VIRTIO_BLK_T_OUT;
+    s->hdr->ioprio = 0;
+    s->hdr->sector = s->offset >> SECTOR_SHIFT;
+    *s->status = STATUS_UNSET;   /* a device that never writes it is caught */
+    if (s->desc_dir != dir) {
+        s->data_desc->flags = VRING_DESC_F_NEXT | (dir == DP_DIR_READ ? VRING_DESC_F_WRITE : 0);
+        s->desc_dir = (uint8_t)dir;
+    }
+    if (l->p.verify) {
+        uint32_t *entry = &l->p.verify_map[block];
+        __atomic_store_n(entry, *entry | VERIFY_BUSY, __ATOMIC_RELAXED);
+        if (dir == DP_DIR_WRITE) {
+            s->generation = next_generation(l);
+            verify_fill(l, s);
+        }
+    }
+    s->inflight = 1;
+    l->inflight++;
+}
+
+/* Is there another request to issue now? Sets *t_sched to when it was due. */
+static int request_due(struct dp_load *l, uint64_t now, uint64_t *t_sched)
+{
+    if (!l->nfree)
+        return 0;
+    if (!l->p.rate_iops) {
+        *t_sched = now;
+        return 1;
+    }
+    uint64_t due = l->t_start +
+        (uint64_t)((unsigned __int128)l->sched_k * 1000000000ull / l->p.rate_iops);
+    if (due > now)
+        return 0;
+    *t_sched = due;
+    return 1;
+}
+
+static uint64_t next_due(const struct dp_load *l)
+{
+    return l->t_start +
+        (uint64_t)((unsigned __int128)l->sched_k * 1000000000ull / l->p.rate_iops);
+}
+
+/* Add what is due (up to the free slots), publish once, kick once if the device wants it.
+ * Returns the number added, or -errno. */
+static int issue_batch(struct dp_load *l, uint64_t now, int *issuing)
+{
+    unsigned added = 0;
+    uint64_t t_sched;
+    int counted = now >= l->ramp_end;
+    while (*issuing && request_due(l, now, &t_sched)) {
+        struct load_slot *s = &l->slots[l->free_slots[--l->nfree]];
+        prep_request(l, s, t_sched, counted);
+        l->stats.depth_level[depth_bucket(l->inflight)]++;
+        ring_add(&l->ring, s->head);
+        l->sched_k++;
+        added++;
+        if (counted && l->p.number_ios && ++l->issued_counted >= l->p.number_ios)
+            *issuing = 0;
+    }
+    if (!added)
+        return 0;
+    uint64_t t_submit = now_ns();
+    for (uint16_t i = l->ring.published_idx; i != l->ring.avail_idx; i++) {
+        uint16_t head = l->ring.avail->ring[i & (l->ring.num - 1)];
+        struct load_slot *s = &l->slots[l->head_to_slot[head]];
+        s->t_submit = t_submit;
+        if (l->p.rate_iops && t_submit - s->t_sched > 1000000000ull / l->p.rate_iops)
+            l->stats.late_ios++;
+    }
+    l->stats.issued += added;
+    l->stats.submit_level[batch_bucket(added)]++;
+    if (ring_publish(&l->ring)) {
+        int rc = ring_kick(&l->ring);
+        if (rc < 0)
+            return rc;
+        l->stats.kicks++;
+    }
+    return (int)added;
+}
+
+static void complete_request(struct dp_load *l, struct load_slot *s, uint32_t len, uint64_t now)
+{
+    struct dp_load_stats *st = &l->stats;
+    struct dp_load_dir_stats *ds = &st->dir[s->dir];
+    uint8_t status = __atomic_load_n(s->status, __ATOMIC_RELAXED);
+    uint32_t writable = s->dir == DP_DIR_READ ? l->p.bs + 1 : 1;
+    int ok = status == VIRTIO_BLK_S_OK;
+
+    if (len > writable) {
+        /* The device claims to have written more than it was given. */
+        st->bad_used++;
+        ok = 0;
+        ds->err_other++;
+    } else if (status == VIRTIO_BLK_S_IOERR) {
+        ds->err_ioerr++;
+    } else if (status == VIRTIO_BLK_S_UNSUPP) {
+        ds->err_unsupp++;
+    } else if (!ok) {
+        ds->err_other++;
+    } else if (s->dir == DP_DIR_READ && len < writable && s->counted) {
+        ds->short_ios++;
+    }
+
+    if (l->p.verify) {
+        uint64_t block = (s->offset - l->p.offset) / l->p.bs;
+        uint32_t *entry = &l->p.verify_map[block], value = *entry & ~VERIFY_BUSY;
+        if (s->dir == DP_DIR_WRITE)
+            value = ok ? s->generation : DP_VERIFY_UNKNOWN;
+        else if (ok)
+            verify_check(l, s, value);
+        __atomic_store_n(entry, value, __ATOMIC_RELAXED);
+    }
+
+    if (ok && s->counted) {
+        uint64_t clat = now - s->t_submit, lat = now - s->t_sched;
+        hist_add(&ds->clat, clat);
+        hist_add(&ds->lat, lat);
+        hist_add(&ds->slat, s->t_submit - s->t_sched);
+        ds->bytes += l->p.bs;
+        COUNTER_ADD(ds->ios, 1);
+        l->last_completion = now;
+    }
+    st->completed++;
+    s->inflight = 0;
+    l->inflight--;
+    l->free_slots[l->nfree++] = (uint16_t)(s - l->slots);
+}
+
+/* Consume the used ring. Returns completions reaped (and the time seen, in *now), or -EPROTO
+ * when the backend published something no request matches. */
+static int reap(struct dp_load *l, uint64_t *now)
+{
+    struct driver_ring *r = &l->ring;
+    uint16_t n = ring_used_pending(r);
+    if (!n)
+        return 0;
+    if (n > l->inflight) {
+        l->stats.bad_used++;   /* more completions than requests outstanding */
+        return -EPROTO;
+    }
+    uint64_t t = now_ns();
+    for (uint16_t i = 0; i < n; i++) {
+        const struct vring_used_elem *e = &r->used->ring[r->last_used_idx & (r->num - 1)];
+        uint32_t id = __atomic_load_n(&e->id, __ATOMIC_RELAXED);
+        uint32_t len = __atomic_load_n(&e->len, __ATOMIC_RELAXED);
+        r->last_used_idx++;
+        uint16_t slot = id < r->num ? l->head_to_slot[id] : NO_SLOT;
+        if (slot == NO_SLOT || !l->slots[slot].inflight) {
+            l->stats.bad_used++;
+            return -EPROTO;
+        }
+        complete_request(l, &l->slots[slot], len, t);
+    }
+    l->stats.complete_level[batch_bucket(n)]++;
+    *now = t;
+    return n;
+}
+
+/* ---- the loop ---- */
+
+static void take_rusage(uint64_t *usr, uint64_t *sys, uint64_t *ctx)
+{
+    struct rusage ru;
+    if (getrusage(RUSAGE_THREAD, &ru) != 0)
+        return;
+    *usr = (uint64_t)ru.ru_utime.tv_sec * 1000000000ull + (uint64_t)ru.ru_utime.tv_usec * 1000;
+    *sys = (uint64_t)ru.ru_stime.tv_sec * 1000000000ull + (uint64_t)ru.ru_stime.tv_usec * 1000;
+    *ctx = (uint64_t)ru.ru_nvcsw + (uint64_t)ru.ru_nivcsw;
+}
+
+static void drain_eventfd(int fd)
+{
+    uint64_t v;
+    ssize_t rc = read(fd, &v, sizeof(v));
+    (void)rc;   /* nonblocking: nothing to read is fine */
+}
+
+/* Nothing to reap and nothing to issue: spin a little, then sleep on the call eventfd (or,
+ * with nothing in flight, until the schedule's next request) until deadline. */
+static int wait_idle(struct dp_load *l, uint64_t now, uint64_t deadline)
+{
+    struct driver_ring *r = &l->ring;
+    if (deadline <= now)
+        return 0;
+    if (l->inflight) {
+        if (l->p.poll_ns) {
+            uint64_t until = now + l->p.poll_ns < deadline ? now + l->p.poll_ns : deadline;
+            while (!ring_used_pending(r)) {
+                cpu_relax();
+                if (now_ns() >= until)
+                    break;
+            }
+            if (ring_used_pending(r))
+                return 0;
+        }
+        if (ring_enable_interrupts(r)) {
+            ring_disable_interrupts(r);
+            return 0;
+        }
+    } else if (deadline - now < SPIN_BELOW_NS) {
+        while (now_ns() < deadline && !__atomic_load_n(&l->stop, __ATOMIC_RELAXED))
+            cpu_relax();
+        return 0;
+    }
+
+    struct pollfd fds[2] = { { .fd = l->wake_fd, .events = POLLIN },
+                             { .fd = r->call_fd, .events = POLLIN } };
+    uint64_t left = deadline - now;
+    struct timespec ts = { .tv_sec = (time_t)(left / 1000000000ull),
+                           .tv_nsec = (long)(left % 1000000000ull) };
+    int rc = ppoll(fds, l->inflight ? 2 : 1, &ts, NULL);
+    if (rc < 0 && errno != EINTR)
+        return -errno;
+    if (rc > 0 && (fds[0].revents & POLLIN))
+        drain_eventfd(l->wake_fd);
+    if (rc > 0 && l->inflight && (fds[1].revents & POLLIN)) {
+        drain_eventfd(r->call_fd);
+        l->stats.interrupts++;
+    }
+    if (l->inflight)
+        ring_disable_interrupts(r);
+    return 0;
+}
+
+static void take_samples(struct dp_load *l, uint64_t now)
+{
+    struct dp_load_stats *st = &l->stats;
+    while (now >= l->ramp_end + (st->nsamples + 1) * st->sample_ns &&
+           st->nsamples < DP_LOAD_SAMPLES) {
+        st->sample_ios[DP_DIR_READ][st->nsamples] = st->dir[DP_DIR_READ].ios;
+        st->sample_ios[DP_DIR_WRITE][st->nsamples] = st->dir[DP_DIR_WRITE].ios;
+        st->nsamples++;
+    }
+}
+
+static int load_run(struct dp_load *l)
+{
+    struct dp_load_stats *st = &l->stats;
+    uint64_t usr0 = 0, sys0 = 0, ctx0 = 0, usr1 = 0, sys1 = 0, ctx1 = 0;
+    uint64_t now = now_ns(), last_progress = now;
+    int issuing = 1, rc = 0;
+
+    l->t_start = now;
+    l->ramp_end = now + l->p.ramp_ns;
+    l->end = l->p.runtime_ns ? l->ramp_end + l->p.runtime_ns : UINT64_MAX;
+    l->last_completion = l->ramp_end;
+    ring_disable_interrupts(&l->ring);
+
+    for (;;) {
+        if (!l->ramp_done && now >= l->ramp_end) {
+            l->ramp_done = 1;
+            take_rusage(&usr0, &sys0, &ctx0);
+        }
+        if (issuing && (now >= l->end || __atomic_load_n(&l->stop, __ATOMIC_RELAXED)))
+            issuing = 0;
+        int added = 0;
+        if (issuing) {
+            added = issue_batch(l, now, &issuing);
+            if (added < 0) {
+                rc = added;
+                break;
+            }
+        }
+        rc = reap(l, &now);
+        if (rc < 0)
+            break;
+        if (rc > 0)
+            last_progress = now;
+        if (!issuing && !l->inflight)
+            break;
+        if (!rc && !added) {
+            uint64_t deadline = last_progress + l->p.timeout_ns;
+            if (issuing && l->end < deadline)
+                deadline = l->end;
+            if (issuing && !l->ramp_done && l->ramp_end < deadline)
+                deadline = l->ramp_end;
+            if (issuing && l->p.rate_iops && l->nfree && next_due(l) < deadline)
+                deadline = next_due(l);
+            if (!l->inflight)
+                last_progress = now;   /* waiting for the schedule is not a stall */
+            rc = wait_idle(l, now, deadline);
+            if (rc < 0)
+                break;
+        }
+        now = now_ns();
+        if (l->inflight && now - last_progress >= l->p.timeout_ns) {
+            rc = -ETIMEDOUT;
+            break;
+        }
+        if (l->ramp_done)
+            take_samples(l, now);
+        rc = 0;
+    }
+    if (rc > 0)
+        rc = 0;
+
+    if (!l->ramp_done) {
+        l->ramp_done = 1;
+        take_rusage(&usr0, &sys0, &ctx0);
+    }
+    take_rusage(&usr1, &sys1, &ctx1);
+    st->usr_ns = usr1 - usr0;
+    st->sys_ns = sys1 - sys0;
+    st->ctx = ctx1 - ctx0;
+    st->ramp_ns = l->p.ramp_ns;
+    st->runtime_ns = l->last_completion > l->ramp_end ? l->last_completion - l->ramp_end : 0;
+    st->verify_generation = l->p.verify_generation;
+
+    /* Hand the ring back the way the Python frontend runs it: interrupts on. */
+    struct driver_ring *r = &l->ring;
+    if (r->event_idx)
+        __atomic_store_n(used_event_ptr(r), r->last_used_idx, __ATOMIC_RELAXED);
+    else
+        __atomic_store_n(&r->avail->flags, 0, __ATOMIC_RELAXED);
+    st->avail_idx = r->avail_idx;
+    st->last_used_idx = r->last_used_idx;
+    return rc;
+}
+
+static void *load_thread(void *arg)
+{
+    struct dp_load *l = arg;
+    char name[16];
+    snprintf(name, sizeof(name), "dp-load%u", l->p.queue);
+    pthread_setname_np(pthread_self(), name);
+    prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);   /* open-loop schedules want µs wake-ups */
+    if (l->p.cpu >= 0) {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET(l->p.cpu, &set);
+        pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+    }
+    pthread_mutex_lock(&l->lock);
+    l->tid = (int)syscall(SYS_gettid);
+    pthread_cond_broadcast(&l->cond);
+    pthread_mutex_unlock(&l->lock);
+
+    int rc = load_run(l);
+
+    pthread_mutex_lock(&l->lock);
+    l->stats.error = rc;
+    l->done = 1;
+    pthread_cond_broadcast(&l->cond);
+    pthread_mutex_unlock(&l->lock);
+    return NULL;
+}
+
+/* ---- setup ---- */
+
+static uint64_t data_stride(uint32_t bs)
+{
+    return ((uint64_t)bs + ARENA_ALIGN - 1) / ARENA_ALIGN * ARENA_ALIGN;
+}
+
+uint64_t dp_load_arena_size(uint32_t bs, uint32_t iodepth)
+{
+    uint64_t meta = (uint64_t)iodepth * DP_LOAD_SLOT_META;
+    return (uint64_t)iodepth * data_stride(bs) + (meta + ARENA_ALIGN - 1) / ARENA_ALIGN * ARENA_ALIGN;
+}
+
+static int check_params(const struct dp_load_params *p)
+{
+    if (!p->desc_host || !p->avail_host || !p->used_host || p->kick_fd < 0 || p->call_fd < 0)
+        return -EINVAL;
+    if (p->num == 0 || p->num > 32768 || (p->num & (p->num - 1)))
+        return -EINVAL;
+    if (p->bs == 0 || p->bs % SECTOR || p->offset % SECTOR || p->size < p->bs)
+        return -EINVAL;
+    if (p->iodepth == 0 || p->iodepth > (p->indirect ? p->num : p->num / 3))
+        return -EINVAL;
+    if (p->rw < DP_RW_READ || p->rw > DP_RW_RW || p->rwmixread > 100)
+        return -EINVAL;
+    if (p->arena_gpa % ARENA_ALIGN || p->arena_host % ARENA_ALIGN ||
+        p->arena_len < dp_load_arena_size(p->bs, p->iodepth))
+        return -EINVAL;
+    if (p->verify && (!p->verify_map || p->size / p->bs <= p->iodepth))
+        return -EINVAL;
+    return 0;
+}
+
+/* Lay out each slot's buffers and write its descriptors once; per request only the data
+ * descriptor's direction flag changes. */
+static void setup_slots(struct dp_load *l)
+{
+    const struct dp_load_params *p = &l->p;
+    uint64_t stride = data_stride(p->bs), meta = (uint64_t)p->iodepth * stride;
+    for (unsigned i = 0; i < p->num; i++)
+        l->head_to_slot[i] = NO_SLOT;
+    for (unsigned i = 0; i < p->iodepth; i++) {
+        struct load_slot *s = &l->slots[i];
+        uint64_t data_gpa = p->arena_gpa + i * stride;
+        uint64_t meta_gpa = p->arena_gpa + meta + (uint64_t)i * DP_LOAD_SLOT_META;
+        uint8_t *meta_host = (uint8_t *)(uintptr_t)(p->arena_host + meta) +
+                             (uint64_t)i * DP_LOAD_SLOT_META;
+        s->data = (uint8_t *)(uintptr_t)(p->arena_host + i * stride);
+        s->hdr = (struct virtio_blk_outhdr *)meta_host;
+        s->status = meta_host + 16;
+        memset(s->data, 0, p->bs);
+
+        struct vring_desc chain[3] = {
+            { .addr = meta_gpa, .len = 16, .flags = VRING_DESC_F_NEXT },
+            { .addr = data_gpa, .len = p->bs, .flags = VRING_DESC_F_NEXT | VRING_DESC_F_WRITE },
+            { .addr = meta_gpa + 16, .len = 1, .flags = VRING_DESC_F_WRITE },
+        };
+        s->desc_dir = DP_DIR_READ;
+        if (p->indirect) {
+            struct vring_desc *table = (struct vring_desc *)(meta_host + 32);
+            chain[0].next = 1;
+            chain[1].next = 2;
+            memcpy(table, chain, sizeof(chain));
+            s->head = (uint16_t)i;
+            l->ring.desc[i] = (struct vring_desc){ .addr = meta_gpa + 32, .len = sizeof(chain),
+                                                   .flags = VRING_DESC_F_INDIRECT };
+            s->data_desc = &table[1];
+        } else {
+            s->head = (uint16_t)(3 * i);
+            chain[0].next = (uint16_t)(3 * i + 1);
+            chain[1].next = (uint16_t)(3 * i + 2);
+            memcpy(&l->ring.desc[3 * i], chain, sizeof(chain));
+            s->data_desc = &l->ring.desc[3 * i + 1];
+        }
+        l->head_to_slot[s->head] = (uint16_t)i;
+        l->free_slots[l->nfree++] = (uint16_t)(p->iodepth - 1 - i);
+    }
+}
+
+struct dp_load *dp_load_start(const struct dp_load_params *params, int *err)
+{
+    int rc = check_params(params);
+    if (rc < 0) {
+        *err = rc;
+        return NULL;
+    }
+    struct dp_load *l = calloc(1, sizeof(*l));
+    if (!l) {
+        *err = -ENOMEM;
+        return NULL;
+    }
+    l->p = *params;
+    l->wake_fd = -1;
+    if (!l->p.timeout_ns)
+        l->p.timeout_ns = DEFAULT_TIMEOUT_NS;
+    l->stats.sample_ns = l->p.sample_ns ? l->p.sample_ns : DEFAULT_SAMPLE_NS;
+    l->ring = (struct driver_ring){
+        .num = params->num,
+        .desc = (struct vring_desc *)(uintptr_t)params->desc_host,
+        .avail = (struct vring_avail *)(uintptr_t)params->avail_host,
+        .used = (struct vring_used *)(uintptr_t)params->used_host,
+        .avail_idx = params->avail_idx,
+        .published_idx = params->avail_idx,
+        .last_used_idx = params->last_used_idx,
+        .event_idx = params->event_idx,
+        .kick_fd = params->kick_fd,
+        .call_fd = params->call_fd,
+    };
+    l->nblocks = params->size / params->bs;
+    uint64_t seed = params->seed ^ ((uint64_t)params->queue << 32);
+    l->rng = splitmix64(&seed) | 1;
+    l->slots = calloc(params->iodepth, sizeof(*l->slots));
+    l->free_slots = calloc(params->iodepth, sizeof(*l->free_slots));
+    l->head_to_slot = calloc(params->num, sizeof(*l->head_to_slot));
+    pthread_condattr_t attr;
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_mutex_init(&l->lock, NULL);
+    pthread_cond_init(&l->cond, &attr);
+    pthread_condattr_destroy(&attr);
+    l->joined = 1;   /* nothing to join until the thread exists */
+    if (!l->slots || !l->free_slots || !l->head_to_slot) {
+        rc = -ENOMEM;
+        goto fail;
+    }
+    l->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (l->wake_fd < 0) {
+        rc = -errno;
+        goto fail;
+    }
+    if (params->verify) {
+        /* Requests of an earlier run that ended early never completed. */
+        for (uint64_t b = 0; b < l->nblocks; b++)
+            if (l->p.verify_map[b] & VERIFY_BUSY)
+                l->p.verify_map[b] = DP_VERIFY_UNKNOWN;
+    }
+    setup_slots(l);
+
+    rc = -pthread_create(&l->thread, NULL, load_thread, l);
+    if (rc < 0)
+        goto fail;
+    l->joined = 0;
+    pthread_mutex_lock(&l->lock);
+    while (!l->tid)
+        pthread_cond_wait(&l->cond, &l->lock);
+    pthread_mutex_unlock(&l->lock);
+    return l;
+
+fail:
+    dp_load_free(l);
+    *err = rc;
+    return NULL;
+}
+
+void dp_load_stop(struct dp_load *load)
+{
+    uint64_t one = 1;
+    __atomic_store_n(&load->stop, 1, __ATOMIC_RELAXED);
+    if (load->wake_fd >= 0) {
+        ssize_t rc = write(load->wake_fd, &one, sizeof(one));
+        (void)rc;
+    }
+}
+
+int dp_load_wait(struct dp_load *load, int timeout_ms)
+{
+    struct timespec deadline;
+    clock_gettime(CLOCK_MONOTONIC, &deadline);
+    if (timeout_ms > 0) {
+        deadline.tv_sec += timeout_ms / 1000;
+        deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+        if (deadline.tv_nsec >= 1000000000L) {
+            deadline.tv_sec++;
+            deadline.tv_nsec -= 1000000000L;
+        }
+    }
+    pthread_mutex_lock(&load->lock);
+    while (!load->done) {
+        if (timeout_ms < 0)
+            pthread_cond_wait(&load->cond, &load->lock);
+        else if (timeout_ms == 0 ||
+                 pthread_cond_timedwait(&load->cond, &load->lock, &deadline) == ETIMEDOUT)
+            break;
+    }
+    int done = load->done;
+    pthread_mutex_unlock(&load->lock);
+    return done;
+}
+
+void dp_load_progress(const struct dp_load *load, uint64_t *reads, uint64_t *writes)
+{
+    *reads = __atomic_load_n(&load->stats.dir[DP_DIR_READ].ios, __ATOMIC_RELAXED);
+    *writes = __atomic_load_n(&load->stats.dir[DP_DIR_WRITE].ios, __ATOMIC_RELAXED);
+}
+
+int dp_load_get_stats(const struct dp_load *load, struct dp_load_stats *out)
+{
+    struct dp_load *l = (struct dp_load *)load;
+    pthread_mutex_lock(&l->lock);
+    int done = l->done;
+    pthread_mutex_unlock(&l->lock);
+    if (!done)
+        return -EBUSY;
+    memcpy(out, &l->stats, sizeof(*out));
+    return 0;
+}
+
+int dp_load_thread_id(const struct dp_load *load)
+{
+    return load->tid;
+}
+
+void dp_load_free(struct dp_load *load)
+{
+    if (!load)
+        return;
+    if (!load->joined) {
+        dp_load_stop(load);
+        pthread_join(load->thread, NULL);
+        load->joined = 1;
+    }
+    if (load->wake_fd >= 0)
+        close(load->wake_fd);
+    pthread_cond_destroy(&load->cond);
+    pthread_mutex_destroy(&load->lock);
+    free(load->slots);
+    free(load->free_slots);
+    free(load->head_to_slot);
+    free(load);
+}
