@@ -15,9 +15,11 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "io_engine.h"
+#include "stats.h"
 
 enum { CMD_ATTACH, CMD_DETACH, CMD_SET_CALL, CMD_EXIT };
 
@@ -64,6 +66,13 @@ struct io_uring_sqe *engine_get_sqe(struct dp_engine *engine)
     return sqe;
 }
 
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
 /* ---- requests ---- */
 
 static void release_req(struct dp_vq *vq, struct dp_req *req)
@@ -79,7 +88,8 @@ static void release_req(struct dp_vq *vq, struct dp_req *req)
     }
 }
 
-void req_complete(struct dp_req *req, uint8_t status)
+/* Publish a finished request: status byte, used ring, statistics. */
+static void req_finish(struct dp_req *req, uint8_t status)
 {
     struct dp_vq *vq = req->vq;
     if (status == VIRTIO_BLK_S_OK) {
@@ -93,11 +103,90 @@ void req_complete(struct dp_req *req, uint8_t status)
         req->used_len = 1;
         STAT_ADD(vq, errors, 1);
     }
+    if (req->seq < vq->max_completed_seq)
+        STAT_ADD(vq, out_of_order, 1);
+    else
+        vq->max_completed_seq = req->seq;
+    hist_add(&vq->latency, now_ns() - req->start_ns);
     /* The status byte is ordered before used->idx by the release in vq_push_used. */
     *req->status = status;
     vq_push_used(vq, req->head, req->used_len);
     vq->need_notify = 1;
     release_req(vq, req);
+}
+
+/* xorshift64*: a per-queue stream of uniform numbers for the latency sampler. */
+static double next_uniform(uint64_t *state)
+{
+    uint64_t x = *state;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *state = x;
+    return (double)((x * 0x2545F4914F6CDD1DULL) >> 11) * 0x1.0p-53;
+}
+
+/* Inverse-CDF sampling: linear interpolation between the table's quantiles. */
+static uint64_t sample_latency(uint64_t *state, const struct dp_latency_params *lat)
+{
+    double x = next_uniform(state) * (lat->npoints - 1);
+    unsigned i = (unsigned)x;
+    if (i >= lat->npoints - 1)
+        return lat->quantile_ns[lat->npoints - 1];
+    double lo = (double)lat->quantile_ns[i], hi = (double)lat->quantile_ns[i + 1];
+    return (uint64_t)(lo + (hi - lo) * (x - i));
+}
+
+void dp_latency_sample(const struct dp_latency_params *params, uint64_t seed, uint64_t *out,
+                       unsigned n)
+{
+    uint64_t state = seed ? seed : 1;
+    for (unsigned i = 0; i < n; i++)
+        out[i] = params->npoints ? sample_latency(&state, params) : 0;
+}
+
+/* When an emulated device would complete this request: the sampled latency (after the real
+ * I/O for file disks), no earlier than the queue's share of the IOPS / bandwidth cap allows. */
+static uint64_t emulated_done_ns(struct dp_vq *vq, struct dp_req *req, uint64_t now)
+{
+    const struct dp_latency_params *lat = &vq->disk->latency;
+    uint64_t done = (vq->disk->p.null_disk ? req->start_ns : now) +
+                    (lat->npoints ? sample_latency(&vq->rng, lat) : 0);
+    if (lat->iops || lat->bw) {
+        uint64_t cost = 0;
+        if (lat->iops)
+            cost += 1000000000u / lat->iops;
+        if (lat->bw)
+            cost += (uint64_t)((double)req->nbytes * 1e9 / (double)lat->bw);
+        uint64_t slot = (vq->budget_ns > req->start_ns ? vq->budget_ns : req->start_ns) + cost;
+        vq->budget_ns = slot;
+        if (slot > done)
+            done = slot;
+    }
+    return done;
+}
+
+void req_complete(struct dp_req *req, uint8_t status)
+{
+    struct dp_vq *vq = req->vq;
+    const struct dp_latency_params *lat = &vq->disk->latency;
+    if ((lat->npoints || lat->iops || lat->bw) && !req->delayed) {
+        uint64_t now = now_ns(), done = emulated_done_ns(vq, req, now);
+        if (done > now) {
+            /* Hold the completion back with a timeout on the queue's own ring: no thread,
+             * no spinning, and requests overtake each other as a real device's do. */
+            req->delayed = 1;
+            req->result = status;
+            req->delay_until.tv_sec = (long long)(done / 1000000000u);
+            req->delay_until.tv_nsec = (long long)(done % 1000000000u);
+            struct io_uring_sqe *sqe = engine_get_sqe(vq->engine);
+            io_uring_prep_timeout(sqe, &req->delay_until, 0, IORING_TIMEOUT_ABS);
+            io_uring_sqe_set_data64(sqe, (uintptr_t)req | TAG_DELAY);
+            STAT_ADD(vq, delayed, 1);
+            return;
+        }
+    }
+    req_finish(req, status);
 }
 
 static void count_request(struct dp_vq *vq, uint32_t type)
@@ -121,7 +210,10 @@ static void start_request(struct dp_engine *engine, struct dp_req *req,
     req->head = chain->head;
     req->done = 0;
     req->pending = 0;
+    req->delayed = 0;
     req->result = VIRTIO_BLK_S_OK;
+    req->start_ns = now_ns();
+    req->seq = vq->submit_seq++;
 
     int status = blk_req_parse(req, chain, vq->disk);
     if (status < 0) {
@@ -239,6 +331,26 @@ static int engine_call(struct dp_engine *engine, int op, struct dp_vq *vq, int a
     return cmd.result;
 }
 
+/* After a back-end restart: what the previous process had popped but not completed. */
+static void resubmit_inflight(struct dp_engine *engine, struct dp_vq *vq)
+{
+    for (unsigned i = 0; i < vq->nresubmit; i++) {
+        struct dp_req *req = vq->free_reqs;
+        struct vq_chain chain;
+        if (!req || vq_read_chain(vq, vq->resubmit[i], &chain, req->seg, REQ_MAX_SEGS) < 0) {
+            vq_set_broken(vq);
+            break;
+        }
+        vq->free_reqs = req->next_free;
+        STAT_ADD(vq, inflight, 1);
+        STAT_ADD(vq, resubmitted, 1);
+        start_request(engine, req, &chain);
+        if (vq->broken)
+            break;
+    }
+    vq->nresubmit = 0;
+}
+
 static void attach(struct dp_engine *engine, struct dp_vq *vq)
 {
     vq->used_idx = __atomic_load_n(&vq->used->idx, __ATOMIC_ACQUIRE);
@@ -254,6 +366,7 @@ static void attach(struct dp_engine *engine, struct dp_vq *vq)
         arm_kick(engine, vq);
     else
         engine->npolling++;
+    resubmit_inflight(engine, vq);
 }
 
 static void begin_detach(struct dp_engine *engine, struct dp_vq *vq, struct engine_cmd *cmd)
@@ -329,6 +442,11 @@ static void handle_cqe(struct dp_engine *engine, uint64_t user_data, int res)
     case TAG_RANGE:
         file_complete(engine, user_data, res);
         break;
+    case TAG_DELAY: {
+        struct dp_req *req = ptr;
+        req_finish(req, req->result);   /* -ETIME is the normal end of a timeout */
+        break;
+    }
     case TAG_KICK: {
         struct dp_vq *vq = ptr;
         vq->kick_armed = 0;
@@ -526,6 +644,16 @@ int dp_vq_start(struct dp_vq *vq, struct dp_engine *engine)
     rc = vq_alloc_reqs(vq);
     if (rc)
         return rc;
+    if (vq->inflight_restored) {
+        rc = vq_inflight_recover(vq);
+        if (rc < 0)
+            return rc;
+        vq->inflight_restored = 0;
+        __atomic_store_n(&vq->stats.recovered_out_of_order, vq->recovered_out_of_order,
+                         __ATOMIC_RELAXED);
+    }
+    if (!vq->rng)
+        vq->rng = 0x9E3779B97F4A7C15ULL ^ ((uint64_t)vq->index << 32) ^ (uintptr_t)vq;
     vq->broken = 0;
     __atomic_store_n(&vq->stats.broken, 0, __ATOMIC_RELAXED);
     __atomic_store_n(&vq->stats.inflight, 0, __ATOMIC_RELAXED);
@@ -553,11 +681,39 @@ int dp_vq_set_call_fd(struct dp_vq *vq, int call_fd)
     return 0;
 }
 
+int dp_vq_set_inflight(struct dp_vq *vq, void *region, int restored)
+{
+    if (vq->engine)
+        return -EBUSY;
+    vq->inflight = region;
+    vq->inflight_restored = region && restored;
+    if (region && !restored) {
+        struct inflight_region *r = region;
+        r->version = 1;
+        r->desc_num = (uint16_t)vq->num;
+    }
+    if (region)
+        vq->inflight_counter = 1;
+    return 0;
+}
+
+uint64_t dp_inflight_queue_size(uint16_t queue_size)
+{
+    uint64_t n = sizeof(struct inflight_region) + (uint64_t)queue_size * sizeof(struct inflight_desc);
+    return (n + 63) & ~(uint64_t)63;
+}
+
+void dp_vq_get_latency(const struct dp_vq *vq, struct dp_hist *out)
+{
+    memcpy(out, &vq->latency, sizeof(*out));   /* racy while it runs: fine for monitoring */
+}
+
 void dp_vq_free(struct dp_vq *vq)
 {
     if (!vq)
         return;
     dp_vq_stop(vq);
+    free(vq->resubmit);
     free(vq->reqs);
     free(vq->iov_pool);
     free(vq);

@@ -200,6 +200,17 @@ void dp_disk_free(struct dp_disk *disk)
     free(disk);
 }
 
+int dp_disk_set_latency(struct dp_disk *disk, const struct dp_latency_params *params)
+{
+    if (params->npoints == 1 || params->npoints > DP_LATENCY_POINTS)
+        return -EINVAL;
+    for (unsigned i = 1; i < params->npoints; i++)
+        if (params->quantile_ns[i] < params->quantile_ns[i - 1])
+            return -EINVAL;   /* an inverse CDF never decreases */
+    disk->latency = *params;
+    return 0;
+}
+
 void dp_disk_set_writeback(struct dp_disk *disk, int writeback)
 {
     __atomic_store_n(&disk->writeback, writeback != 0, __ATOMIC_RELAXED);

@@ -3,6 +3,7 @@
 #define DP_VIRTIO_BLK_H
 
 #include <stdint.h>
+#include <linux/time_types.h>
 #include <sys/uio.h>
 
 #include "core.h"
@@ -42,6 +43,7 @@ struct dp_disk {
     struct dp_disk_params p;
     uint64_t capacity_sectors;
     int writeback;   /* read by every queue thread, written by the control plane */
+    struct dp_latency_params latency;
 };
 
 struct dp_req;
@@ -72,6 +74,10 @@ struct dp_req {
     struct iovec bounce_iov;
     void *bounce;             /* aligned copy for O_DIRECT when guest buffers are not */
     uint64_t done;            /* bytes transferred so far (short transfers resubmit) */
+    uint64_t start_ns;        /* popped at (CLOCK_MONOTONIC) */
+    uint64_t seq;             /* submission order within the queue */
+    struct __kernel_timespec delay_until;   /* emulated latency: absolute completion time */
+    int delayed;
     unsigned pending;         /* sub-operations in flight */
     uint8_t result;           /* status to report once pending reaches zero */
     unsigned nranges;

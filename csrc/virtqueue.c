@@ -5,6 +5,7 @@
  * descriptor is copied once before it is looked at, and a chain may not visit more
  * descriptors than its table holds, which is how loops are caught.
  */
+#define _GNU_SOURCE
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -55,21 +56,12 @@ int vq_has_avail(struct dp_vq *vq)
     return !vq->broken && vq_avail_count(vq) > 0;
 }
 
-int vq_pop(struct dp_vq *vq, struct vq_chain *chain, struct iovec *iov, unsigned max_iov)
+int vq_read_chain(struct dp_vq *vq, uint16_t head, struct vq_chain *chain, struct iovec *iov,
+                  unsigned max_iov)
 {
-    if (vq->broken)
-        return -EIO;
-    int avail = vq_avail_count(vq);
-    if (avail <= 0)
-        return avail;
-
-    uint16_t head = __atomic_load_n(&vq->avail->ring[vq->last_avail_idx & (vq->num - 1)],
-                                    __ATOMIC_RELAXED);
-    vq->last_avail_idx++;
-    if (head >= vq->num)
-        goto broken;
-
     *chain = (struct vq_chain){ .head = head };
+    if (head >= vq->num)
+        return -EIO;
     const struct vring_desc *table = vq->desc;
     unsigned table_len = vq->num, i = head, visited = 0;
     int in_indirect = 0, seen_writable = 0;
@@ -77,17 +69,17 @@ int vq_pop(struct dp_vq *vq, struct vq_chain *chain, struct iovec *iov, unsigned
 
     for (;;) {
         if (visited++ >= table_len)
-            goto broken;   /* longer than its table: a loop */
+            return -EIO;   /* longer than its table: a loop */
         struct vring_desc d;
         memcpy(&d, &table[i], sizeof(d));   /* read once: the guest may rewrite it */
 
         if (d.flags & VRING_DESC_F_INDIRECT) {
             if (in_indirect || !(vq->flags & DP_VQ_F_INDIRECT) || (d.flags & VRING_DESC_F_NEXT) ||
                 d.len == 0 || d.len % sizeof(struct vring_desc))
-                goto broken;
+                return -EIO;
             table = dp_mem_gpa_to_host(vq->mem, d.addr, d.len);
             if (!table)
-                goto broken;
+                return -EIO;
             table_len = d.len / sizeof(struct vring_desc);
             i = 0;
             visited = 0;
@@ -117,25 +109,114 @@ int vq_pop(struct dp_vq *vq, struct vq_chain *chain, struct iovec *iov, unsigned
             break;
         i = d.next;
         if (i >= table_len)
-            goto broken;
+            return -EIO;
     }
 
     if ((last.flags & VRING_DESC_F_WRITE) && last.len)
         chain->last_byte = dp_mem_gpa_to_host(vq->mem, last.addr + last.len - 1, 1);
     return 1;
+}
 
-broken:
-    vq_set_broken(vq);
-    return -EIO;
+int vq_pop(struct dp_vq *vq, struct vq_chain *chain, struct iovec *iov, unsigned max_iov)
+{
+    if (vq->broken)
+        return -EIO;
+    int avail = vq_avail_count(vq);
+    if (avail <= 0)
+        return avail;
+
+    uint16_t head = __atomic_load_n(&vq->avail->ring[vq->last_avail_idx & (vq->num - 1)],
+                                    __ATOMIC_RELAXED);
+    vq->last_avail_idx++;
+    if (head >= vq->num) {
+        vq_set_broken(vq);
+        return -EIO;
+    }
+    if (vq->inflight) {
+        /* Spec order: counter, then the inflight flag. */
+        vq->inflight->desc[head].counter = vq->inflight_counter++;
+        inflight_order();
+        vq->inflight->desc[head].inflight = 1;
+    }
+    int rc = vq_read_chain(vq, head, chain, iov, max_iov);
+    if (rc < 0) {
+        if (vq->inflight)
+            vq->inflight->desc[head].inflight = 0;
+        vq_set_broken(vq);
+    }
+    return rc;
+}
+
+/* Order the resubmission by the counter each head got when it was popped. */
+static int cmp_counter(const void *a, const void *b, void *arg)
+{
+    const struct inflight_region *r = arg;
+    uint64_t ca = r->desc[*(const uint16_t *)a].counter, cb = r->desc[*(const uint16_t *)b].counter;
+    return ca < cb ? -1 : ca > cb;
+}
+
+int vq_inflight_recover(struct dp_vq *vq)
+{
+    struct inflight_region *r = vq->inflight;
+    vq->nresubmit = 0;
+    vq->recovered_out_of_order = 0;
+    if (!r)
+        return 0;
+    uint16_t used_idx = __atomic_load_n(&vq->used->idx, __ATOMIC_ACQUIRE);
+    if (r->used_idx != used_idx) {
+        /* Killed between publishing used entries and clearing their inflight flags: the
+         * last batch (a list from last_batch_head) did complete. */
+        uint16_t batch = (uint16_t)(used_idx - r->used_idx), head = r->last_batch_head;
+        for (unsigned n = 0; n < batch && n < vq->num && head < vq->num; n++) {
+            r->desc[head].inflight = 0;
+            head = r->desc[head].next;
+        }
+        r->used_idx = used_idx;
+    }
+    free(vq->resubmit);
+    vq->resubmit = calloc(vq->num, sizeof(uint16_t));
+    if (!vq->resubmit)
+        return -ENOMEM;
+    uint64_t max_counter = 0, max_done_counter = 0;
+    for (unsigned i = 0; i < vq->num; i++) {
+        if (r->desc[i].counter > max_counter)
+            max_counter = r->desc[i].counter;
+        if (r->desc[i].inflight)
+            vq->resubmit[vq->nresubmit++] = (uint16_t)i;
+        else if (r->desc[i].counter > max_done_counter)
+            max_done_counter = r->desc[i].counter;
+    }
+    qsort_r(vq->resubmit, vq->nresubmit, sizeof(uint16_t), cmp_counter, r);
+    /* In flight at the kill although a later request had completed: out of order. */
+    for (unsigned i = 0; i < vq->nresubmit; i++)
+        if (r->desc[vq->resubmit[i]].counter < max_done_counter)
+            vq->recovered_out_of_order++;
+    vq->inflight_counter = max_counter + 1;
+    /* Everything popped is either in the used ring or in flight (libvhost-user's rule);
+     * the front end may have rewound its base to the used index. */
+    vq->last_avail_idx = vq->shadow_avail_idx = (uint16_t)(used_idx + vq->nresubmit);
+    return (int)vq->nresubmit;
 }
 
 void vq_push_used(struct dp_vq *vq, uint16_t head, uint32_t len)
 {
+    struct inflight_region *r = vq->inflight;
+    if (r) {   /* a batch of one: remember it before it becomes visible */
+        r->desc[head].next = r->last_batch_head;
+        r->last_batch_head = head;
+        inflight_order();
+    }
     struct vring_used_elem *e = &vq->used->ring[vq->used_idx & (vq->num - 1)];
     e->id = head;
     e->len = len;
     vq->used_idx++;
     virtio_store_release_u16(&vq->used->idx, vq->used_idx);
+    if (r) {
+        inflight_order();
+        r->desc[head].inflight = 0;
+        inflight_order();
+        r->used_idx = vq->used_idx;
+    }
 }
 
 int vq_need_notify(struct dp_vq *vq)

@@ -59,6 +59,29 @@ struct vq_chain {
     uint8_t *last_byte;   /* last byte of the chain when it is device-writable, else NULL */
 };
 
+/* Inflight tracking region of one split queue (vhost-user spec, "Inflight I/O tracking").
+ * It lives in a memfd the front end keeps across back-end restarts. */
+struct inflight_desc {
+    uint8_t inflight;
+    uint8_t padding[5];
+    uint16_t next;
+    uint64_t counter;
+};
+
+struct inflight_region {
+    uint64_t features;
+    uint16_t version;
+    uint16_t desc_num;
+    uint16_t last_batch_head;
+    uint16_t used_idx;
+    struct inflight_desc desc[];
+};
+
+/* Keep the inflight bookkeeping in program order: only a process kill interrupts it, and
+ * the memory (a shared memfd) outlives the process, so ordering the compiler's stores is
+ * what makes the region consistent at any instruction boundary. */
+#define inflight_order() __atomic_signal_fence(__ATOMIC_SEQ_CST)
+
 struct dp_engine;
 struct dp_req;
 
@@ -97,12 +120,27 @@ struct dp_vq {
     int need_notify;
     uint64_t kick_buf;
 
+    /* inflight tracking (NULL when the front end did not negotiate INFLIGHT_SHMFD) */
+    struct inflight_region *inflight;
+    uint64_t inflight_counter;
+    int inflight_restored;        /* region came from a previous back end: recover at start */
+    uint16_t *resubmit;           /* heads to resubmit at the next start, by counter */
+    unsigned nresubmit;
+    unsigned recovered_out_of_order;
+
+    /* emulated latency (see dp_disk_set_latency): per-queue sampler and throughput budget */
+    uint64_t rng;
+    uint64_t budget_ns;           /* when the queue's share of the iops/bw cap is next free */
+    uint64_t submit_seq;
+    uint64_t max_completed_seq;
+
     struct dp_req *reqs;
     unsigned nreqs;
     struct dp_req *free_reqs;
     struct iovec *iov_pool;
 
     struct dp_vq_stats stats;
+    struct dp_hist latency;       /* pop to completion, ns (engine thread writes) */
 };
 
 /* Pop one chain into iov. Returns 1 when a chain was consumed (check chain->err),
@@ -112,6 +150,11 @@ void vq_push_used(struct dp_vq *vq, uint16_t head, uint32_t len);
 int vq_need_notify(struct dp_vq *vq);
 int vq_enable_notify(struct dp_vq *vq);
 int vq_has_avail(struct dp_vq *vq);
+/* Walk the chain starting at head (the inflight resubmission path). */
+int vq_read_chain(struct dp_vq *vq, uint16_t head, struct vq_chain *chain, struct iovec *iov,
+                  unsigned max_iov);
+/* Reconcile the inflight region with the used ring and list the heads to resubmit. */
+int vq_inflight_recover(struct dp_vq *vq);
 /* Translate the ring addresses through vq->mem (after SET_VRING_ADDR or a new table). */
 int vq_map_rings(struct dp_vq *vq);
 /* Mark the ring broken (NEEDS_RESET) and tell the front end through the error fd. */

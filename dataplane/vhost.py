@@ -17,8 +17,8 @@ import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from . import virtio_blk as vb
 from .core import check, ffi, lib

@@ -80,6 +80,15 @@ def test_socket_in_use_is_exit_2_and_stale_socket_is_replaced(tmp_path):
 def test_sigterm_drains_and_exits_0_with_threads_per_queue(tmp_path, disk_file):
     sock = tmp_path / "s.sock"
     proc = serve("--socket", str(sock), "--disk", str(disk_file), "--queues", "2")
+    try:
+        _sigterm_while_serving(proc, sock, disk_file)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def _sigterm_while_serving(proc: subprocess.Popen, sock: Path, disk_file: Path) -> None:
     wait_socket(sock, proc)
     mode = stat.S_IMODE(os.stat(sock).st_mode)
     assert mode == 0o600, oct(mode)
