@@ -14,10 +14,6 @@ from .errors import ConfigError, DataplaneError
 log = logging.getLogger("dataplane")
 
 
-def default_queues() -> int:
-    return len(os.sched_getaffinity(0))
-
-
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -34,27 +30,51 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def add_disk_options(p: argparse.ArgumentParser, *, disk_required: bool = True) -> None:
-    p.add_argument("--disk", required=disk_required,
-                   help="backing file or block device, or null:SIZE (no I/O, reads return zeroes)")
-    p.add_argument("--read-only", action="store_true", help="advertise RO; writes fail with IOERR")
-    p.add_argument("--cache", choices=["none", "writeback"], default="none",
+def add_disk_options(p: argparse.ArgumentParser) -> None:
+    """Disk flags shared by serve and plan. Defaults are None: "not given", so that a config
+    file's value is not silently overridden (config.merge applies the real defaults)."""
+    p.add_argument("--config", type=Path, default=None,
+                   help="TOML file with any of these options (flags override it)")
+    p.add_argument("--disk", default=None,
+                   help="backing file or block device, or null:SIZE (no I/O, reads return zeroes);"
+                        " append ,latency=DIST[,iops=N][,bw=N] to emulate a device")
+    p.add_argument("--queues", type=_positive_int, default=None,
+                   help="maximum number of virtqueues offered (default: online CPUs)")
+    p.add_argument("--policy", default=None,
+                   help="I/O thread placement: per-queue (default), shared, threads=K")
+    p.add_argument("--vcpu-cpus", default=None,
+                   help="host CPUs that run the guest's vCPUs (kept free of I/O threads), e.g. 0-3")
+
+
+def add_serve_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--socket", type=Path, default=None, help="UNIX socket path to listen on")
+    p.add_argument("--read-only", action=argparse.BooleanOptionalAction, default=None,
+                   help="advertise RO; writes fail with IOERR")
+    p.add_argument("--cache", choices=["none", "writeback"], default=None,
                    help="none: O_DIRECT (default); writeback: through the host page cache")
-    p.add_argument("--serial", default="dataplane", help="serial number (GET_ID), up to 20 bytes")
+    p.add_argument("--serial", default=None, help="serial number (GET_ID), up to 20 bytes")
+    p.add_argument("--socket-mode", default=None, help="socket permissions (default 0600)")
+    p.add_argument("--socket-group", default=None, help="group owning the socket")
+    p.add_argument("--poll-us", default=None,
+                   help="I/O threads spin this many microseconds for work before sleeping (default 0)")
+    p.add_argument("--debug-no-inflight", dest="inflight", action="store_false", default=None,
+                   help=argparse.SUPPRESS)   # turns reconnect safety off, to prove the tests see it
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dataplane", description=__doc__)
-    parser.add_argument("--log-level", default="info",
+    parser.add_argument("--log-level", default=None,
                         choices=["debug", "info", "warning", "error"])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the vhost-user-blk backend in the foreground")
-    serve.add_argument("--socket", required=True, type=Path, help="UNIX socket path to listen on")
     add_disk_options(serve)
-    serve.add_argument("--queues", type=_positive_int, default=default_queues(),
-                       help="maximum number of virtqueues offered (default: online CPUs)")
+    add_serve_options(serve)
+
+    plan = sub.add_parser("plan", help="show where each virtqueue's I/O thread would run, and why")
+    add_disk_options(plan)
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     demo = sub.add_parser("demo", help="serve a default disk and run a QEMU guest against it")
     demo.add_argument("--disk", default=None,
@@ -131,14 +151,49 @@ def add_load_parser(sub: argparse._SubParsersAction) -> None:
     load.add_argument("--output", type=Path, default=None, help="write the report here")
 
 
+def _config(args: argparse.Namespace):
+    from .config import load_config, merge
+
+    file_values = load_config(args.config) if args.config else {}
+    return merge(file_values, vars(args), command=args.command)
+
+
+def make_plan(cfg):
+    """The placement plan for a config: topology from sysfs, the disk's hardware queues."""
+    from .disk import split_disk_options
+    from .topology import BlockDevice, Topology, plan
+
+    topology = Topology.from_sysfs(allowed=os.sched_getaffinity(0))
+    device = BlockDevice.resolve(split_disk_options(cfg.disk)[0])
+    return plan(topology, device, cfg.queues, cfg.policy, cfg.vcpu_cpus)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    p = make_plan(cfg)
+    print(p.to_json() if args.json else p.to_table())
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .disk import open_disk
-    from .vhost import ServerOptions, VhostUserBlkServer, install_signal_handlers
+    from .vhost import EnginePool, ServerOptions, VhostUserBlkServer, install_signal_handlers
 
-    disk = open_disk(args.disk, read_only=args.read_only, cache=args.cache, serial=args.serial)
+    cfg = _config(args)
+    logging.getLogger().setLevel(getattr(logging, (args.log_level or cfg.log_level).upper()))
+    placement = make_plan(cfg)
+    for note in placement.notes:
+        log.info("placement: %s", note)
+    for row in placement.rows:
+        log.info("placement: vq%d -> %s on cpu %s (%s)", row.virtqueue, row.thread_name,
+                 row.host_cpu, row.reason)
+    disk = open_disk(cfg.disk, read_only=cfg.read_only, cache=cfg.cache, serial=cfg.serial)
     try:
-        server = VhostUserBlkServer(disk, ServerOptions(socket_path=args.socket,
-                                                        num_queues=args.queues))
+        server = VhostUserBlkServer(
+            disk,
+            ServerOptions(socket_path=cfg.socket, num_queues=cfg.queues, socket_mode=cfg.socket_mode,
+                          socket_group=cfg.socket_group, inflight=cfg.inflight),
+            EnginePool.from_plan(placement, poll_ns=cfg.poll_us * 1000))
     except BaseException:
         disk.close()
         raise
@@ -195,8 +250,8 @@ def cmd_load(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.log_level)
-    handlers = {"serve": cmd_serve, "demo": cmd_demo, "load": cmd_load}
+    _setup_logging(args.log_level or "info")
+    handlers = {"serve": cmd_serve, "plan": cmd_plan, "demo": cmd_demo, "load": cmd_load}
     try:
         return handlers[args.command](args)
     except DataplaneError as exc:

@@ -43,6 +43,9 @@ class ServeConfig:
     metrics: tuple[str, int] | None = None     # (host, port) of the metrics endpoint; None: off
     log_level: str = "info"
     socket_mode: int = 0o600
+    socket_group: str | None = None            # group owning the socket (with socket_mode)
+    poll_us: int = 0                           # I/O threads spin this long before sleeping
+    inflight: bool = True                      # offer INFLIGHT_SHMFD (off only to debug)
 
 
 # ---- one validator per key: (value, where, from_file) -> typed value, or ConfigError ----
@@ -167,6 +170,18 @@ def _socket_mode(value: Any, where: str, from_file: bool) -> int:
     return mode
 
 
+def _poll_us(value: Any, where: str, from_file: bool) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise _bad(where, "a number of microseconds (0 or more)", value)
+    try:
+        number = int(value)
+    except ValueError:
+        raise _bad(where, "a number of microseconds (0 or more)", value) from None
+    if not 0 <= number <= 1_000_000:
+        raise _bad(where, "a number of microseconds between 0 and 1000000", value)
+    return number
+
+
 VALIDATORS: dict[str, Callable[[Any, str, bool], Any]] = {
     "socket": _socket,
     "disk": _disk,
@@ -179,6 +194,9 @@ VALIDATORS: dict[str, Callable[[Any, str, bool], Any]] = {
     "metrics": _metrics,
     "log_level": _log_level,
     "socket_mode": _socket_mode,
+    "socket_group": lambda v, where, f: _string(v, where),
+    "poll_us": _poll_us,
+    "inflight": _bool,
 }
 _PATH_KEYS = ("socket", "disk")   # relative paths in a file are relative to the file
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .core import ffi, lib
 from .errors import ConfigError
+from .latency import LatencySpec, parse_latency
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,22 @@ class Disk:
     serial: str = "dataplane"
     fd: int = -1
     handle: object = field(default=None, repr=False)
+    latency: LatencySpec | None = None
+
+    def apply_latency(self, num_queues: int) -> None:
+        """Hand the emulated latency to the C core; IOPS/bandwidth caps are split evenly
+        between the queues, so the queues still share nothing on the I/O path."""
+        if self.latency is None:
+            return
+        params = ffi.new("struct dp_latency_params *")
+        table = self.latency.quantiles_ns
+        params.npoints = len(table)
+        for i, value in enumerate(table):
+            params.quantile_ns[i] = value
+        params.iops = -(-self.latency.iops // num_queues) if self.latency.iops else 0
+        params.bw = -(-self.latency.bw // num_queues) if self.latency.bw else 0
+        if lib.dp_disk_set_latency(self.handle, params) < 0:
+            raise ConfigError(f"latency {self.latency.text!r}: rejected by the core")
 
     @property
     def capacity_sectors(self) -> int:
@@ -104,9 +121,45 @@ def _ioctl_int(fd: int, request: int, fmt: str) -> int:
     return struct.unpack(fmt, buf)[0]
 
 
+_DISK_OPTIONS = ("latency", "iops", "bw")
+
+
+def split_disk_options(spec: str) -> tuple[str, LatencySpec | None]:
+    """`null:4G,latency=fixed:80us,iops=50000,bw=1g` -> ('null:4G', LatencySpec).
+    Options start at the first comma followed by a known key."""
+    m = re.search(r",(?=(?:%s)=)" % "|".join(_DISK_OPTIONS), spec)
+    if not m:
+        return spec, None
+    base, opts = spec[: m.start()], spec[m.start() + 1:]
+    # latency values contain commas (lognormal:p50=..,p99=..): split on ",key=" only
+    parts = re.split(r",(?=(?:%s)=)" % "|".join(_DISK_OPTIONS), opts)
+    spec_obj = LatencySpec(text=opts)
+    for part in parts:
+        key, _, value = part.partition("=")
+        if key == "latency":
+            spec_obj.quantiles_ns = parse_latency(value, int(lib.DP_LATENCY_POINTS))
+        elif key == "iops":
+            spec_obj.iops = _positive(value, "iops", parse=int)
+        elif key == "bw":
+            spec_obj.bw = _positive(value, "bw", parse=parse_size)
+    return base, spec_obj
+
+
+def _positive(text: str, key: str, parse) -> int:
+    try:
+        value = parse(text)
+    except (ValueError, ConfigError):
+        raise ConfigError(f"bad {key}={text!r}: expected a positive number") from None
+    if value <= 0:
+        raise ConfigError(f"bad {key}={text!r}: expected a positive number")
+    return value
+
+
 def open_disk(spec: str, *, read_only: bool = False, cache: str = "none",
               serial: str = "dataplane") -> Disk:
-    """Open `PATH` or `null:SIZE` and create the C handle. Raises ConfigError on bad input."""
+    """Open `PATH` or `null:SIZE` (optionally followed by `,latency=...,iops=N,bw=N`) and
+    create the C handle. Raises ConfigError on bad input."""
+    spec, latency = split_disk_options(spec)
     if cache not in ("none", "writeback"):
         raise ConfigError(f"bad --cache {cache!r}: expected none or writeback")
     serial_bytes = serial.encode()
@@ -140,6 +193,9 @@ def open_disk(spec: str, *, read_only: bool = False, cache: str = "none",
     if disk.handle == ffi.NULL:
         disk.close()
         raise ConfigError(f"cannot set up disk {spec!r}")
+    disk.latency = latency
+    if latency is not None:
+        disk.description += f" ({latency.text})"
     return disk
 
 

@@ -26,6 +26,8 @@ from .disk import MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, Disk
 from .errors import ConfigError, DeviceError, ProtocolError
 from .vhost_proto import (
     CONFIG_HEADER,
+    INFLIGHT,
+    INFLIGHT_MIN_SIZE,
     MEMORY_HEADER,
     MEMORY_REGION,
     U64,
@@ -57,6 +59,7 @@ PROTOCOL_FEATURES = (
     (1 << ProtocolFeature.MQ)
     | (1 << ProtocolFeature.REPLY_ACK)
     | (1 << ProtocolFeature.CONFIG)
+    | (1 << ProtocolFeature.INFLIGHT_SHMFD)
 )
 
 
@@ -118,11 +121,12 @@ class EnginePool:
 
     ring_entries: int = 1024
     placement: dict[int, tuple[str, int]] = field(default_factory=dict)
+    poll_ns: int = 0
     engines: dict[str, object] = field(default_factory=dict)
 
     @classmethod
-    def from_plan(cls, plan: Any, ring_entries: int = 1024) -> EnginePool:
-        return cls(ring_entries=ring_entries,
+    def from_plan(cls, plan: Any, ring_entries: int = 1024, poll_ns: int = 0) -> EnginePool:
+        return cls(ring_entries=ring_entries, poll_ns=poll_ns,
                    placement={row.virtqueue: (row.thread_name, row.host_cpu) for row in plan.rows})
 
     def name_for(self, index: int) -> str:
@@ -137,6 +141,7 @@ class EnginePool:
             engine = lib.dp_engine_new(name.encode(), cpu, self.ring_entries * sharing, err)
             if engine == ffi.NULL:
                 check(err[0], f"starting I/O thread {name}")
+            lib.dp_engine_set_poll(engine, self.poll_ns)
             self.engines[name] = engine
         return engine
 
@@ -149,18 +154,41 @@ class EnginePool:
         self.engines.clear()
 
 
+@dataclass
+class InflightBuffer:
+    """The shared inflight-tracking buffer (INFLIGHT_SHMFD), mapped by the C core."""
+
+    addr: object
+    size: int
+    num_queues: int
+    queue_size: int
+
+    def region(self, index: int) -> object | None:
+        if index >= self.num_queues:
+            return None
+        return ffi.cast("char *", self.addr) + index * lib.dp_inflight_queue_size(self.queue_size)
+
+    def close(self) -> None:
+        lib.dp_unmap_shared(self.addr, self.size)
+
+
 class VhostUserBlkDevice:
     """The protocol state of one front-end session; `handle()` processes one message."""
 
-    def __init__(self, disk: Disk, num_queues: int, engines: EnginePool) -> None:
+    def __init__(self, disk: Disk, num_queues: int, engines: EnginePool,
+                 inflight: bool = True) -> None:
         self.disk = disk
         self.num_queues = num_queues
         self.engines = engines
         self.features_offered = device_features(disk)
+        self.protocol_features_offered = PROTOCOL_FEATURES
+        if not inflight:   # a debug switch: reconnects then lose out-of-order requests
+            self.protocol_features_offered &= ~(1 << ProtocolFeature.INFLIGHT_SHMFD)
         self.vrings = [Vring(i, self._new_vq(i)) for i in range(num_queues)]
         self.mem: object | None = None
+        self.inflight: InflightBuffer | None = None
         self._reset_state()
-        self.handlers: dict[int, Callable[[Message], bytes | None]] = {
+        self.handlers: dict[int, Callable[[Message], bytes | Message | None]] = {
             Request.GET_FEATURES: self.get_features,
             Request.SET_FEATURES: self.set_features,
             Request.SET_OWNER: self.set_owner,
@@ -180,6 +208,8 @@ class VhostUserBlkDevice:
             Request.SET_VRING_ENABLE: self.set_vring_enable,
             Request.GET_CONFIG: self.get_config,
             Request.SET_CONFIG: self.set_config,
+            Request.GET_INFLIGHT_FD: self.get_inflight_fd,
+            Request.SET_INFLIGHT_FD: self.set_inflight_fd,
         }
 
     # ---- lifecycle ----
@@ -203,11 +233,19 @@ class VhostUserBlkDevice:
             lib.dp_vq_free(vring.handle)
         self.vrings = []
         self._free_mem()
+        self._free_inflight()
 
     def _free_mem(self) -> None:
         if self.mem is not None:
             lib.dp_mem_free(self.mem)
             self.mem = None
+
+    def _free_inflight(self) -> None:
+        if self.inflight is not None:
+            for vring in self.vrings:
+                lib.dp_vq_set_inflight(vring.handle, ffi.NULL, 0)
+            self.inflight.close()
+            self.inflight = None
 
     def stats(self) -> list[dict[str, int]]:
         out = []
@@ -239,6 +277,8 @@ class VhostUserBlkDevice:
             if msg.request in _REPLY_REQUESTS:
                 return Message(msg.request, VHOST_USER_VERSION | VHOST_USER_REPLY_MASK)
             return self._ack(msg, ok=False)
+        if isinstance(payload, Message):
+            return payload
         if payload is not None:
             return Message(msg.request, VHOST_USER_VERSION | VHOST_USER_REPLY_MASK, payload)
         return self._ack(msg, ok=True)
@@ -298,12 +338,12 @@ class VhostUserBlkDevice:
         log.info("features acked: %s", " ".join(vb.feature_names(features & ~(1 << 30))))
 
     def get_protocol_features(self, msg: Message) -> bytes:
-        return U64.pack(PROTOCOL_FEATURES)
+        return U64.pack(self.protocol_features_offered)
 
     def set_protocol_features(self, msg: Message) -> None:
         self._no_fds(msg)
         (features,) = self._payload(msg, U64)
-        unknown = features & ~PROTOCOL_FEATURES
+        unknown = features & ~self.protocol_features_offered
         if unknown:
             raise MessageError(f"protocol features {unknown:#x} were not offered")
         self.protocol_features = features
@@ -473,6 +513,54 @@ class VhostUserBlkDevice:
         else:
             self._stop(vring)
 
+    # ---- inflight tracking (reconnect without losing requests) ----
+
+    def _inflight_payload(self, msg: Message) -> tuple[int, int, int, int]:
+        if not self.protocol_features & (1 << ProtocolFeature.INFLIGHT_SHMFD):
+            raise MessageError("INFLIGHT_SHMFD was not negotiated")
+        if len(msg.payload) < INFLIGHT_MIN_SIZE:
+            raise MessageError(f"payload of {len(msg.payload)} bytes, expected {INFLIGHT_MIN_SIZE}")
+        size, offset, num_queues, queue_size = struct.unpack_from("<QQHH", msg.payload)
+        if not 0 < num_queues <= self.num_queues:
+            raise MessageError(f"{num_queues} queues (the device has {self.num_queues})")
+        if not 0 < queue_size <= MAX_QUEUE_SIZE or queue_size & (queue_size - 1):
+            raise MessageError(f"queue size {queue_size} is not a power of 2 up to {MAX_QUEUE_SIZE}")
+        return size, offset, num_queues, queue_size
+
+    def get_inflight_fd(self, msg: Message) -> Message:
+        """Allocate a fresh, zeroed buffer; the front end keeps it across our restarts."""
+        self._no_fds(msg)
+        _, _, num_queues, queue_size = self._inflight_payload(msg)
+        per_queue = lib.dp_inflight_queue_size(queue_size)
+        size = per_queue * num_queues
+        fd = os.memfd_create("dataplane-inflight", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            for q in range(num_queues):   # version 1, desc_num (spec's QueueRegionSplit)
+                os.pwrite(fd, struct.pack("<HH", 1, queue_size), q * per_queue + 8)
+        except OSError:
+            os.close(fd)
+            raise
+        log.info("inflight buffer: %d queue(s) of %d descriptors, %d bytes", num_queues,
+                 queue_size, size)
+        return Message(msg.request, VHOST_USER_VERSION | VHOST_USER_REPLY_MASK,
+                       INFLIGHT.pack(size, 0, num_queues, queue_size), [fd])
+
+    def set_inflight_fd(self, msg: Message) -> None:
+        size, offset, num_queues, queue_size = self._inflight_payload(msg)
+        if len(msg.fds) != 1:
+            raise MessageError(f"expected 1 fd, got {len(msg.fds)}")
+        needed = lib.dp_inflight_queue_size(queue_size) * num_queues
+        if size < needed:
+            raise MessageError(f"buffer of {size} bytes, {needed} needed")
+        if any(v.running for v in self.vrings):
+            raise MessageError("queues are running")
+        addr = lib.dp_map_shared(msg.fds[0], size, offset)
+        if addr == ffi.NULL:
+            raise MessageError(f"cannot map the inflight buffer ({size} bytes at {offset})")
+        self._free_inflight()
+        self.inflight = InflightBuffer(addr, size, num_queues, queue_size)
+
     # ---- config space ----
 
     def config_bytes(self) -> bytes:
@@ -538,13 +626,34 @@ class VhostUserBlkDevice:
         check(lib.dp_vq_set_kick_fd(vq, vring.kick_fd), what)
         check(lib.dp_vq_set_call_fd(vq, vring.call_fd), what)
         check(lib.dp_vq_set_err_fd(vq, vring.err_fd), what)
+        self._attach_inflight(vring)
         engine = self.engines.engine_for(vring.index)
         check(lib.dp_vq_start(vq, engine), f"{what}: start")
         vring.running = True
+        stats = self._vq_stats(vring)
+        if stats.resubmitted:
+            log.warning("%s: resubmitted %d request(s) in flight at the previous back end's end"
+                        " (%d of them older than a request that had completed)", what,
+                        stats.resubmitted, stats.recovered_out_of_order)
         if not quiet:
             log.info("%s started: size %d, avail_idx %d, thread %s%s", what, vring.num,
                      lib.dp_vq_last_avail_idx(vq), self.engines.name_for(vring.index),
                      "" if vring.kick_fd >= 0 else ", polling (no kick fd)")
+
+    def _attach_inflight(self, vring: Vring) -> None:
+        region = self.inflight.region(vring.index) if self.inflight is not None else None
+        if region is not None and self.inflight.queue_size != vring.num:
+            log.error("vq%d: inflight buffer is for %d descriptors, the ring has %d: not tracked",
+                      vring.index, self.inflight.queue_size, vring.num)
+            region = None
+        check(lib.dp_vq_set_inflight(vring.handle, region if region is not None else ffi.NULL, 1),
+              f"vq{vring.index}: inflight")
+
+    @staticmethod
+    def _vq_stats(vring: Vring) -> object:
+        s = ffi.new("struct dp_vq_stats *")
+        lib.dp_vq_get_stats(vring.handle, s)
+        return s
 
     def _stop(self, vring: Vring, quiet: bool = False) -> None:
         if not vring.running:
@@ -552,8 +661,7 @@ class VhostUserBlkDevice:
         idx = check(lib.dp_vq_stop(vring.handle), f"vq{vring.index}: stop")
         vring.running = False
         if not quiet:
-            s = ffi.new("struct dp_vq_stats *")
-            lib.dp_vq_get_stats(vring.handle, s)
+            s = self._vq_stats(vring)
             log.info("vq%d stopped at avail_idx %d: %d requests (%d reads, %d writes, %d flushes,"
                      " %d discards, %d write-zeroes), %d errors%s", vring.index, idx, s.requests,
                      s.reads, s.writes, s.flushes, s.discards, s.write_zeroes, s.errors,
@@ -573,6 +681,17 @@ class ServerOptions:
     socket_path: Path
     num_queues: int
     socket_mode: int = 0o600
+    socket_group: str | None = None
+    inflight: bool = True
+
+
+def _group_id(group: str) -> int:
+    import grp
+
+    try:
+        return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"socket group {group!r} does not exist") from None
 
 
 def prepare_socket_path(path: Path) -> None:
@@ -607,22 +726,33 @@ class VhostUserBlkServer:
         self.conn: socket.socket | None = None
         self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopping = False
+        disk.apply_latency(options.num_queues)
         self.listener = self._listen()
 
     def _listen(self) -> socket.socket:
         path = self.options.socket_path
         prepare_socket_path(path)
+        # Bind under a temporary name and rename once listening, so that the socket path
+        # appears only when connections are accepted.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o777 & ~self.options.socket_mode)
         try:
-            sock.bind(str(path))
-        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            sock.bind(str(tmp))
+            os.chmod(tmp, self.options.socket_mode)
+            if self.options.socket_group is not None:
+                os.chown(tmp, -1, _group_id(self.options.socket_group))
+            sock.listen(4)
+            os.rename(tmp, path)
+        except (OSError, ConfigError) as exc:
             sock.close()
+            tmp.unlink(missing_ok=True)
+            if isinstance(exc, ConfigError):
+                raise
             raise ConfigError(f"cannot listen on {path}: {exc.strerror}") from None
         finally:
             os.umask(old_umask)
-        os.chmod(path, self.options.socket_mode)
-        sock.listen(4)
         sock.setblocking(False)
         return sock
 
@@ -642,7 +772,10 @@ class VhostUserBlkServer:
                  self.disk.description, self.options.num_queues)
         try:
             while not self._stopping:
-                for key, _ in sel.select():
+                # The attached front end first: its EOF must free the slot before a new
+                # connection that arrived in the same round is judged a second front end.
+                events = sorted(sel.select(), key=lambda ev: ev[0].data != "conn")
+                for key, _ in events:
                     if key.data == "listen":
                         self._accept(sel)
                     elif key.data == "conn":
@@ -659,15 +792,28 @@ class VhostUserBlkServer:
             conn, _ = self.listener.accept()
         except BlockingIOError:
             return
+        if self.conn is not None and self._peer_gone(self.conn):
+            self._disconnect(sel, "front end disconnected")
         if self.conn is not None:
             log.warning("refused a second front end: one is already connected")
             conn.close()
             return
         conn.setblocking(True)
         self.conn = conn
-        self.device = VhostUserBlkDevice(self.disk, self.options.num_queues, self.engines)
+        self.device = VhostUserBlkDevice(self.disk, self.options.num_queues, self.engines,
+                                         inflight=self.options.inflight)
         sel.register(conn, selectors.EVENT_READ, "conn")
         log.info("front end connected")
+
+    @staticmethod
+    def _peer_gone(conn: socket.socket) -> bool:
+        """True when the attached front end has hung up (EOF waiting, nothing else)."""
+        try:
+            return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
 
     def _on_message(self, sel: selectors.BaseSelector) -> None:
         assert self.conn is not None and self.device is not None
@@ -691,6 +837,8 @@ class VhostUserBlkServer:
                 send_message(self.conn, reply)
             except OSError as exc:
                 self._disconnect(sel, f"socket error: {exc.strerror}")
+            finally:
+                close_fds(reply.fds)   # the peer has its own copies now
 
     def _disconnect(self, sel: selectors.BaseSelector, why: str) -> None:
         if self.conn is None:

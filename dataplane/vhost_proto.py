@@ -110,6 +110,8 @@ VRING_ADDR = struct.Struct("<IIQQQQ")      # index, flags, desc, used, avail, lo
 MEMORY_HEADER = struct.Struct("<II")       # nregions, padding
 MEMORY_REGION = struct.Struct("<QQQQ")     # guest_phys_addr, memory_size, userspace_addr, mmap_offset
 CONFIG_HEADER = struct.Struct("<III")      # offset, size, flags
+INFLIGHT = struct.Struct("<QQHH4x")        # mmap_size, mmap_offset, num_queues, queue_size
+INFLIGHT_MIN_SIZE = 20                     # the struct without its tail padding
 
 
 class Message:
