@@ -181,14 +181,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     logging.getLogger().setLevel(getattr(logging, (args.log_level or cfg.log_level).upper()))
-    placement = make_plan(cfg)
-    for note in placement.notes:
-        log.info("placement: %s", note)
-    for row in placement.rows:
-        log.info("placement: vq%d -> %s on cpu %s (%s)", row.virtqueue, row.thread_name,
-                 row.host_cpu, row.reason)
     disk = open_disk(cfg.disk, read_only=cfg.read_only, cache=cfg.cache, serial=cfg.serial)
     try:
+        placement = make_plan(cfg)
         server = VhostUserBlkServer(
             disk,
             ServerOptions(socket_path=cfg.socket, num_queues=cfg.queues, socket_mode=cfg.socket_mode,
@@ -197,6 +192,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except BaseException:
         disk.close()
         raise
+    for note in placement.notes:
+        log.info("placement: %s", note)
+    for row in placement.rows:
+        log.info("placement: vq%d -> %s on cpu %s (%s)", row.virtqueue, row.thread_name,
+                 row.host_cpu, row.reason)
     install_signal_handlers(server)
     try:
         server.serve_forever()

@@ -127,12 +127,13 @@ _DISK_OPTIONS = ("latency", "iops", "bw")
 def split_disk_options(spec: str) -> tuple[str, LatencySpec | None]:
     """`null:4G,latency=fixed:80us,iops=50000,bw=1g` -> ('null:4G', LatencySpec).
     Options start at the first comma followed by a known key."""
-    m = re.search(r",(?=(?:%s)=)" % "|".join(_DISK_OPTIONS), spec)
+    option_start = r",(?=(?:{})=)".format("|".join(_DISK_OPTIONS))
+    m = re.search(option_start, spec)
     if not m:
         return spec, None
     base, opts = spec[: m.start()], spec[m.start() + 1:]
     # latency values contain commas (lognormal:p50=..,p99=..): split on ",key=" only
-    parts = re.split(r",(?=(?:%s)=)" % "|".join(_DISK_OPTIONS), opts)
+    parts = re.split(option_start, opts)
     spec_obj = LatencySpec(text=opts)
     for part in parts:
         key, _, value = part.partition("=")
