@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -14,10 +16,29 @@ from .errors import ConfigError, DataplaneError
 log = logging.getLogger("dataplane")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg (and exc when there is one)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+
+        entry = {"ts": round(record.created, 6), "level": record.levelname.lower(),
+                 "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                               datefmt="%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper()))
 
 
 def _positive_int(text: str) -> int:
@@ -57,6 +78,8 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--socket-group", default=None, help="group owning the socket")
     p.add_argument("--poll-us", default=None,
                    help="I/O threads spin this many microseconds for work before sleeping (default 0)")
+    p.add_argument("--metrics", default=None,
+                   help="serve Prometheus metrics on [HOST:]PORT (HOST defaults to 127.0.0.1)")
     p.add_argument("--debug-no-inflight", dest="inflight", action="store_false", default=None,
                    help=argparse.SUPPRESS)   # turns reconnect safety off, to prove the tests see it
 
@@ -65,12 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dataplane", description=__doc__)
     parser.add_argument("--log-level", default=None,
                         choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", choices=["text", "json"], default="text",
+                        help="json: one JSON object per log line (structured logs)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the vhost-user-blk backend in the foreground")
     add_disk_options(serve)
     add_serve_options(serve)
+
+    stats = sub.add_parser("stats", help="per-queue statistics of a running `dataplane serve`")
+    stats.add_argument("--socket", type=Path, required=True, help="the backend's vhost-user socket")
+    stats.add_argument("--json", action="store_true", help="print the JSON snapshot")
 
     plan = sub.add_parser("plan", help="show where each virtqueue's I/O thread would run, and why")
     add_disk_options(plan)
@@ -175,6 +204,32 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    from .metrics import fetch_stats, format_table
+
+    snap = fetch_stats(str(args.socket))
+    print(json.dumps(snap, indent=2) if args.json else format_table(snap))
+    return 0
+
+
+def _install_sighup(args: argparse.Namespace) -> None:
+    """SIGHUP re-reads the log level (from --config when given, else the command line's)."""
+
+    def on_sighup(_signum: int, _frame: object) -> None:
+        level = args.log_level
+        if args.config:
+            try:
+                level = _config(args).log_level if args.log_level is None else args.log_level
+            except DataplaneError as exc:
+                log.error("SIGHUP: keeping the log level: %s", exc)
+                return
+        level = level or "info"
+        logging.getLogger().setLevel(getattr(logging, level.upper()))
+        log.warning("SIGHUP: log level is now %s", level)
+
+    signal.signal(signal.SIGHUP, on_sighup)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .disk import open_disk
     from .vhost import EnginePool, ServerOptions, VhostUserBlkServer, install_signal_handlers
@@ -187,7 +242,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server = VhostUserBlkServer(
             disk,
             ServerOptions(socket_path=cfg.socket, num_queues=cfg.queues, socket_mode=cfg.socket_mode,
-                          socket_group=cfg.socket_group, inflight=cfg.inflight),
+                          socket_group=cfg.socket_group, inflight=cfg.inflight, metrics=cfg.metrics),
             EnginePool.from_plan(placement, poll_ns=cfg.poll_us * 1000))
     except BaseException:
         disk.close()
@@ -198,6 +253,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.info("placement: vq%d -> %s on cpu %s (%s)", row.virtqueue, row.thread_name,
                  row.host_cpu, row.reason)
     install_signal_handlers(server)
+    _install_sighup(args)
     try:
         server.serve_forever()
     finally:
@@ -250,8 +306,9 @@ def cmd_load(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.log_level or "info")
-    handlers = {"serve": cmd_serve, "plan": cmd_plan, "demo": cmd_demo, "load": cmd_load}
+    _setup_logging(args.log_level or "info", args.log_format)
+    handlers = {"serve": cmd_serve, "plan": cmd_plan, "stats": cmd_stats, "demo": cmd_demo,
+                "load": cmd_load}
     try:
         return handlers[args.command](args)
     except DataplaneError as exc:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import metrics
 from . import virtio_blk as vb
 from .core import check, ffi, lib
 from .disk import MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, Disk
@@ -224,6 +225,11 @@ class VhostUserBlkDevice:
         self.features = 0
         self.protocol_features = 0
         self.owner = False
+
+    def stop_all(self) -> None:
+        """Stop every queue, draining in-flight requests."""
+        for vring in self.vrings:
+            self._stop(vring)
 
     def close(self) -> None:
         """Stop every queue (draining in-flight requests) and release memory and fds."""
@@ -683,6 +689,7 @@ class ServerOptions:
     socket_mode: int = 0o600
     socket_group: str | None = None
     inflight: bool = True
+    metrics: tuple[str, int] | None = None   # Prometheus endpoint (host, port); None: off
 
 
 def _group_id(group: str) -> int:
@@ -727,7 +734,21 @@ class VhostUserBlkServer:
         self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopping = False
         disk.apply_latency(options.num_queues)
+        self.collector = metrics.StatsCollector(
+            options.num_queues,
+            {i: (self.engines.name_for(i), self.engines.placement.get(i, ("", -1))[1])
+             for i in range(options.num_queues)},
+            disk.latency)
         self.listener = self._listen()
+        self.stats_listener: socket.socket | None = None
+        self.metrics_listener: socket.socket | None = None
+        try:
+            self.stats_listener = self._listen_stats()
+            if options.metrics is not None:
+                self.metrics_listener = self._listen_metrics(options.metrics)
+        except BaseException:
+            self.close()
+            raise
 
     def _listen(self) -> socket.socket:
         path = self.options.socket_path
@@ -756,6 +777,49 @@ class VhostUserBlkServer:
         sock.setblocking(False)
         return sock
 
+    def _listen_stats(self) -> socket.socket:
+        path = Path(metrics.stats_socket_path(self.options.socket_path))
+        path.unlink(missing_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o777 & ~self.options.socket_mode)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old_umask)
+        sock.listen(8)
+        sock.setblocking(False)
+        return sock
+
+    def _listen_metrics(self, address: tuple[str, int]) -> socket.socket:
+        host, port = address
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(f"--metrics {host}:{port}: {exc.strerror}") from None
+        sock.listen(8)
+        sock.setblocking(False)
+        log.info("metrics on http://%s:%d/metrics", host, sock.getsockname()[1])
+        return sock
+
+    def snapshot(self) -> dict:
+        live = self.device.vrings if self.device is not None else []
+        return self.collector.snapshot(live, self.engines.thread_ids())
+
+    def _render(self, kind: str) -> str:
+        snap = self.snapshot()
+        return metrics.to_prometheus(snap) if kind == "prometheus" else metrics.to_json(snap)
+
+    def _serve_stats(self, listener: socket.socket, http: bool) -> None:
+        try:
+            conn, _ = listener.accept()
+        except BlockingIOError:
+            return
+        metrics.serve_one(conn, self._render, http)
+
     def stop(self) -> None:
         """Ask serve_forever to return (safe from signal handlers and other threads)."""
         self._stopping = True
@@ -768,6 +832,10 @@ class VhostUserBlkServer:
         sel = selectors.DefaultSelector()
         sel.register(self.listener, selectors.EVENT_READ, "listen")
         sel.register(self._stop_r, selectors.EVENT_READ, "stop")
+        if self.stats_listener is not None:
+            sel.register(self.stats_listener, selectors.EVENT_READ, "stats")
+        if self.metrics_listener is not None:
+            sel.register(self.metrics_listener, selectors.EVENT_READ, "metrics")
         log.info("listening on %s (%s, %d queue(s))", self.options.socket_path,
                  self.disk.description, self.options.num_queues)
         try:
@@ -780,6 +848,8 @@ class VhostUserBlkServer:
                         self._accept(sel)
                     elif key.data == "conn":
                         self._on_message(sel)
+                    elif key.data in ("stats", "metrics"):
+                        self._serve_stats(key.fileobj, http=key.data == "metrics")
                     if self._stopping:
                         break
         finally:
@@ -847,16 +917,22 @@ class VhostUserBlkServer:
         self.conn.close()
         self.conn = None
         if self.device is not None:
+            self.device.stop_all()
+            self.collector.retire(self.device.vrings)
             self.device.close()
             self.device = None
         log.info("%s", why)
 
     def close(self) -> None:
         self.listener.close()
-        try:
-            self.options.socket_path.unlink()
-        except FileNotFoundError:
-            pass
+        self.options.socket_path.unlink(missing_ok=True)
+        if self.stats_listener is not None:
+            self.stats_listener.close()
+            Path(metrics.stats_socket_path(self.options.socket_path)).unlink(missing_ok=True)
+            self.stats_listener = None
+        if self.metrics_listener is not None:
+            self.metrics_listener.close()
+            self.metrics_listener = None
         self.engines.close()
         os.close(self._stop_r)
         os.close(self._stop_w)

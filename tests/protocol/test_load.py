@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import struct
+import socket
 import subprocess
 import sys
 import threading
@@ -70,12 +71,20 @@ def start_qsd(tmp_path):
              f"writable=on,num-queues={queues}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         procs.append(proc)
+        # qsd creates the socket file before it listens: wait until a connection succeeds.
         deadline = time.monotonic() + 10
-        while not sock.exists():
+        while True:
             if proc.poll() is not None:
                 pytest.fail(f"qemu-storage-daemon exited: {proc.stderr.read().decode()}")
-            assert time.monotonic() < deadline, "qemu-storage-daemon did not create its socket"
-            time.sleep(0.01)
+            assert time.monotonic() < deadline, "qemu-storage-daemon never accepted a connection"
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(sock))
+                break
+            except OSError:
+                time.sleep(0.01)
+            finally:
+                probe.close()
         return Target(f"qsd-{disk}", str(sock), image)
 
     yield start
