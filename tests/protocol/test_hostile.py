@@ -1,0 +1,218 @@
+"""A hostile guest, through the frontend's raw ring access: every chain below is written
+by hand into the descriptor table of queue 0 while queue 1 keeps doing real I/O.
+
+Each case gets the virtio spec's answer: IOERR in the status byte when the chain is
+well-formed but its request is bad, or a broken ring (the vhost-user form of NEEDS_RESET:
+the queue stops and its error eventfd fires) when the ring itself cannot be trusted.
+The table in docs/hostile.md lists each case with the answer observed; keep them in step.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import struct
+
+import pytest
+
+from dataplane import virtio_blk as vb
+from dataplane.frontend import OUTHDR, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, Device
+from dataplane.vhost_proto import Request
+
+R, W = 0, VRING_DESC_F_WRITE
+MiB = 1 << 20
+
+
+@pytest.fixture
+def dev(start_backend, disk_file):
+    backend = start_backend(str(disk_file), queues=2)
+    device = Device.connect(backend.socket, queues=2)
+    device.backend = backend
+    device.err_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    device.client.set_u64(Request.SET_VRING_ERR, 0, [device.err_fd])
+    yield device
+    os.close(device.err_fd)
+    device.client.close()   # no GET_VRING_BASE on a broken ring: just leave
+    for ring in device.rings:
+        ring.close()
+    device.mem.close()
+
+
+def header(dev: Device, type_: int, sector: int) -> int:
+    gpa = dev.mem.alloc(16, 16)
+    dev.mem.write(gpa, OUTHDR.pack(type_, 0, sector))
+    return gpa
+
+
+def status_buf(dev: Device) -> int:
+    gpa = dev.mem.alloc(1, 1)
+    dev.mem.write(gpa, b"\xee")
+    return gpa
+
+
+def raw(dev: Device, descs: list[tuple[int, int, int, int]], head: int = 0) -> None:
+    """Write descriptors (addr, len, flags, next) at indices 0.. of queue 0 and publish head."""
+    ring = dev.rings[0]
+    for i, d in enumerate(descs):
+        ring.write_desc(i, *d)
+    ring.free_desc = [i for i in ring.free_desc if i >= len(descs)]
+    ring.chains[head] = []
+    ring.publish(head)
+    ring.kick()
+
+
+def answer(dev: Device, status_gpa: int, timeout: float = 5) -> int:
+    used = dev.rings[0].wait_used(timeout)
+    assert used, "no completion"
+    return dev.mem.read(status_gpa, 1)[0]
+
+
+def ring_broke(dev: Device, timeout: float = 5) -> bool:
+    r, _, _ = select.select([dev.err_fd], [], [], timeout)
+    return bool(r)
+
+
+def other_queue_still_serves(dev: Device) -> None:
+    data = bytes(range(256)) * 16
+    dev.write(8 * MiB, data, queue=1)
+    assert dev.read(8 * MiB, len(data), queue=1) == data
+
+
+def test_buffer_outside_every_region_is_ioerr(dev):
+    st = status_buf(dev)
+    raw(dev, [(header(dev, vb.ReqType.IN, 0), 16, R | VRING_DESC_F_NEXT, 1),
+              (dev.mem.size + 4096, 4096, W | VRING_DESC_F_NEXT, 2),
+              (st, 1, W, 0)])
+    assert answer(dev, st) == vb.Status.IOERR
+    other_queue_still_serves(dev)
+    assert dev.read(0, 512) == bytes(512)   # and queue 0 itself goes on
+
+
+def test_address_plus_length_overflow_is_ioerr(dev):
+    st = status_buf(dev)
+    raw(dev, [(header(dev, vb.ReqType.IN, 0), 16, R | VRING_DESC_F_NEXT, 1),
+              (2**64 - 2048, 4096, W | VRING_DESC_F_NEXT, 2), (st, 1, W, 0)])
+    assert answer(dev, st) == vb.Status.IOERR
+    other_queue_still_serves(dev)
+
+
+def test_header_in_a_device_writable_buffer_is_ioerr(dev):
+    st = status_buf(dev)
+    raw(dev, [(header(dev, vb.ReqType.IN, 0), 16, W | VRING_DESC_F_NEXT, 1),
+              (dev.mem.alloc(512, 512), 512, W | VRING_DESC_F_NEXT, 2), (st, 1, W, 0)])
+    assert answer(dev, st) == vb.Status.IOERR
+
+
+def test_sector_beyond_capacity_is_ioerr(dev):
+    st = status_buf(dev)
+    raw(dev, [(header(dev, vb.ReqType.IN, dev.capacity // 512), 16, R | VRING_DESC_F_NEXT, 1),
+              (dev.mem.alloc(512, 512), 512, W | VRING_DESC_F_NEXT, 2), (st, 1, W, 0)])
+    assert answer(dev, st) == vb.Status.IOERR
+
+
+def test_data_not_a_multiple_of_512_is_ioerr(dev):
+    st = status_buf(dev)
+    raw(dev, [(header(dev, vb.ReqType.OUT, 0), 16, R | VRING_DESC_F_NEXT, 1),
+              (dev.mem.alloc(700, 512), 700, R | VRING_DESC_F_NEXT, 2), (st, 1, W, 0)])
+    assert answer(dev, st) == vb.Status.IOERR
+
+
+def test_zero_length_and_misaligned_buffers_still_move_the_right_bytes(dev):
+    """O_DIRECT cannot take a buffer at an odd address: the backend bounces it."""
+    payload = bytes(range(256)) * 4
+    buf = dev.mem.alloc(2048, 4096) + 3        # misaligned on purpose
+    dev.mem.write(buf, payload)
+    st = status_buf(dev)
+    raw(dev, [(header(dev, vb.ReqType.OUT, 64), 16, R | VRING_DESC_F_NEXT, 1),
+              (buf, 0, R | VRING_DESC_F_NEXT, 2),          # zero-length: skipped
+              (buf, 1024, R | VRING_DESC_F_NEXT, 3), (st, 1, W, 0)])
+    assert answer(dev, st) == vb.Status.OK
+    assert dev.read(64 * 512, 1024, queue=1) == payload
+    stats = dev.backend.device.stats()[0]
+    assert stats["bounced"] >= 1
+
+
+def test_status_byte_read_only_breaks_the_ring(dev):
+    raw(dev, [(header(dev, vb.ReqType.IN, 0), 16, R | VRING_DESC_F_NEXT, 1),
+              (status_buf(dev), 1, R, 0)])
+    assert ring_broke(dev)
+    other_queue_still_serves(dev)
+
+
+def test_status_byte_missing_breaks_the_ring(dev):
+    raw(dev, [(header(dev, vb.ReqType.FLUSH, 0), 16, R, 0)])
+    assert ring_broke(dev)
+    other_queue_still_serves(dev)
+
+
+def test_descriptor_loop_breaks_the_ring(dev):
+    h = header(dev, vb.ReqType.IN, 0)
+    raw(dev, [(h, 16, R | VRING_DESC_F_NEXT, 1), (h, 16, R | VRING_DESC_F_NEXT, 0)])
+    assert ring_broke(dev)
+    other_queue_still_serves(dev)
+
+
+def test_chain_longer_than_the_queue_breaks_the_ring(dev):
+    h = header(dev, vb.ReqType.IN, 0)
+    n = dev.rings[0].num
+    raw(dev, [(h, 16, R | VRING_DESC_F_NEXT, (i + 1) % n) for i in range(n)])
+    assert ring_broke(dev)
+    other_queue_still_serves(dev)
+
+
+def test_indirect_table_inside_indirect_breaks_the_ring(dev):
+    inner = dev.mem.alloc(16, 16)
+    dev.mem.write(inner, struct.pack("<QIHH", status_buf(dev), 1, W, 0))
+    outer = dev.mem.alloc(16, 16)
+    dev.mem.write(outer, struct.pack("<QIHH", inner, 16, VRING_DESC_F_INDIRECT, 0))
+    raw(dev, [(outer, 16, VRING_DESC_F_INDIRECT, 0)])
+    assert ring_broke(dev)
+    other_queue_still_serves(dev)
+
+
+def test_indirect_descriptor_with_next_breaks_the_ring(dev):
+    table = dev.mem.alloc(16, 16)
+    dev.mem.write(table, struct.pack("<QIHH", status_buf(dev), 1, W, 0))
+    raw(dev, [(table, 16, VRING_DESC_F_INDIRECT | VRING_DESC_F_NEXT, 1), (status_buf(dev), 1, W, 0)])
+    assert ring_broke(dev)
+    other_queue_still_serves(dev)
+
+
+def test_avail_index_jumping_by_more_than_the_queue_size_breaks_the_ring(dev):
+    ring = dev.rings[0]
+    ring.set_avail_idx(ring.avail_idx + ring.num + 1)
+    ring.kick()
+    assert ring_broke(dev)
+    other_queue_still_serves(dev)
+
+
+def test_head_index_out_of_range_breaks_the_ring(dev):
+    ring = dev.rings[0]
+    ring.publish(ring.num + 5)
+    ring.kick()
+    assert ring_broke(dev)
+    other_queue_still_serves(dev)
+
+
+def test_next_index_out_of_range_breaks_the_ring(dev):
+    raw(dev, [(header(dev, vb.ReqType.IN, 0), 16, R | VRING_DESC_F_NEXT, 4000)])
+    assert ring_broke(dev)
+    other_queue_still_serves(dev)
+
+
+def test_a_broken_ring_is_served_again_after_the_front_end_resets_it(dev):
+    raw(dev, [(header(dev, vb.ReqType.FLUSH, 0), 16, R, 0)])
+    assert ring_broke(dev)
+    ring = dev.rings[0]
+    # What a driver does after NEEDS_RESET: stop the ring, rebuild it, start again.
+    dev.client.get_vring_base(0)
+    ring.mem.write(ring.avail, bytes(6 + 2 * ring.num))
+    ring.mem.write(ring.used, bytes(6 + 8 * ring.num))
+    ring.avail_idx = ring.last_used_idx = 0
+    ring.free_desc, ring.chains = list(range(ring.num)), {}
+    dev.client.call(Request.SET_VRING_BASE, struct.pack("<II", 0, 0))
+    dev.client.set_u64(Request.SET_VRING_KICK, 0, [ring.kick_fd])
+    assert dev.read(0, 4096) == bytes(4096)
+
+
+
