@@ -81,3 +81,13 @@ def disk_file(tmp_path: Path) -> Path:
     with open(path, "wb") as f:
         f.truncate(64 << 20)
     return path
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """CI's log shows how much fuzzing ran and whether the C core was sanitized."""
+    fuzz = sys.modules.get("tests.fuzz.test_vhost_fuzz") or sys.modules.get("test_vhost_fuzz")
+    line = fuzz.campaign_summary() if fuzz is not None else None
+    if line:
+        terminalreporter.write_line(line)
+    if os.environ.get("DATAPLANE_SANITIZE") not in (None, "", "0"):
+        terminalreporter.write_line("C core built with AddressSanitizer + UndefinedBehaviorSanitizer")

@@ -164,8 +164,15 @@ def fuzz_disk():
     disk = open_disk("null:16M")
     yield disk
     disk.close()
-    print(f"\nfuzz campaign: {CASES['in_process']} in-process message streams, "
-          f"{CASES['socket']} socket byte streams, {CASES['kicks']} kicks on garbage rings")
+
+
+def campaign_summary() -> str | None:
+    """One line for the test run's summary (tests/conftest.py prints it)."""
+    if not CASES["in_process"] and not CASES["socket"]:
+        return None
+    return (f"fuzz campaign: {CASES['in_process']} in-process message streams, {CASES['socket']} "
+            f"socket byte streams, {CASES['kicks']} kicks on garbage rings "
+            f"(DATAPLANE_FUZZ_EXAMPLES={EXAMPLES})")
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
