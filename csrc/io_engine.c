@@ -397,8 +397,11 @@ static void finish_detaches(struct dp_engine *engine)
             engine->npolling--;
         if (vq->need_notify)
             notify(vq);
-        cmd_done(engine, vq->detach_cmd, vq->last_avail_idx);
+        /* Last touch of vq: once acknowledged, the control plane may free it. */
+        struct engine_cmd *cmd = vq->detach_cmd;
+        int last_avail_idx = vq->last_avail_idx;
         vq->detach_cmd = NULL;
+        cmd_done(engine, cmd, last_avail_idx);
     }
 }
 
