@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--runtime", type=_positive_int, default=5, help="fio seconds per job")
 
     add_load_parser(sub)
+    from .replay.cli import add_trace_commands
+
+    add_trace_commands(sub)
     return parser
 
 
@@ -202,6 +205,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     p = make_plan(cfg)
     print(p.to_json() if args.json else p.to_table())
     return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from .replay import cli as trace_cli
+
+    return trace_cli.run(args)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -308,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args.log_level or "info", args.log_format)
     handlers = {"serve": cmd_serve, "plan": cmd_plan, "stats": cmd_stats, "demo": cmd_demo,
-                "load": cmd_load}
+                "load": cmd_load, "trace": cmd_trace}
     try:
         return handlers[args.command](args)
     except DataplaneError as exc:

@@ -11,8 +11,8 @@ import errno
 import json
 import os
 import shutil
-import struct
 import socket
+import struct
 import subprocess
 import sys
 import threading
