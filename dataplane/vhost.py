@@ -764,7 +764,7 @@ class VhostUserBlkServer:
             os.chmod(tmp, self.options.socket_mode)
             if self.options.socket_group is not None:
                 os.chown(tmp, -1, _group_id(self.options.socket_group))
-            sock.listen(4)
+            sock.listen(16)
             os.rename(tmp, path)
         except (OSError, ConfigError) as exc:
             sock.close()

@@ -17,6 +17,7 @@ import os
 import random
 import socket
 import struct
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -210,7 +211,12 @@ def test_random_byte_streams_on_the_socket(socket_backend, chunks, header):
     CASES["socket"] += 1
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(2)
-    sock.connect(socket_backend.socket)
+    for _ in range(200):   # a full listen backlog answers EAGAIN: wait for the server to catch up
+        try:
+            sock.connect(socket_backend.socket)
+            break
+        except BlockingIOError:
+            time.sleep(0.01)
     try:
         sock.sendall(struct.pack("<III", *header))
         for chunk in chunks:
