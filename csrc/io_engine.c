@@ -38,6 +38,9 @@ struct dp_engine {
     unsigned npolling;            /* attached queues without a kick fd */
     int exiting;
     uint64_t poll_ns;             /* spin this long before sleeping (0: never) */
+    uint64_t timer_late_ns;       /* wake-up lateness of emulated-latency timeouts (median) */
+    uint64_t slept_ns;            /* this round's wait began then (0: it did not wait) */
+    uint64_t woke_ns;             /* and returned then */
     uint64_t ctl_buf;
     int ctl_fd;
 
@@ -167,20 +170,53 @@ static uint64_t emulated_done_ns(struct dp_vq *vq, struct dp_req *req, uint64_t 
     return done;
 }
 
+/* An expired timeout wakes the engine some microseconds after its deadline (the timer
+ * interrupt, then the thread's wake-up: 15-30 us on a VM). Arming each timeout that much early
+ * lands completions on the emulated time instead of adding the wake-up to every request. Only
+ * deadlines that passed while the engine slept measure it: one reaped late because the thread
+ * was busy says how busy it was, and that delay stays in the observed latency. */
+#define TIMER_LATE_STEP_NS 500u
+#define TIMER_LATE_MAX_NS 50000u
+
+static uint64_t timespec_ns(const struct __kernel_timespec *ts)
+{
+    return (uint64_t)ts->tv_sec * 1000000000u + (uint64_t)ts->tv_nsec;
+}
+
+/* Follow the median wake-up lateness: a bounded step toward each sample, so that one long
+ * stall (a preempted thread) moves the estimate by a step, not by the stall. */
+static void track_timer_lateness(struct dp_engine *engine, const struct dp_req *req, int res)
+{
+    uint64_t armed = timespec_ns(&req->delay_until);
+    if (res != -ETIME || !engine->slept_ns || armed < engine->slept_ns || armed > engine->woke_ns)
+        return;
+    uint64_t late = engine->woke_ns - armed, est = engine->timer_late_ns;
+    if (late > est)
+        est += late - est < TIMER_LATE_STEP_NS ? late - est : TIMER_LATE_STEP_NS;
+    else
+        est -= est - late < TIMER_LATE_STEP_NS ? est - late : TIMER_LATE_STEP_NS;
+    engine->timer_late_ns = est < TIMER_LATE_MAX_NS ? est : TIMER_LATE_MAX_NS;
+}
+
 void req_complete(struct dp_req *req, uint8_t status)
 {
     struct dp_vq *vq = req->vq;
     const struct dp_latency_params *lat = &vq->disk->latency;
     if ((lat->npoints || lat->iops || lat->bw) && !req->delayed) {
         uint64_t now = now_ns(), done = emulated_done_ns(vq, req, now);
+        struct dp_engine *engine = vq->engine;
         if (done > now) {
+            /* Early by the wake-up lateness, but by no more than half the delay: whatever the
+             * estimate, no request completes in less than half its emulated time. */
+            uint64_t delay = done - now, late = engine->timer_late_ns;
+            uint64_t wake = done - (late < delay / 2 ? late : delay / 2);
             /* Hold the completion back with a timeout on the queue's own ring: no thread,
              * no spinning, and requests overtake each other as a real device's do. */
             req->delayed = 1;
             req->result = status;
-            req->delay_until.tv_sec = (long long)(done / 1000000000u);
-            req->delay_until.tv_nsec = (long long)(done % 1000000000u);
-            struct io_uring_sqe *sqe = engine_get_sqe(vq->engine);
+            req->delay_until.tv_sec = (long long)(wake / 1000000000u);
+            req->delay_until.tv_nsec = (long long)(wake % 1000000000u);
+            struct io_uring_sqe *sqe = engine_get_sqe(engine);
             io_uring_prep_timeout(sqe, &req->delay_until, 0, IORING_TIMEOUT_ABS);
             io_uring_sqe_set_data64(sqe, (uintptr_t)req | TAG_DELAY);
             STAT_ADD(vq, delayed, 1);
@@ -204,6 +240,14 @@ static void count_request(struct dp_vq *vq, uint32_t type)
     }
 }
 
+/* A head the ring broke on is consumed without a used element: it must not stay marked in
+ * flight, or the next start (a reconnect, or the driver resetting the ring) resubmits it. */
+static void inflight_drop(struct dp_vq *vq, uint16_t head)
+{
+    if (vq->inflight && head < vq->num)
+        vq->inflight->desc[head].inflight = 0;
+}
+
 static void start_request(struct dp_engine *engine, struct dp_req *req,
                           const struct vq_chain *chain)
 {
@@ -220,6 +264,7 @@ static void start_request(struct dp_engine *engine, struct dp_req *req,
     if (status < 0) {
         /* No status byte to answer with: the driver broke the ring's contract. */
         STAT_ADD(vq, errors, 1);
+        inflight_drop(vq, req->head);
         release_req(vq, req);
         vq_set_broken(vq);
         return;
@@ -339,6 +384,8 @@ static void resubmit_inflight(struct dp_engine *engine, struct dp_vq *vq)
         struct dp_req *req = vq->free_reqs;
         struct vq_chain chain;
         if (!req || vq_read_chain(vq, vq->resubmit[i], &chain, req->seg, REQ_MAX_SEGS) < 0) {
+            for (unsigned j = i; j < vq->nresubmit; j++)
+                inflight_drop(vq, vq->resubmit[j]);
             vq_set_broken(vq);
             break;
         }
@@ -448,6 +495,7 @@ static void handle_cqe(struct dp_engine *engine, uint64_t user_data, int res)
         break;
     case TAG_DELAY: {
         struct dp_req *req = ptr;
+        track_timer_lateness(engine, req, res);
         req_finish(req, req->result);   /* -ETIME is the normal end of a timeout */
         break;
     }
@@ -554,10 +602,14 @@ static void *engine_main(void *arg)
         return NULL;
 
     while (!engine->exiting) {
-        if (engine->npolling)
+        engine->slept_ns = 0;
+        if (engine->npolling) {
             io_uring_submit_and_get_events(&engine->ring);
-        else if (!poll_for_work(engine))
+        } else if (!poll_for_work(engine)) {
+            engine->slept_ns = now_ns();
             io_uring_submit_and_wait(&engine->ring, 1);
+            engine->woke_ns = now_ns();
+        }
         reap(engine);
         for (struct dp_vq *vq = engine->vqs; vq; vq = vq->next)
             if (vq->need_pop || (vq->kick_fd < 0 && !vq->stopping))

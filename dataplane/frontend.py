@@ -9,6 +9,12 @@ sets up N split virtqueues and exposes blocking and batched virtio-blk I/O:
 
 The ring producer here is Python (fine for tests and small jobs); hostile-chain tests reach
 for `Vring.add_chain` / raw descriptors directly.
+
+Like QEMU, the frontend negotiates INFLIGHT_SHMFD when the backend offers it and keeps the
+inflight buffer, so that it can play QEMU's part when a backend dies and a new one takes its
+place on the socket: `dev.reconnect()` renegotiates, re-sends the memory table and the kept
+buffer, and restarts each ring at its used index, leaving the requests still in flight in
+guest memory to the new backend (which resubmits them from the buffer).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from . import virtio_blk as vb
 from .errors import DeviceError, ProtocolError
 from .vhost_proto import (
     CONFIG_HEADER,
+    INFLIGHT,
     MEMORY_HEADER,
     MEMORY_REGION,
     U64,
@@ -59,7 +66,15 @@ DISCARD_RANGE = struct.Struct("<QII")
 
 WANTED_PROTOCOL_FEATURES = (
     (1 << ProtocolFeature.MQ) | (1 << ProtocolFeature.REPLY_ACK) | (1 << ProtocolFeature.CONFIG)
+    | (1 << ProtocolFeature.INFLIGHT_SHMFD)
 )
+INFLIGHT_FEATURE = 1 << ProtocolFeature.INFLIGHT_SHMFD
+# The inflight buffer's per-queue layout (vhost-user spec, QueueRegionSplit): a 16-byte header
+# (features, version, desc_num, last_batch_head, used_idx), then one DescStateSplit per
+# descriptor (inflight u8, padding, next u16, counter u64). The front end never needs to read
+# it; tests do, to see what the backend has in flight.
+INFLIGHT_REGION_HEADER = struct.Struct("<QHHHH")
+INFLIGHT_DESC = struct.Struct("<B5xHQ")
 DRIVER_FEATURES = sum(1 << b for b in (
     vb.VIRTIO_F_VERSION_1, vb.VIRTIO_RING_F_INDIRECT_DESC, vb.VIRTIO_RING_F_EVENT_IDX,
     vb.VIRTIO_BLK_F_SEG_MAX, vb.VIRTIO_BLK_F_BLK_SIZE, vb.VIRTIO_BLK_F_FLUSH,
@@ -149,6 +164,9 @@ class Vring:
     last_used_idx: int = 0
     free_desc: list[int] = field(default_factory=list)
     chains: dict[int, list[int]] = field(default_factory=dict)   # head -> descriptors used
+    # used elements whose head was not in flight: a backend completed something twice, or
+    # something it was never given (what a reconnect without inflight tracking can do)
+    unexpected_used: list[tuple[int, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.desc = self.mem.alloc(16 * self.num, 16)
@@ -225,6 +243,8 @@ class Vring:
             slot = self.used + 4 + 8 * (self.last_used_idx % self.num)
             head, length = struct.unpack("<II", self.mem.read(slot, 8))
             self.last_used_idx = (self.last_used_idx + 1) & 0xFFFF
+            if head not in self.chains:
+                self.unexpected_used.append((head, length))
             for d in self.chains.pop(head, []):
                 if d >= 0:
                     self.free_desc.append(d)
@@ -275,8 +295,9 @@ class VhostUserClient:
         self.sock.close()
 
     def call(self, request: int, payload: bytes = b"", fds: Iterable[int] = (),
-             reply: bool = False, flags: int | None = None) -> Message | None:
-        """Send a message; return its reply (GET_*), or check the REPLY_ACK status."""
+             reply: bool = False, flags: int | None = None, keep_fds: bool = False) -> Message | None:
+        """Send a message; return its reply (GET_*), or check the REPLY_ACK status. The fds a
+        reply carries are closed unless keep_fds (then they are the caller's)."""
         want_ack = self.reply_ack and not reply
         if flags is None:
             flags = VHOST_USER_VERSION | (VHOST_USER_NEED_REPLY_MASK if want_ack else 0)
@@ -286,7 +307,8 @@ class VhostUserClient:
         msg = recv_message(self.sock)
         if msg is None:
             raise ProtocolError(f"{request_name(request)}: backend closed the connection")
-        close_fds(msg.fds)
+        if not keep_fds or msg.request != request or not msg.flags & VHOST_USER_REPLY_MASK:
+            close_fds(msg.fds)
         if msg.request != request or not msg.flags & VHOST_USER_REPLY_MASK:
             raise ProtocolError(f"{request_name(request)}: unexpected reply {msg!r}")
         if want_ack:
@@ -319,10 +341,30 @@ class VhostUserClient:
             MEMORY_REGION.pack(gpa, size, uva, off) for gpa, size, uva, off, _ in regions)
         self.call(Request.SET_MEM_TABLE, payload, [r[4] for r in regions])
 
-    def setup_vring(self, ring: Vring) -> None:
+    def get_inflight_fd(self, num_queues: int, queue_size: int) -> InflightBuffer:
+        """GET_INFLIGHT_FD: the backend allocates a buffer for num_queues rings of queue_size."""
+        msg = self.call(Request.GET_INFLIGHT_FD, INFLIGHT.pack(0, 0, num_queues, queue_size),
+                        reply=True, keep_fds=True)
+        assert msg is not None
+        if len(msg.payload) < INFLIGHT.size - 4 or len(msg.fds) != 1:
+            close_fds(msg.fds)
+            raise ProtocolError(f"GET_INFLIGHT_FD: reply of {len(msg.payload)} bytes with "
+                                f"{len(msg.fds)} fd(s)")
+        size, offset, nq, qs = struct.unpack_from("<QQHH", msg.payload)
+        if size == 0 or nq != num_queues or qs != queue_size:
+            close_fds(msg.fds)
+            raise ProtocolError(f"GET_INFLIGHT_FD: buffer of {size} bytes for {nq} queue(s) of "
+                                f"{qs}, asked for {num_queues} of {queue_size}")
+        return InflightBuffer(msg.fds[0], size, offset, nq, qs)
+
+    def set_inflight_fd(self, buf: InflightBuffer) -> None:
+        self.call(Request.SET_INFLIGHT_FD,
+                  INFLIGHT.pack(buf.size, buf.offset, buf.num_queues, buf.queue_size), [buf.fd])
+
+    def setup_vring(self, ring: Vring, base: int = 0) -> None:
         i = ring.index
         self.call(Request.SET_VRING_NUM, VRING_STATE.pack(i, ring.num))
-        self.call(Request.SET_VRING_BASE, VRING_STATE.pack(i, 0))
+        self.call(Request.SET_VRING_BASE, VRING_STATE.pack(i, base))
         self.call(Request.SET_VRING_ADDR, VRING_ADDR.pack(
             i, 0, ring.mem.uva(ring.desc), ring.mem.uva(ring.used), ring.mem.uva(ring.avail), 0))
         self.set_u64(Request.SET_VRING_KICK, i, [ring.kick_fd])
@@ -334,6 +376,36 @@ class VhostUserClient:
         if len(msg.payload) != VRING_STATE.size:
             raise ProtocolError("GET_VRING_BASE failed")
         return VRING_STATE.unpack(msg.payload)[1]
+
+
+@dataclass
+class InflightBuffer:
+    """The inflight-tracking buffer a backend handed out (GET_INFLIGHT_FD). The front end keeps
+    the fd for as long as the device lives and hands it to every later backend."""
+
+    fd: int
+    size: int
+    offset: int
+    num_queues: int
+    queue_size: int
+
+    def in_flight(self, queue: int) -> list[int]:
+        """Heads the backend has marked in flight on a queue, oldest first (by counter)."""
+        region = self.size // self.num_queues
+        base = self.offset + queue * region
+        data = os.pread(self.fd, region, base)
+        heads = []
+        for head in range(self.queue_size):
+            flag, _next, counter = INFLIGHT_DESC.unpack_from(
+                data, INFLIGHT_REGION_HEADER.size + head * INFLIGHT_DESC.size)
+            if flag:
+                heads.append((counter, head))
+        return [head for _, head in sorted(heads)]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 @dataclass
@@ -354,7 +426,9 @@ class Device:
     """A virtio-blk device behind a vhost-user socket, driven from Python."""
 
     def __init__(self, client: VhostUserClient, mem: GuestMemory, rings: list[Vring],
-                 features: int, config: dict[str, int]) -> None:
+                 features: int, config: dict[str, int], path: str = "",
+                 inflight: InflightBuffer | None = None, want_inflight: bool = True,
+                 timeout: float = 10.0) -> None:
         self.client = client
         self.mem = mem
         self.rings = rings
@@ -362,28 +436,29 @@ class Device:
         self.config = config
         self.capacity = config["capacity"] * SECTOR
         self.block_size = config["blk_size"] or SECTOR
+        self.path = path
+        self.inflight = inflight            # kept across backend restarts (None: not negotiated)
+        self.want_inflight = want_inflight
+        self.timeout = timeout
 
     @classmethod
     def connect(cls, path: str, queues: int = 1, queue_size: int = 128,
                 memory: int = 64 << 20, features: int = DRIVER_FEATURES,
-                timeout: float = 10.0) -> Device:
+                timeout: float = 10.0, inflight: bool = True) -> Device:
+        """Negotiate like QEMU's vhost-user-blk: features, then (when the backend offers
+        INFLIGHT_SHMFD and `inflight`) GET_INFLIGHT_FD + SET_INFLIGHT_FD, the memory table,
+        and the rings."""
         client = VhostUserClient(path, timeout)
         mem = None
+        buf = None
         rings: list[Vring] = []
         try:
-            offered = client.get_u64(Request.GET_FEATURES)
-            if offered & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
-                proto = client.get_u64(Request.GET_PROTOCOL_FEATURES) & WANTED_PROTOCOL_FEATURES
-                client.set_u64(Request.SET_PROTOCOL_FEATURES, proto)
-                client.reply_ack = bool(proto & (1 << ProtocolFeature.REPLY_ACK))
-                if proto & (1 << ProtocolFeature.MQ):
-                    max_queues = client.get_u64(Request.GET_QUEUE_NUM)
-                    if queues > max_queues:
-                        raise DeviceError(f"backend offers {max_queues} queue(s), {queues} wanted")
-            client.call(Request.SET_OWNER)
+            acked, proto = cls._negotiate(client, queues, features, inflight)
             config = vb.parse_config(client.get_config())
-            acked = offered & features
             client.set_u64(Request.SET_FEATURES, acked)
+            if proto & INFLIGHT_FEATURE:
+                buf = client.get_inflight_fd(queues, queue_size)
+                client.set_inflight_fd(buf)
             mem = GuestMemory(memory)
             client.set_mem_table([(mem.gpa_base, mem.size, mem.user_addr, 0, mem.fd)])
             event_idx = bool(acked & (1 << vb.VIRTIO_RING_F_EVENT_IDX))
@@ -399,9 +474,77 @@ class Device:
                 ring.close()
             if mem is not None:
                 mem.close()
+            if buf is not None:
+                buf.close()
             client.close()
             raise
-        return cls(client, mem, rings, acked, config)
+        return cls(client, mem, rings, acked, config, path=str(path), inflight=buf,
+                   want_inflight=inflight, timeout=timeout)
+
+    @staticmethod
+    def _negotiate(client: VhostUserClient, queues: int, features: int,
+                   inflight: bool) -> tuple[int, int]:
+        """GET_FEATURES .. SET_OWNER; returns (features to ack, protocol features acked)."""
+        offered = client.get_u64(Request.GET_FEATURES)
+        proto = 0
+        if offered & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
+            wanted = WANTED_PROTOCOL_FEATURES & ~(0 if inflight else INFLIGHT_FEATURE)
+            proto = client.get_u64(Request.GET_PROTOCOL_FEATURES) & wanted
+            client.set_u64(Request.SET_PROTOCOL_FEATURES, proto)
+            client.reply_ack = bool(proto & (1 << ProtocolFeature.REPLY_ACK))
+            if proto & (1 << ProtocolFeature.MQ):
+                max_queues = client.get_u64(Request.GET_QUEUE_NUM)
+                if queues > max_queues:
+                    raise DeviceError(f"backend offers {max_queues} queue(s), {queues} wanted")
+        client.call(Request.SET_OWNER)
+        return offered & features, proto
+
+    def reconnect(self, path: str | None = None, timeout: float | None = None) -> None:
+        """Play QEMU's part after the backend went away: connect to the backend now listening
+        on `path` (default: the same socket; waits up to `timeout` for it to accept),
+        renegotiate the same features, re-send the memory table and the kept inflight buffer,
+        and restart every ring at its used index (QEMU rewinds last_avail_idx to used_idx when
+        GET_VRING_BASE cannot be asked). Requests still in flight stay as they are in guest
+        memory: the new backend resubmits them from the inflight buffer."""
+        path = str(path or self.path)
+        timeout = self.timeout if timeout is None else timeout
+        if self.client is not None:
+            self.client.close()
+        client = self._connect_retrying(path, timeout)
+        try:
+            acked, proto = self._negotiate(client, len(self.rings), self.features,
+                                           self.want_inflight)
+            if acked != self.features:
+                raise DeviceError(f"the new backend lacks features {self.features & ~acked:#x}")
+            client.set_u64(Request.SET_FEATURES, acked)
+            if proto & INFLIGHT_FEATURE:
+                if self.inflight is None:   # the previous backend did not track: start now
+                    self.inflight = client.get_inflight_fd(len(self.rings), self.rings[0].num)
+                client.set_inflight_fd(self.inflight)
+            client.set_mem_table([(self.mem.gpa_base, self.mem.size, self.mem.user_addr, 0,
+                                   self.mem.fd)])
+            for ring in self.rings:
+                client.setup_vring(ring, base=ring.used_idx())
+            if acked & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
+                for ring in self.rings:
+                    client.call(Request.SET_VRING_ENABLE, VRING_STATE.pack(ring.index, 1))
+        except BaseException:
+            client.close()
+            raise
+        self.client = client
+        self.path = path
+
+    @staticmethod
+    def _connect_retrying(path: str, timeout: float) -> VhostUserClient:
+        """Connect, retrying while the socket is missing or refuses (a backend restarting)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return VhostUserClient(path, timeout)
+            except DeviceError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
 
     def __enter__(self) -> Device:
         return self
@@ -421,6 +564,8 @@ class Device:
         for ring in self.rings:
             ring.close()
         self.mem.close()
+        if self.inflight is not None:
+            self.inflight.close()
         self.client = None  # type: ignore[assignment]
 
     # -- load (C driver threads take the rings over for the run) --

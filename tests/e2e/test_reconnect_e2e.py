@@ -1,0 +1,254 @@
+"""Backend restarts under a real guest: QEMU reconnects, the guest never notices.
+
+A QEMU (TCG) guest with a 2-queue vhost-user-blk disk (`-chardev socket,...,reconnect=1`)
+runs fio write+verify (crc32c, QD64, 4k-128k, one job per queue) against `dataplane serve`
+on a file disk whose emulated latency is drawn per request (`uniform:2ms-40ms`: dozens of
+requests in flight per queue, completing out of order). Mid-run the host SIGKILLs the
+backend and starts a new one on the same socket, three times. QEMU sees the socket close,
+stops vhost (GET_VRING_BASE fails, so it rewinds each ring's last_avail_idx to its used
+index), retries the socket every second, and on connect renegotiates, re-sends the memory
+table and the inflight buffer it kept (SET_INFLIGHT_FD), and restarts the rings; the new
+backend resubmits what the dead one had in flight. fio's verify must pass, and each
+restarted backend's log must show resubmitted requests, some of them older than a request
+that had completed (what a rewind to the used index alone would have lost).
+
+With `--debug-no-inflight` the same run must fail: the guest gets completions twice
+("id N is not a head!", I/O errors) or never (a hang, caught by the deadline).
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from dataplane.guest import GuestHandle, GuestImage, start_guest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+DISK_SIZE = 256 << 20
+QUEUES = 2
+LATENCY = "uniform:2ms-40ms"
+FIO_RUNTIME = 20             # seconds of write+verify passes (time_based)
+KILLS = 3                    # restarts that must each find requests in flight, out of order
+MAX_KILLS = 5                # a kill that lands between two fio passes finds little in flight
+KILL_GAP = 2.0               # seconds of I/O between a reconnect and the next kill
+START_TIMEOUT = 20.0         # `dataplane serve` listening
+RECONNECT_TIMEOUT = 20.0     # QEMU retries every second (reconnect=1)
+RUNNING_TIMEOUT = 90.0       # boot + fio's first writes
+FINISH_MARGIN = 60.0         # after fio's runtime: final verify pass, power-off
+FAILURE_MARKERS = ("is not a head", "I/O error", "verify:", "DP-FIO-RC ")
+RESUBMIT_RE = re.compile(r"vq(\d+): resubmitted (\d+) request\(s\) in flight at the previous back "
+                         r"end's end \((\d+) of them older than a request that had completed\)")
+
+FIO_JOB = f"""[global]
+filename=/dev/vda
+ioengine=libaio
+direct=1
+iodepth=64
+bsrange=4k-128k
+rw=randwrite
+verify=crc32c
+do_verify=1
+verify_fatal=1
+verify_state_save=0
+time_based=1
+runtime={FIO_RUNTIME}
+size=120m
+[q0]
+offset=0
+cpus_allowed=0
+[q1]
+offset=128m
+cpus_allowed=1
+"""
+
+# One fio job per queue: with 2 vCPUs and 2 queues, blk-mq maps vCPU i to queue i.
+GUEST_SCRIPT = f"""
+cat > /tmp/job.fio <<'EOF'
+{FIO_JOB}EOF
+w0=$(awk '{{print $5}}' /sys/block/vda/stat)
+fio /tmp/job.fio > /tmp/fio.out 2>&1 &
+fpid=$!
+i=0
+while [ "$(awk '{{print $5}}' /sys/block/vda/stat)" = "$w0" ] && kill -0 $fpid 2>/dev/null \\
+        && [ $i -lt 1500 ]; do
+    sleep 0.02
+    i=$((i + 1))
+done
+echo DP-FIO-RUNNING
+wait $fpid
+echo "DP-FIO-RC $?"
+grep -E 'err=|issued rwts|verify' /tmp/fio.out | sed 's/^ */DP-FIO /'
+dmesg | grep -E 'I/O error|not a head|virtio' | sed 's/^/DP-DMESG /'
+echo DP-DONE
+"""
+
+
+class Serve:
+    """One `dataplane serve` process; its log (stderr) goes to a file."""
+
+    def __init__(self, tmp: Path, n: int, socket: Path, disk: str, flags: tuple[str, ...]) -> None:
+        self.n = n
+        self.log_path = tmp / f"serve{n}.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "dataplane", "serve", "--socket", str(socket), "--disk", disk,
+                 "--queues", str(QUEUES), *flags],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        self.wait_log("listening on", START_TIMEOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, text: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                return text in self.log()
+            time.sleep(0.05)
+        return True
+
+    def resubmissions(self) -> dict[int, tuple[int, int]]:
+        """vq -> (resubmitted, of them older than a request that had completed)."""
+        return {int(m[1]): (int(m[2]), int(m[3])) for m in RESUBMIT_RE.finditer(self.log())}
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+@dataclass
+class Run:
+    serves: list[Serve] = field(default_factory=list)
+    kills: int = 0
+    output: str = ""
+    finished: bool = False           # the guest powered off by itself
+    exit_status: int | None = None
+
+    def restarted(self) -> list[Serve]:
+        return self.serves[1: self.kills + 1]
+
+    def out_of_order_restarts(self) -> list[Serve]:
+        """Restarts that resubmitted requests, some older than a completed one."""
+        return [s for s in self.restarted()
+                if sum(n for n, _ in s.resubmissions().values()) > 0
+                and sum(older for _, older in s.resubmissions().values()) > 0]
+
+    def markers(self, prefix: str) -> list[str]:
+        return [line.rstrip() for line in self.output.splitlines() if line.startswith(prefix)]
+
+    def failure_seen(self) -> bool:
+        rc = self.markers("DP-FIO-RC ")
+        return (any(m in self.output for m in FAILURE_MARKERS[:3])
+                or bool(rc and rc != ["DP-FIO-RC 0"]))
+
+    def diag(self) -> str:
+        logs = "\n".join(f"--- serve{s.n}: " + "\n".join(
+            line for line in s.log().splitlines() if "resubmitted" in line or " ERROR " in line
+            or "connected" in line or "stopped" in line) for s in self.serves)
+        return f"\n--- guest console (tail) ---\n{self.output[-4000:]}\n{logs}"
+
+
+def kill_and_restart_under_fio(image: GuestImage, tmp: Path, flags: tuple[str, ...] = (),
+                               stop_on_failure: bool = False) -> Run:
+    sock = tmp / "vub.sock"
+    disk = tmp / "disk.img"
+    subprocess.run(["truncate", "-s", str(DISK_SIZE), str(disk)], check=True)
+    spec = f"{disk},latency={LATENCY}"
+    run = Run()
+    run.serves.append(Serve(tmp, 0, sock, spec, flags))
+    handle: GuestHandle | None = None
+    try:
+        handle = start_guest(
+            image, GUEST_SCRIPT, socket=None, num_queues=QUEUES, kernel_args=["dpguest.disk=1"],
+            extra_args=["-chardev", f"socket,id=vub0,path={sock},reconnect=1",
+                        "-device", f"vhost-user-blk-pci,chardev=vub0,num-queues={QUEUES},queue-size=128"],
+            log_path=tmp / "console.log")
+        assert handle.wait_for_output("DP-FIO-RUNNING", RUNNING_TIMEOUT), (
+            f"fio never started{run.diag()}\n{handle.output[-3000:]}")
+        fio_started = time.monotonic()
+        while (len(run.out_of_order_restarts()) < KILLS and run.kills < MAX_KILLS
+               and handle.running() and "DP-FIO-RC" not in handle.output):
+            time.sleep(KILL_GAP)
+            run.output = handle.output
+            if stop_on_failure and run.failure_seen():
+                break
+            run.serves[-1].kill()
+            run.kills += 1
+            new = Serve(tmp, len(run.serves), sock, spec, flags)
+            run.serves.append(new)
+            assert new.wait_log(f"vq{QUEUES - 1} started", RECONNECT_TIMEOUT), (
+                f"QEMU did not reconnect to serve{new.n} within {RECONNECT_TIMEOUT}s{run.diag()}")
+        deadline = fio_started + FIO_RUNTIME + FINISH_MARGIN
+        while handle.running() and time.monotonic() < deadline:
+            run.output = handle.output
+            if stop_on_failure and run.failure_seen():
+                break
+            time.sleep(0.2)
+        run.finished = not handle.running()
+        if run.finished:
+            run.exit_status = handle.wait(10).exit_status
+    finally:
+        if handle is not None:
+            run.output = handle.output
+            handle.kill()
+        for s in run.serves[:-1]:
+            s.kill()
+    return run
+
+
+def stop_last(run: Run) -> None:
+    """SIGTERM the serving backend: it drains and exits 0, its log free of errors."""
+    last = run.serves[-1]
+    if last.proc.poll() is None:
+        last.proc.send_signal(signal.SIGTERM)
+    try:
+        rc = last.proc.wait(20)
+    except subprocess.TimeoutExpired:
+        last.kill()
+        pytest.fail(f"serve{last.n} did not exit on SIGTERM{run.diag()}")
+    assert rc == 0, f"serve{last.n} exited {rc}{run.diag()}"
+
+
+def test_three_backend_kills_under_fio_verify(guest_image: GuestImage, tmp_path: Path) -> None:
+    run = kill_and_restart_under_fio(guest_image, tmp_path)
+    stop_last(run)
+    assert run.finished, f"the guest did not finish in time{run.diag()}"
+    qualifying = run.out_of_order_restarts()
+    assert len(qualifying) >= KILLS, (
+        f"{run.kills} kill(s), {len(qualifying)} found requests in flight out of order:"
+        f" {[s.resubmissions() for s in run.restarted()]}{run.diag()}")
+    assert run.markers("DP-FIO-RC") == ["DP-FIO-RC 0"], f"fio failed{run.diag()}"
+    errs = {m[1]: int(m[2]) for line in run.markers("DP-FIO")
+            if (m := re.match(r"DP-FIO (q\d+): \(groupid=\d+, jobs=\d+\): err=\s*(\d+)", line))}
+    assert errs == {"q0": 0, "q1": 0}, f"fio job errors {errs}{run.diag()}"
+    bad = [line for line in run.markers("DP-DMESG") if "I/O error" in line or "not a head" in line]
+    assert not bad, f"guest kernel errors {bad}{run.diag()}"
+    assert run.markers("DP-DONE") and run.exit_status == 0, run.diag()
+    for s in run.serves:
+        assert " ERROR " not in s.log() and "ring broken" not in s.log(), (
+            f"serve{s.n} logged errors:\n{s.log()[-3000:]}")
+        assert s.log().count("front end connected") == 1, f"serve{s.n}{run.diag()}"
+
+
+def test_the_same_kills_without_inflight_tracking_fail(guest_image: GuestImage, tmp_path: Path) -> None:
+    """--debug-no-inflight: the restarted backend starts at the used index and knows nothing
+    of what was in flight. The guest must notice: double completions ("not a head"), I/O
+    errors, a verify failure, or a hang past the deadline."""
+    run = kill_and_restart_under_fio(guest_image, tmp_path, ("--debug-no-inflight",),
+                                     stop_on_failure=True)
+    stop_last(run)
+    assert run.kills >= 1, run.diag()
+    assert all(s.resubmissions() == {} for s in run.serves), run.diag()
+    clean = (run.finished and run.exit_status == 0 and run.markers("DP-FIO-RC") == ["DP-FIO-RC 0"]
+             and not run.failure_seen())
+    assert not clean, f"without inflight tracking {run.kills} kill(s) went unnoticed{run.diag()}"
