@@ -37,22 +37,6 @@
 #define COUNTER_ADD(field, n) \
     __atomic_store_n(&(field), (field) + (n), __ATOMIC_RELAXED)
 
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-static inline void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-}
-
 /* ---- random numbers: splitmix64 to seed, xorshift64* to run ---- */
 
 static uint64_t splitmix64(uint64_t *state)
@@ -77,72 +61,6 @@ static inline uint64_t xorshift64s(uint64_t *state)
 static inline uint64_t rand_below(uint64_t *state, uint64_t n)
 {
     return (uint64_t)(((unsigned __int128)xorshift64s(state) * n) >> 64);
-}
-
-/* ---- driver side of the split ring ---- */
-
-static uint16_t *used_event_ptr(struct driver_ring *r)
-{
-    return &r->avail->ring[r->num];
-}
-
-static uint16_t *avail_event_ptr(struct driver_ring *r)
-{
-    return (uint16_t *)&r->used->ring[r->num];
-}
-
-static inline void ring_add(struct driver_ring *r, uint16_t head)
-{
-    __atomic_store_n(&r->avail->ring[r->avail_idx & (r->num - 1)], head, __ATOMIC_RELAXED);
-    r->avail_idx++;
-}
-
-/* Make the added heads the device's; returns 1 when the device asked to be kicked. */
-static int ring_publish(struct driver_ring *r)
-{
-    uint16_t old = r->published_idx, new = r->avail_idx;
-    driver_store_release_u16(&r->avail->idx, new);
-    r->published_idx = new;
-    driver_mb();   /* avail->idx before avail_event / used->flags */
-    if (r->event_idx) {
-        uint16_t event = __atomic_load_n(avail_event_ptr(r), __ATOMIC_RELAXED);
-        /* vring_need_event(): did avail->idx move past avail_event with this batch? */
-        return (uint16_t)(new - event - 1) < (uint16_t)(new - old);
-    }
-    return !(__atomic_load_n(&r->used->flags, __ATOMIC_RELAXED) & VRING_USED_F_NO_NOTIFY);
-}
-
-static inline uint16_t ring_used_pending(struct driver_ring *r)
-{
-    return (uint16_t)(driver_load_acquire_u16(&r->used->idx) - r->last_used_idx);
-}
-
-/* Ask for an interrupt on the next completion; returns the completions already there
- * (then the caller must not sleep). */
-static uint16_t ring_enable_interrupts(struct driver_ring *r)
-{
-    if (r->event_idx)
-        __atomic_store_n(used_event_ptr(r), r->last_used_idx, __ATOMIC_RELAXED);
-    else
-        __atomic_store_n(&r->avail->flags, 0, __ATOMIC_RELAXED);
-    driver_mb();   /* used_event / avail->flags before the re-read of used->idx */
-    return ring_used_pending(r);
-}
-
-/* While busy the driver polls. With EVENT_IDX a used_event left behind is enough: the device
- * signals only when used->idx crosses it again (once per 64 Ki completions). */
-static void ring_disable_interrupts(struct driver_ring *r)
-{
-    if (!r->event_idx)
-        __atomic_store_n(&r->avail->flags, VRING_AVAIL_F_NO_INTERRUPT, __ATOMIC_RELAXED);
-}
-
-static int ring_kick(struct driver_ring *r)
-{
-    uint64_t one = 1;
-    if (write(r->kick_fd, &one, sizeof(one)) != sizeof(one))
-        return errno == EAGAIN ? 0 : -errno;   /* a saturated counter is still a kick */
-    return 0;
 }
 
 /* ---- verify pattern: every sector starts with a header, the rest is a seeded stream ---- */
@@ -339,7 +257,7 @@ static int issue_batch(struct dp_load *l, uint64_t now, int *issuing)
         struct load_slot *s = &l->slots[l->free_slots[--l->nfree]];
         prep_request(l, s, t_sched, counted);
         l->stats.depth_level[depth_bucket(l->inflight)]++;
-        ring_add(&l->ring, s->head);
+        driver_ring_add(&l->ring, s->head);
         l->sched_k++;
         added++;
         if (counted && l->p.number_ios && ++l->issued_counted >= l->p.number_ios)
@@ -347,7 +265,7 @@ static int issue_batch(struct dp_load *l, uint64_t now, int *issuing)
     }
     if (!added)
         return 0;
-    uint64_t t_submit = now_ns();
+    uint64_t t_submit = driver_now_ns();
     for (uint16_t i = l->ring.published_idx; i != l->ring.avail_idx; i++) {
         uint16_t head = l->ring.avail->ring[i & (l->ring.num - 1)];
         struct load_slot *s = &l->slots[l->head_to_slot[head]];
@@ -357,8 +275,8 @@ static int issue_batch(struct dp_load *l, uint64_t now, int *issuing)
     }
     l->stats.issued += added;
     l->stats.submit_level[batch_bucket(added)]++;
-    if (ring_publish(&l->ring)) {
-        int rc = ring_kick(&l->ring);
+    if (driver_ring_publish(&l->ring)) {
+        int rc = driver_ring_kick(&l->ring);
         if (rc < 0)
             return rc;
         l->stats.kicks++;
@@ -419,14 +337,14 @@ static void complete_request(struct dp_load *l, struct load_slot *s, uint32_t le
 static int reap(struct dp_load *l, uint64_t *now)
 {
     struct driver_ring *r = &l->ring;
-    uint16_t n = ring_used_pending(r);
+    uint16_t n = driver_ring_used_pending(r);
     if (!n)
         return 0;
     if (n > l->inflight) {
         l->stats.bad_used++;   /* more completions than requests outstanding */
         return -EPROTO;
     }
-    uint64_t t = now_ns();
+    uint64_t t = driver_now_ns();
     for (uint16_t i = 0; i < n; i++) {
         const struct vring_used_elem *e = &r->used->ring[r->last_used_idx & (r->num - 1)];
         uint32_t id = __atomic_load_n(&e->id, __ATOMIC_RELAXED);
@@ -473,21 +391,21 @@ static int wait_idle(struct dp_load *l, uint64_t now, uint64_t deadline)
     if (l->inflight) {
         if (l->p.poll_ns) {
             uint64_t until = now + l->p.poll_ns < deadline ? now + l->p.poll_ns : deadline;
-            while (!ring_used_pending(r)) {
-                cpu_relax();
-                if (now_ns() >= until)
+            while (!driver_ring_used_pending(r)) {
+                driver_cpu_relax();
+                if (driver_now_ns() >= until)
                     break;
             }
-            if (ring_used_pending(r))
+            if (driver_ring_used_pending(r))
                 return 0;
         }
-        if (ring_enable_interrupts(r)) {
-            ring_disable_interrupts(r);
+        if (driver_ring_enable_interrupts(r)) {
+            driver_ring_disable_interrupts(r);
             return 0;
         }
     } else if (deadline - now < SPIN_BELOW_NS) {
-        while (now_ns() < deadline && !__atomic_load_n(&l->stop, __ATOMIC_RELAXED))
-            cpu_relax();
+        while (driver_now_ns() < deadline && !__atomic_load_n(&l->stop, __ATOMIC_RELAXED))
+            driver_cpu_relax();
         return 0;
     }
 
@@ -506,7 +424,7 @@ static int wait_idle(struct dp_load *l, uint64_t now, uint64_t deadline)
         l->stats.interrupts++;
     }
     if (l->inflight)
-        ring_disable_interrupts(r);
+        driver_ring_disable_interrupts(r);
     return 0;
 }
 
@@ -525,14 +443,14 @@ static int load_run(struct dp_load *l)
 {
     struct dp_load_stats *st = &l->stats;
     uint64_t usr0 = 0, sys0 = 0, ctx0 = 0, usr1 = 0, sys1 = 0, ctx1 = 0;
-    uint64_t now = now_ns(), last_progress = now;
+    uint64_t now = driver_now_ns(), last_progress = now;
     int issuing = 1, rc = 0;
 
     l->t_start = now;
     l->ramp_end = now + l->p.ramp_ns;
     l->end = l->p.runtime_ns ? l->ramp_end + l->p.runtime_ns : UINT64_MAX;
     l->last_completion = l->ramp_end;
-    ring_disable_interrupts(&l->ring);
+    driver_ring_disable_interrupts(&l->ring);
 
     for (;;) {
         if (!l->ramp_done && now >= l->ramp_end) {
@@ -570,7 +488,7 @@ static int load_run(struct dp_load *l)
             if (rc < 0)
                 break;
         }
-        now = now_ns();
+        now = driver_now_ns();
         if (l->inflight && now - last_progress >= l->p.timeout_ns) {
             rc = -ETIMEDOUT;
             break;
@@ -594,12 +512,8 @@ static int load_run(struct dp_load *l)
     st->runtime_ns = l->last_completion > l->ramp_end ? l->last_completion - l->ramp_end : 0;
     st->verify_generation = l->p.verify_generation;
 
-    /* Hand the ring back the way the Python frontend runs it: interrupts on. */
     struct driver_ring *r = &l->ring;
-    if (r->event_idx)
-        __atomic_store_n(used_event_ptr(r), r->last_used_idx, __ATOMIC_RELAXED);
-    else
-        __atomic_store_n(&r->avail->flags, 0, __ATOMIC_RELAXED);
+    driver_ring_hand_back(r);
     st->avail_idx = r->avail_idx;
     st->last_used_idx = r->last_used_idx;
     return rc;

@@ -4,8 +4,11 @@
 #ifndef DP_DRIVER_H
 #define DP_DRIVER_H
 
+#include <errno.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "core.h"
 #include "stats.h"
@@ -39,6 +42,98 @@ struct driver_ring {
     int kick_fd;
     int call_fd;
 };
+
+/* ---- driver side of the split ring: shared by the load generator (driver.c) and the trace
+ * replayer (replay.c) ---- */
+
+static inline uint64_t driver_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static inline void driver_cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static inline uint16_t *driver_used_event(struct driver_ring *r)
+{
+    return &r->avail->ring[r->num];
+}
+
+static inline uint16_t *driver_avail_event(struct driver_ring *r)
+{
+    return (uint16_t *)&r->used->ring[r->num];
+}
+
+static inline void driver_ring_add(struct driver_ring *r, uint16_t head)
+{
+    __atomic_store_n(&r->avail->ring[r->avail_idx & (r->num - 1)], head, __ATOMIC_RELAXED);
+    r->avail_idx++;
+}
+
+/* Make the added heads the device's; returns 1 when the device asked to be kicked. */
+static inline int driver_ring_publish(struct driver_ring *r)
+{
+    uint16_t old = r->published_idx, new = r->avail_idx;
+    driver_store_release_u16(&r->avail->idx, new);
+    r->published_idx = new;
+    driver_mb();   /* avail->idx before avail_event / used->flags */
+    if (r->event_idx) {
+        uint16_t event = __atomic_load_n(driver_avail_event(r), __ATOMIC_RELAXED);
+        /* vring_need_event(): did avail->idx move past avail_event with this batch? */
+        return (uint16_t)(new - event - 1) < (uint16_t)(new - old);
+    }
+    return !(__atomic_load_n(&r->used->flags, __ATOMIC_RELAXED) & VRING_USED_F_NO_NOTIFY);
+}
+
+static inline uint16_t driver_ring_used_pending(struct driver_ring *r)
+{
+    return (uint16_t)(driver_load_acquire_u16(&r->used->idx) - r->last_used_idx);
+}
+
+/* Ask for an interrupt on the next completion; returns the completions already there
+ * (then the caller must not sleep). */
+static inline uint16_t driver_ring_enable_interrupts(struct driver_ring *r)
+{
+    if (r->event_idx)
+        __atomic_store_n(driver_used_event(r), r->last_used_idx, __ATOMIC_RELAXED);
+    else
+        __atomic_store_n(&r->avail->flags, 0, __ATOMIC_RELAXED);
+    driver_mb();   /* used_event / avail->flags before the re-read of used->idx */
+    return driver_ring_used_pending(r);
+}
+
+/* While busy the driver polls. With EVENT_IDX a used_event left behind is enough: the device
+ * signals only when used->idx crosses it again (once per 64 Ki completions). */
+static inline void driver_ring_disable_interrupts(struct driver_ring *r)
+{
+    if (!r->event_idx)
+        __atomic_store_n(&r->avail->flags, VRING_AVAIL_F_NO_INTERRUPT, __ATOMIC_RELAXED);
+}
+
+static inline int driver_ring_kick(struct driver_ring *r)
+{
+    uint64_t one = 1;
+    if (write(r->kick_fd, &one, sizeof(one)) != sizeof(one))
+        return errno == EAGAIN ? 0 : -errno;   /* a saturated counter is still a kick */
+    return 0;
+}
+
+/* Hand the ring back the way the Python frontend runs it: interrupts on. */
+static inline void driver_ring_hand_back(struct driver_ring *r)
+{
+    if (r->event_idx)
+        __atomic_store_n(driver_used_event(r), r->last_used_idx, __ATOMIC_RELAXED);
+    else
+        __atomic_store_n(&r->avail->flags, 0, __ATOMIC_RELAXED);
+}
 
 /* One request slot: buffers preallocated in the arena, reused for every request. */
 struct load_slot {

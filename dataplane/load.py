@@ -235,6 +235,39 @@ def _dist(levels: Sequence[int], keys: Sequence[str]) -> dict[str, float]:
     return {k: (100.0 * v / total if total else 0.0) for k, v in zip(keys, levels, strict=True)}
 
 
+def dir_json(ds: Any, runtime_ns: int, iops_samples: Sequence[float], bw_samples: Sequence[float],
+             lat_percentiles: bool = False) -> dict[str, Any]:
+    """fio's JSON for one direction of one job. ds: a struct dp_load_dir_stats (ios, bytes, errors,
+    slat/clat/lat histograms); samples: IOPS and KiB/s per interval; lat_percentiles: fio's
+    lat_percentiles=1 (open loop, where lat counts from the schedule)."""
+    runtime_ms = int(runtime_ns // 1_000_000) if ds.ios else 0
+    secs = runtime_ns / 1e9 if runtime_ns else 0.0
+    bw_bytes = int(ds.bytes / secs) if secs else 0
+    clat = _hist_summary(ds.clat)
+    if ds.clat.n:
+        clat["percentile"] = _percentiles(ffi.addressof(ds, "clat"))
+    lat = _hist_summary(ds.lat)
+    if ds.lat.n and lat_percentiles:
+        lat["percentile"] = _percentiles(ffi.addressof(ds, "lat"))
+    bmin, bmax, bmean, bdev = _sample_stats(list(bw_samples))
+    imin, imax, imean, idev = _sample_stats(list(iops_samples))
+    return {
+        "io_bytes": int(ds.bytes), "io_kbytes": int(ds.bytes // 1024),
+        "bw_bytes": bw_bytes, "bw": bw_bytes // 1024,
+        "iops": ds.ios / secs if secs else 0.0,
+        "runtime": runtime_ms, "total_ios": int(ds.ios), "short_ios": int(ds.short_ios),
+        "drop_ios": 0,
+        "slat_ns": _hist_summary(ds.slat), "clat_ns": clat, "lat_ns": lat,
+        "bw_min": int(bmin), "bw_max": int(bmax), "bw_agg": 100.0 if bw_samples else 0.0,
+        "bw_mean": bmean, "bw_dev": bdev, "bw_samples": len(bw_samples),
+        "iops_min": int(imin), "iops_max": int(imax), "iops_mean": imean,
+        "iops_stddev": idev, "iops_samples": len(iops_samples),
+        # dataplane's own, outside fio's layout
+        "errors": {"ioerr": int(ds.err_ioerr), "unsupp": int(ds.err_unsupp),
+                   "other": int(ds.err_other)},
+    }
+
+
 DEPTH_KEYS = ("1", "2", "4", "8", "16", "32", ">=64")
 BATCH_KEYS = ("0", "4", "8", "16", "32", "64", ">=64")
 
@@ -353,15 +386,6 @@ class LoadResult:
 
     def _dir_json(self, s: Any, d: int) -> dict[str, Any]:
         ds = s.dir[d]
-        runtime_ms = int(s.runtime_ns // 1_000_000) if ds.ios else 0
-        secs = s.runtime_ns / 1e9 if s.runtime_ns else 0.0
-        bw_bytes = int(ds.bytes / secs) if secs else 0
-        clat = _hist_summary(ds.clat)
-        if ds.clat.n:
-            clat["percentile"] = _percentiles(ffi.addressof(ds, "clat"))
-        lat = _hist_summary(ds.lat)
-        if ds.lat.n and self.job.rate_iops:
-            lat["percentile"] = _percentiles(ffi.addressof(ds, "lat"))   # fio's lat_percentiles=1
         interval = s.sample_ns / 1e9
         prev, iops_samples = 0, []
         for i in range(s.nsamples):
@@ -371,23 +395,8 @@ class LoadResult:
         if not ds.ios:
             iops_samples = []
         bw_samples = [v * self.job.bs / 1024 for v in iops_samples]
-        bmin, bmax, bmean, bdev = _sample_stats(bw_samples)
-        imin, imax, imean, idev = _sample_stats(iops_samples)
-        return {
-            "io_bytes": int(ds.bytes), "io_kbytes": int(ds.bytes // 1024),
-            "bw_bytes": bw_bytes, "bw": bw_bytes // 1024,
-            "iops": ds.ios / secs if secs else 0.0,
-            "runtime": runtime_ms, "total_ios": int(ds.ios), "short_ios": int(ds.short_ios),
-            "drop_ios": 0,
-            "slat_ns": _hist_summary(ds.slat), "clat_ns": clat, "lat_ns": lat,
-            "bw_min": int(bmin), "bw_max": int(bmax), "bw_agg": 100.0 if bw_samples else 0.0,
-            "bw_mean": bmean, "bw_dev": bdev, "bw_samples": len(bw_samples),
-            "iops_min": int(imin), "iops_max": int(imax), "iops_mean": imean,
-            "iops_stddev": idev, "iops_samples": len(iops_samples),
-            # dataplane's own, outside fio's layout
-            "errors": {"ioerr": int(ds.err_ioerr), "unsupp": int(ds.err_unsupp),
-                       "other": int(ds.err_other)},
-        }
+        return dir_json(ds, int(s.runtime_ns), iops_samples, bw_samples,
+                        lat_percentiles=bool(self.job.rate_iops))
 
     def _job_error(self, s: Any) -> int:
         if s.error:
@@ -472,20 +481,27 @@ class LoadResult:
         for job in data["jobs"]:
             lines += _text_job(job, data["time"])
         lines.append("")
-        lines.append("Run status group 0 (all jobs):")
-        for dname, label in (("read", "   READ"), ("write", "  WRITE")):
-            jobs = [j[dname] for j in data["jobs"] if j[dname]["total_ios"]]
-            if not jobs:
-                continue
-            total_bw = sum(j["bw_bytes"] for j in jobs)
-            total_io = sum(j["io_bytes"] for j in jobs)
-            bws = [j["bw_bytes"] for j in jobs]
-            runs = [j["runtime"] for j in jobs]
-            lines.append(
-                f"{label}: bw={_bw(total_bw)}, {_iec(min(bws))}/s-{_iec(max(bws))}/s "
-                f"({_si(min(bws))}/s-{_si(max(bws))}/s), io={_iec(total_io)} ({_si(total_io)}), "
-                f"run={min(runs)}-{max(runs)}msec")
+        lines += run_status_lines(data)
         return "\n".join(lines) + "\n"
+
+
+def run_status_lines(data: dict[str, Any], dirs: Sequence[str] = ("read", "write")) -> list[str]:
+    """fio's closing "Run status group 0" block for a JSON report's jobs."""
+    lines = ["Run status group 0 (all jobs):"]
+    for dname in dirs:
+        label = f"{dname.upper():>7}"
+        jobs = [j[dname] for j in data["jobs"] if j[dname]["total_ios"]]
+        if not jobs:
+            continue
+        total_bw = sum(j["bw_bytes"] for j in jobs)
+        total_io = sum(j["io_bytes"] for j in jobs)
+        bws = [j["bw_bytes"] for j in jobs]
+        runs = [j["runtime"] for j in jobs]
+        lines.append(
+            f"{label}: bw={_bw(total_bw)}, {_iec(min(bws))}/s-{_iec(max(bws))}/s "
+            f"({_si(min(bws))}/s-{_si(max(bws))}/s), io={_iec(total_io)} ({_si(total_io)}), "
+            f"run={min(runs)}-{max(runs)}msec")
+    return lines
 
 
 def _merged_clat(s: Any) -> Any:

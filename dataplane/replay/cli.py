@@ -1,19 +1,22 @@
-"""`dataplane trace convert | stats`: the trace readers from the command line.
+"""`dataplane trace convert | stats` and `dataplane replay`: the trace tools from the command line.
 
-Wiring (in dataplane/cli.py): `add_trace_commands(sub)` next to serve and demo, and
-`"trace": replay.cli.run` in the handler table.
+Wiring (in dataplane/cli.py): `add_trace_commands(sub)` and `add_replay_command(sub)` next to
+serve and demo, and `"trace": replay.cli.run`, `"replay": replay.cli.run_replay` in the
+handler table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
 from ..errors import ConfigError
 
 TARGETS = ("fio-v3",)
+log = logging.getLogger("dataplane.replay")
 
 
 def add_trace_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -78,3 +81,215 @@ def run(args: argparse.Namespace) -> int:
     if args.output is not None:
         print(f"trace convert: wrote {count} I/Os to {args.output}", file=sys.stderr)
     return 0
+
+
+# ---- dataplane replay ----
+
+REPLAY_DESCRIPTION = """\
+Replay a block trace: through a vhost-user-blk socket (this backend, qemu-storage-daemon, ...)
+with one C thread per virtqueue playing the guest, or with --native straight to a file or block
+device with io_uring (O_DIRECT), the bare-metal baseline. Reports in fio's layout.
+`--compare A.json B.json` sets two reports side by side."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be negative")
+    return value
+
+
+def _speed(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
+    return value
+
+
+def _size(text: str) -> int:
+    from ..disk import parse_size
+    from ..errors import DataplaneError
+
+    try:
+        return parse_size(text)
+    except DataplaneError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_replay_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from .detect import FORMATS
+    from .engine import FEED_MEMORY, FITS, MAX_REQUEST, MODES, QUEUE_MAPS
+
+    p = subparsers.add_parser("replay", help="replay a block trace against a vhost-user-blk socket "
+                              "or a file (fio-style report)", description=REPLAY_DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("trace", type=Path, nargs="?", metavar="TRACE",
+                   help="trace file (" + ", ".join(FORMATS) + "; gzip'd or not)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--socket", type=Path, default=None, help="vhost-user-blk socket to replay through")
+    target.add_argument("--native", type=Path, default=None, metavar="FILE",
+                        help="replay straight to this file or block device (io_uring, O_DIRECT)")
+    target.add_argument("--compare", type=Path, nargs=2, default=None, metavar=("A.json", "B.json"),
+                        help="compare two JSON reports (replay's, load's or fio's) instead of replaying")
+    p.add_argument("--queues", type=_positive_int, default=1,
+                   help="virtqueues (or --native threads) to replay on (default 1)")
+    p.add_argument("--format", choices=FORMATS, default=None, help="trace format (default: detect)")
+    p.add_argument("--events", choices=("queue", "issue"), default="queue",
+                   help="blktrace/blkparse: replay queue (Q, default) or issue (D) events")
+    p.add_argument("--mode", choices=MODES, default="timed",
+                   help="timed: honour timestamps, measure issue lag (default); afap: as fast as "
+                        "iodepth allows, in trace order per queue")
+    p.add_argument("--speed", type=_speed, default=1.0, help="timed: play the trace this many times faster")
+    p.add_argument("--iodepth", type=_positive_int, default=None,
+                   help="requests in flight per queue (default 32 afap, 128 timed)")
+    p.add_argument("--queue-map", "--queue_map", dest="queue_map", choices=QUEUE_MAPS, default="trace",
+                   help="trace: the trace's stream (CPU, host/disk, device) picks the queue; hash: a "
+                        "hash of the offset; rr: round robin (default trace)")
+    p.add_argument("--fit", choices=FITS, default="wrap",
+                   help="offsets past the target: wrap (modulo capacity, default), scale (by "
+                        "capacity / footprint) or fail")
+    p.add_argument("--on-error", choices=("stop", "skip"), default="stop",
+                   help="malformed trace lines: stop at the first (default) or skip and count them")
+    p.add_argument("--max-request", type=_size, default=MAX_REQUEST,
+                   help="longer reads and writes are split (default 1m)")
+    p.add_argument("--spin-us", type=_count, default=50,
+                   help="timed: spin this close to a record's time instead of sleeping (default 50)")
+    p.add_argument("--poll-us", type=_count, default=0,
+                   help="spin on completions this long before sleeping (default 0)")
+    p.add_argument("--feed-mb", type=_positive_int, default=FEED_MEMORY >> 20,
+                   help="memory for records waiting to be issued, all queues (default 256): a trace "
+                        "that fits is loaded before the clock starts, a longer one streams")
+    p.add_argument("--cpus", default="", help="pin queue i's thread to the i-th CPU of this list")
+    p.add_argument("--read-only", action="store_true",
+                   help="--native: open the target read-only; writes and trims are skipped (counted)")
+    p.add_argument("--group-reporting", "--group_reporting", dest="group_reporting", action="store_true",
+                   help="one aggregate job instead of one per queue")
+    p.add_argument("--output-format", "--output_format", dest="output_format",
+                   choices=("normal", "json"), default="normal")
+    p.add_argument("--output", type=Path, default=None, help="write the report here (default: stdout)")
+    p.add_argument("--timeseries", type=Path, default=None, metavar="FILE.csv",
+                   help="per-second CSV: IOPS, MB/s, mean and p99 latency, issue lag")
+    return p
+
+
+def _write(text: str, path: Path | None) -> None:
+    if path is None:
+        sys.stdout.write(text)
+        return
+    try:
+        path.write_text(text)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def run_replay(args: argparse.Namespace) -> int:
+    """`dataplane replay`: 0 clean, 1 when I/O failed or the run ended early (ConfigError and
+    other DataplaneErrors are the caller's: one line, status 2)."""
+    if args.compare:
+        return _run_compare(args)
+    if args.trace is None:
+        raise ConfigError("name a TRACE to replay (or use --compare A.json B.json)")
+    if args.socket is None and args.native is None:
+        raise ConfigError("name the target: --socket PATH (vhost-user-blk) or --native FILE")
+    from .detect import open_trace
+    from .engine import ReplayOptions
+
+    try:
+        cpus = [int(c) for c in args.cpus.split(",") if c.strip()]
+    except ValueError:
+        raise ConfigError(f"--cpus {args.cpus!r}: expected a comma-separated list of CPU numbers") from None
+    options = ReplayOptions(mode=args.mode, speed=args.speed, iodepth=args.iodepth,
+                            queue_map=args.queue_map, fit=args.fit, max_request=args.max_request,
+                            spin_us=args.spin_us, poll_us=args.poll_us, cpus=cpus,
+                            feed_memory=args.feed_mb << 20)
+    reader = open_trace(args.trace, args.format, on_error=args.on_error, events=args.events)
+    if args.native is not None:
+        from .native import replay_native
+
+        result = replay_native(args.native, reader, options, queues=args.queues, read_only=args.read_only)
+    else:
+        result = _replay_socket(args.socket, reader, options, args.queues)
+    if args.output_format == "json":
+        report = json.dumps(result.to_json(args.group_reporting), indent=2) + "\n"
+    else:
+        report = result.to_text(args.group_reporting)
+    _write(report, args.output)
+    if args.timeseries is not None:
+        result.write_timeseries(args.timeseries)
+    if result.reader_skipped:
+        log.warning("replay: skipped %d malformed line(s) of %s", result.reader_skipped, args.trace)
+    if result.error or result.io_errors:
+        log.error("replay: %s", result.summary_of_problems())
+        return 1
+    return 0
+
+
+def _replay_socket(socket: Path, reader, options, queues: int):
+    from ..frontend import Device
+    from .engine import Geometry, buffer_size, replay_device, replay_memory, ring_size, scan_trace
+
+    scan = scan_trace(reader, options.max_request)
+    # Buffers are sized before the device's block size is known: assume the largest common one.
+    buf = buffer_size(scan, Geometry(capacity=1 << 62, block_size=4096, discard=True, flush=True), options)
+    with Device.connect(str(socket), queues=queues, queue_size=ring_size(options.depth, True),
+                        memory=replay_memory(queues, options, buf)) as dev:
+        return replay_device(dev, reader, options, scan=scan, target=str(socket))
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from .results import compare_reports, format_compare, load_report
+
+    path_a, path_b = args.compare
+    a, b = load_report(path_a), load_report(path_b)
+    rows = compare_reports(a, b)
+    if not rows:
+        raise ConfigError(f"{path_a} and {path_b} hold no I/O to compare")
+    if args.output_format == "json":
+        text = json.dumps({"a": str(path_a), "b": str(path_b), "rows": rows}, indent=2) + "\n"
+    else:
+        text = format_compare(rows, str(path_a), str(path_b))
+    _write(text, args.output)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dataplane.replay.cli replay ...`: the replay command on its own, with the
+    main CLI's conventions (errors are one line on stderr and status 2)."""
+    from ..errors import DataplaneError
+
+    parser = argparse.ArgumentParser(prog="python -m dataplane.replay.cli")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_replay_command(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        return run_replay(args)
+    except DataplaneError as exc:
+        if args.debug:
+            raise
+        print(f"dataplane {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1215 @@
+/* replay.c — trace replay: one thread per queue issues the records Python feeds it, in feed
+ * order, either on the trace's schedule (timed, open loop: lateness is measured as issue lag)
+ * or as fast as iodepth allows (afap, closed loop), through a split virtqueue (playing the
+ * guest, like driver.c) or through an io_uring on a file (the bare-metal baseline).
+ *
+ * Order within a queue: records are issued in feed order; one that overlaps a request in
+ * flight waits for it when either writes (a flush waits for every write in flight), and the
+ * records after it wait too, so a read after a write in the same stream sees the write.
+ * Completions may come back in any order. Everything read from the used ring is checked.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "replay.h"
+
+#define NO_SLOT 0xffff
+#define SECTOR 512
+#define STAMP_STRIDE 4096
+#define ARENA_ALIGN 4096
+#define STATUS_UNSET 0xff
+#define NO_LAYOUT 0xff
+#define HAZARD_SHIFT 20
+#define HAZARD_SPAN 16
+#define DEFAULT_FEED 65536u
+#define DEFAULT_TIMEOUT_NS (30ull * 1000000000ull)
+#define LATE_NS 1000000ull
+#define NS_PER_S 1000000000ull
+/* Longest sleep while a second's row waits to be published, so rows flow while idle. */
+#define SERIES_TICK_NS (NS_PER_S / 4)
+
+/* Single writer (the replay thread); readers poll it while the thread runs. */
+#define COUNTER_ADD(field, n) \
+    __atomic_store_n(&(field), (field) + (n), __ATOMIC_RELAXED)
+
+struct replay_stamp {
+    uint32_t magic;
+    uint32_t queue;
+    uint64_t seq;                /* record + 1 */
+    uint64_t offset;             /* disk byte offset of the stamped position */
+};
+
+static inline int op_writes(unsigned op)
+{
+    return op == DP_REPLAY_OP_WRITE || op == DP_REPLAY_OP_TRIM;
+}
+
+static inline int op_has_data(unsigned op)
+{
+    return op == DP_REPLAY_OP_READ || op == DP_REPLAY_OP_WRITE;
+}
+
+/* fio's io_u_dist buckets: 1, 2-3, 4-7, 8-15, 16-31, 32-63, >=64 */
+static inline unsigned depth_bucket(unsigned depth)
+{
+    unsigned b = depth ? 31u - (unsigned)__builtin_clz(depth) : 0;
+    return b < 6 ? b : 6;
+}
+
+/* fio's submit/complete buckets: 0, 1-4, 5-8, 9-16, 17-32, 33-64, >64 */
+static inline unsigned batch_bucket(unsigned n)
+{
+    if (n == 0)
+        return 0;
+    if (n <= 4)
+        return 1;
+    unsigned b = 32u - (unsigned)__builtin_clz(n - 1);
+    return b - 1 < 6 ? b - 1 : 6;
+}
+
+static void wake(int fd)
+{
+    uint64_t one = 1;
+    ssize_t rc = write(fd, &one, sizeof(one));
+    (void)rc;   /* a saturated counter still wakes */
+}
+
+static void drain_eventfd(int fd)
+{
+    uint64_t v;
+    ssize_t rc = read(fd, &v, sizeof(v));
+    (void)rc;
+}
+
+/* ---- the feed (consumer side; the producer is dp_replay_feed) ---- */
+
+static inline const struct dp_replay_rec *feed_peek(struct dp_replay *r)
+{
+    struct replay_feed *f = &r->feed;
+    /* Pairs with the release store of tail in dp_replay_feed: records before the index. */
+    if (f->local_head == __atomic_load_n(&f->tail, __ATOMIC_ACQUIRE))
+        return NULL;
+    return &f->buf[f->local_head & f->mask];
+}
+
+static inline int feed_ended(struct dp_replay *r)
+{
+    struct replay_feed *f = &r->feed;
+    if (!__atomic_load_n(&f->end, __ATOMIC_ACQUIRE))
+        return 0;
+    return f->local_head == __atomic_load_n(&f->tail, __ATOMIC_ACQUIRE);
+}
+
+/* Give the consumed records' room back and wake a producer waiting for it. */
+static void feed_release(struct dp_replay *r)
+{
+    struct replay_feed *f = &r->feed;
+    if (f->head == f->local_head)
+        return;
+    /* Our reads of the records before the producer may overwrite them. */
+    __atomic_store_n(&f->head, f->local_head, __ATOMIC_RELEASE);
+    /* head before producer_waiting; pairs with the fence in feed_wait_room. */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&f->producer_waiting, __ATOMIC_RELAXED)) {
+        pthread_mutex_lock(&r->lock);
+        pthread_cond_broadcast(&f->room);
+        pthread_mutex_unlock(&r->lock);
+    }
+}
+
+/* ---- per-second rows ----
+ * Nothing is recorded per request for them: when a second ends, its row is the difference
+ * between the cumulative per-op stats now and at the end of the previous second. */
+
+/* out += now - before (out may already hold other differences). */
+static void hist_diff(struct dp_hist *out, const struct dp_hist *now, const struct dp_hist *before)
+{
+    int first = -1, last = -1;
+    out->n += now->n - before->n;
+    out->sum += now->sum - before->sum;
+    out->sumsq += now->sumsq - before->sumsq;
+    for (unsigned i = 0; i < DP_HIST_NR; i++) {
+        uint64_t c = now->bucket[i] - before->bucket[i];
+        out->bucket[i] += c;
+        if (c) {
+            if (first < 0)
+                first = (int)i;
+            last = (int)i;
+        }
+    }
+    if (first >= 0) {
+        uint64_t lo = dp_hist_bucket_low((unsigned)first), hi = dp_hist_bucket_value((unsigned)last);
+        out->min = out->min && out->min < lo ? out->min : lo;
+        out->max = out->max > hi ? out->max : hi;
+    }
+}
+
+static void series_publish(struct dp_replay *r)
+{
+    struct replay_series_snap *prev = &r->prev;
+    if (r->completed == prev->completed)
+        return;
+    uint64_t head = __atomic_load_n(&r->series_head, __ATOMIC_ACQUIRE);
+    if (r->series_tail - head < REPLAY_SERIES_RING) {
+        struct replay_series_entry *e = &r->series[r->series_tail % REPLAY_SERIES_RING];
+        memset(e, 0, sizeof(*e));
+        e->row.second = r->cur_second;
+        for (unsigned op = 0; op < DP_REPLAY_OPS; op++) {
+            e->row.ios[op] = r->op[op].ios - prev->ios[op];
+            e->row.bytes[op] = r->op[op].bytes - prev->bytes[op];
+            hist_diff(&e->hist[2], &r->op[op].slat, &prev->slat[op]);
+        }
+        hist_diff(&e->hist[0], &r->op[DP_REPLAY_OP_READ].clat, &prev->clat[0]);
+        hist_diff(&e->hist[1], &r->op[DP_REPLAY_OP_WRITE].clat, &prev->clat[1]);
+        /* The row before the index that publishes it (pairs with dp_replay_take_second). */
+        __atomic_store_n(&r->series_tail, r->series_tail + 1, __ATOMIC_RELEASE);
+    } else {
+        COUNTER_ADD(r->c.series_dropped, 1);
+    }
+    prev->completed = r->completed;
+    for (unsigned op = 0; op < DP_REPLAY_OPS; op++) {
+        prev->ios[op] = r->op[op].ios;
+        prev->bytes[op] = r->op[op].bytes;
+        prev->slat[op] = r->op[op].slat;
+    }
+    prev->clat[0] = r->op[DP_REPLAY_OP_READ].clat;
+    prev->clat[1] = r->op[DP_REPLAY_OP_WRITE].clat;
+}
+
+/* At the end of a second, publish its row and move on to the second `now` falls in. */
+static inline void series_at(struct dp_replay *r, uint64_t now)
+{
+    if (now < r->cur_end_ns)
+        return;
+    series_publish(r);
+    uint64_t second = now > r->start_ns ? (now - r->start_ns) / NS_PER_S : 0;
+    r->cur_second = second;
+    r->cur_end_ns = r->start_ns + (second + 1) * NS_PER_S;
+    /* Rows before the horizon are published (or counted as dropped). */
+    __atomic_store_n(&r->horizon, second, __ATOMIC_RELEASE);
+}
+
+/* ---- transport: the driver side of a split virtqueue ---- */
+
+/* The slot's chain is rewritten only when its op changes; otherwise the header's sector, the
+ * data length or the discard range is all that differs from the slot's previous request. */
+static void vring_prep(struct dp_replay *r, struct replay_slot *s)
+{
+    struct virtio_blk_outhdr *hdr = (struct virtio_blk_outhdr *)s->meta;
+    struct virtio_blk_discard_write_zeroes *range =
+        (struct virtio_blk_discard_write_zeroes *)(s->meta + 32);
+    uint8_t *status = s->meta + 16;
+    int data = op_has_data(s->op);
+
+    hdr->sector = data ? s->offset >> SECTOR_SHIFT : 0;
+    if (s->op == DP_REPLAY_OP_TRIM) {
+        range->sector = s->offset >> SECTOR_SHIFT;
+        range->num_sectors = s->length >> SECTOR_SHIFT;
+        range->flags = 0;
+    }
+    *status = STATUS_UNSET;   /* a device that never writes it is caught */
+    /* Descriptors are plain stores: the release store of avail->idx publishes them. */
+    if (s->layout == s->op) {
+        if (data)
+            s->data_desc->len = s->length;
+        driver_ring_add(&r->ring, s->head);
+        return;
+    }
+
+    static const uint32_t type[DP_REPLAY_OPS] = { VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH,
+                                                  VIRTIO_BLK_T_DISCARD };
+    struct vring_desc chain[3];
+    unsigned n = 0;
+    hdr->type = type[s->op];
+    hdr->ioprio = 0;
+    chain[n++] = (struct vring_desc){ .addr = s->meta_gpa, .len = 16, .flags = VRING_DESC_F_NEXT };
+    if (data)
+        chain[n++] = (struct vring_desc){ .addr = s->data_gpa, .len = s->length, .flags = VRING_DESC_F_NEXT |
+                                          (s->op == DP_REPLAY_OP_READ ? VRING_DESC_F_WRITE : 0) };
+    else if (s->op == DP_REPLAY_OP_TRIM)
+        chain[n++] = (struct vring_desc){ .addr = s->meta_gpa + 32, .len = sizeof(*range),
+                                          .flags = VRING_DESC_F_NEXT };
+    chain[n++] = (struct vring_desc){ .addr = s->meta_gpa + 16, .len = 1, .flags = VRING_DESC_F_WRITE };
+
+    struct vring_desc *table = r->p.indirect ? (struct vring_desc *)(s->meta + 64) : &r->ring.desc[s->head];
+    for (unsigned i = 0; i < n; i++) {
+        chain[i].next = (uint16_t)((r->p.indirect ? 0 : s->head) + i + 1);
+        table[i] = chain[i];
+    }
+    if (r->p.indirect)
+        r->ring.desc[s->head].len = n * (uint32_t)sizeof(struct vring_desc);
+    s->data_desc = &table[1];
+    s->layout = s->op;
+    driver_ring_add(&r->ring, s->head);
+}
+
+static int vring_submit(struct dp_replay *r)
+{
+    if (!driver_ring_publish(&r->ring))
+        return 0;
+    int rc = driver_ring_kick(&r->ring);
+    if (rc < 0)
+        return rc;
+    r->c.kicks++;
+    return 0;
+}
+
+/* ---- transport: io_uring on the file ---- */
+
+static void uring_prep(struct dp_replay *r, struct replay_slot *s)
+{
+    /* The SQ holds iodepth entries and every batch is submitted: there is always one. */
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&r->uring);
+    unsigned index = (unsigned)(s - r->slots);
+    switch (s->op) {
+    case DP_REPLAY_OP_READ:
+        if (r->fixed_buffers)
+            io_uring_prep_read_fixed(sqe, r->p.fd, s->data, s->length, s->offset, (int)index);
+        else
+            io_uring_prep_read(sqe, r->p.fd, s->data, s->length, s->offset);
+        break;
+    case DP_REPLAY_OP_WRITE:
+        if (r->fixed_buffers)
+            io_uring_prep_write_fixed(sqe, r->p.fd, s->data, s->length, s->offset, (int)index);
+        else
+            io_uring_prep_write(sqe, r->p.fd, s->data, s->length, s->offset);
+        break;
+    case DP_REPLAY_OP_FLUSH:
+        io_uring_prep_fsync(sqe, r->p.fd, IORING_FSYNC_DATASYNC);
+        break;
+    default:
+        /* what the backend does for DISCARD on a file (backend_file.c) */
+        io_uring_prep_fallocate(sqe, r->p.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                                s->offset, s->length);
+        break;
+    }
+    io_uring_sqe_set_data64(sqe, index);
+}
+
+static int uring_submit(struct dp_replay *r)
+{
+    int rc = io_uring_submit(&r->uring);
+    if (rc < 0)
+        return rc;
+    r->c.kicks++;
+    return 0;
+}
+
+/* ---- requests ---- */
+
+/* In-flight ranges by 1 MiB bucket (offset >> HAZARD_SHIFT, modulo the table): a record whose
+ * buckets hold nothing it could conflict with needs no scan of the in-flight list. Requests
+ * spanning HAZARD_SPAN buckets or more are not bucketed; while one is in flight every check
+ * scans. */
+static void hazard_track(struct dp_replay *r, const struct replay_slot *s, int delta)
+{
+    if (s->op == DP_REPLAY_OP_FLUSH)
+        return;
+    uint64_t first = s->offset >> HAZARD_SHIFT, last = (s->offset + s->length - 1) >> HAZARD_SHIFT;
+    if (last - first >= HAZARD_SPAN) {
+        r->hazard_big += delta;
+        return;
+    }
+    int writes = op_writes(s->op);
+    for (uint64_t b = first; b <= last; b++) {
+        r->hazard_any[b & (HAZARD_BUCKETS - 1)] += delta;
+        if (writes)
+            r->hazard_write[b & (HAZARD_BUCKETS - 1)] += delta;
+    }
+}
+
+/* Would issuing rec now let it pass a request it must follow? */
+static int hazard(const struct dp_replay *r, const struct dp_replay_rec *rec)
+{
+    if (rec->op == DP_REPLAY_OP_FLUSH)
+        return r->writes_inflight > 0;
+    int writes = op_writes(rec->op);
+    if (!writes && !r->writes_inflight)
+        return 0;
+    uint64_t lo = rec->offset, hi = rec->offset + rec->length;
+    uint64_t first = lo >> HAZARD_SHIFT, last = (hi - 1) >> HAZARD_SHIFT;
+    if (!r->hazard_big && last - first < HAZARD_SPAN) {
+        const uint16_t *map = writes ? r->hazard_any : r->hazard_write;
+        uint64_t b = first;
+        while (b <= last && !map[b & (HAZARD_BUCKETS - 1)])
+            b++;
+        if (b > last)
+            return 0;
+    }
+    for (unsigned i = 0; i < r->inflight; i++) {
+        const struct replay_slot *s = &r->slots[r->inflight_list[i]];
+        if (s->op == DP_REPLAY_OP_FLUSH || (!writes && !op_writes(s->op)))
+            continue;
+        if (s->offset < hi && lo < s->offset + s->length)
+            return 1;
+    }
+    return 0;
+}
+
+static void stamp_write(struct dp_replay *r, struct replay_slot *s)
+{
+    for (uint32_t off = 0; off < s->length; off += STAMP_STRIDE) {
+        struct replay_stamp st = { .magic = DP_REPLAY_STAMP_MAGIC, .queue = r->p.queue,
+                                   .seq = s->seq + 1, .offset = s->offset + off };
+        memcpy(s->data + off, &st, sizeof(st));
+    }
+}
+
+static uint64_t stamp_tag(uint32_t queue, uint64_t seq1)
+{
+    return ((uint64_t)queue << 48) | (seq1 & 0xffffffffffffull);
+}
+
+static uint64_t read_tag(const struct replay_slot *s)
+{
+    struct replay_stamp st;
+    if (s->length < sizeof(st))
+        return 0;
+    memcpy(&st, s->data, sizeof(st));
+    if (st.magic != DP_REPLAY_STAMP_MAGIC || st.offset != s->offset)
+        return 0;
+    return stamp_tag(st.queue, st.seq);
+}
+
+static void take_record(struct dp_replay *r, const struct dp_replay_rec *rec, uint64_t t_sched)
+{
+    struct replay_slot *s = &r->slots[r->free_slots[--r->nfree]];
+    s->offset = rec->offset;
+    s->length = rec->op == DP_REPLAY_OP_FLUSH ? 0 : rec->length;
+    s->op = rec->op;
+    s->t_sched = t_sched;
+    s->seq = r->seq++;
+    if (s->op == DP_REPLAY_OP_WRITE && r->p.stamp)
+        stamp_write(r, s);
+    s->inflight = 1;
+    s->list_pos = (uint16_t)r->inflight;
+    r->inflight_list[r->inflight++] = (uint16_t)(s - r->slots);
+    if (op_writes(s->op))
+        r->writes_inflight++;
+    hazard_track(r, s, 1);
+    r->c.depth_level[depth_bucket(r->inflight)]++;
+    if (r->p.kind == DP_REPLAY_VRING)
+        vring_prep(r, s);
+    else
+        uring_prep(r, s);
+    r->batch[r->nbatch++] = (uint16_t)(s - r->slots);
+    r->feed.local_head++;
+    r->starved = 0;
+}
+
+/* Issue what is due, in feed order, up to the free slots; submit once. Returns the number
+ * issued or -errno; *ended when the feed is exhausted. */
+static int issue(struct dp_replay *r, uint64_t now, int *ended)
+{
+    const struct dp_replay_rec *rec = NULL;
+    int timed = r->p.mode == DP_REPLAY_TIMED;
+    while ((rec = feed_peek(r)) != NULL) {
+        uint64_t t_sched = now;
+        if (timed) {
+            t_sched = r->start_ns + (rec->time_ns > 0 ? (uint64_t)rec->time_ns : 0);
+            if (t_sched > now)
+                break;
+        }
+        if (!r->nfree) {
+            if (timed && r->noted_full != r->seq + 1) {
+                r->c.full_waits++;
+                r->noted_full = r->seq + 1;
+            }
+            break;
+        }
+        if (hazard(r, rec)) {
+            if (r->noted_hazard != r->seq + 1) {
+                r->c.hazard_waits++;
+                r->noted_hazard = r->seq + 1;
+            }
+            break;
+        }
+        take_record(r, rec, t_sched);
+    }
+    if (!rec && feed_ended(r))
+        *ended = 1;
+    if (!r->nbatch)
+        return 0;
+
+    uint64_t t_submit = driver_now_ns();
+    for (unsigned i = 0; i < r->nbatch; i++) {
+        struct replay_slot *s = &r->slots[r->batch[i]];
+        s->t_submit = t_submit;
+        if (timed && t_submit - s->t_sched > LATE_NS)
+            r->c.late_ios++;
+        if (s->seq < r->p.log_len) {
+            struct dp_replay_log_entry *e = &r->p.log[s->seq];
+            e->sched_ns = s->t_sched;
+            e->submit_ns = t_submit;
+            e->op = s->op;
+            e->tag = s->op == DP_REPLAY_OP_WRITE && r->p.stamp ? stamp_tag(r->p.queue, s->seq + 1) : 0;
+        }
+    }
+    unsigned added = r->nbatch;
+    r->nbatch = 0;
+    COUNTER_ADD(r->c.records, added);
+    r->c.submit_level[batch_bucket(added)]++;
+    feed_release(r);
+    int rc = r->p.kind == DP_REPLAY_VRING ? vring_submit(r) : uring_submit(r);
+    return rc < 0 ? rc : (int)added;
+}
+
+/* status: virtio-blk status, or for io_uring the result (bytes or -errno). */
+static void complete_slot(struct dp_replay *r, struct replay_slot *s, int ok, int short_io,
+                          int32_t status, unsigned err_class, uint64_t now)
+{
+    struct dp_load_dir_stats *ds = &r->op[s->op];
+    if (!ok) {
+        if (err_class == VIRTIO_BLK_S_IOERR)
+            ds->err_ioerr++;
+        else if (err_class == VIRTIO_BLK_S_UNSUPP)
+            ds->err_unsupp++;
+        else
+            ds->err_other++;
+    } else if (short_io) {
+        ds->short_ios++;
+    }
+    if (s->seq < r->p.log_len) {
+        struct dp_replay_log_entry *e = &r->p.log[s->seq];
+        e->complete_ns = now;
+        e->status = status;
+        if (s->op == DP_REPLAY_OP_READ && ok && r->p.stamp)
+            e->tag = read_tag(s);
+    }
+    if (ok) {
+        uint64_t clat = now - s->t_submit;
+        hist_add(&ds->clat, clat);
+        hist_add(&ds->lat, now - s->t_sched);
+        hist_add(&ds->slat, s->t_submit - s->t_sched);
+        ds->bytes += s->length;
+        COUNTER_ADD(ds->ios, 1);
+    }
+    r->last_completion = now;
+    COUNTER_ADD(r->completed, 1);
+    /* out of the in-flight list (swap with the last) and back on the free stack */
+    uint16_t last = r->inflight_list[--r->inflight];
+    r->inflight_list[s->list_pos] = last;
+    r->slots[last].list_pos = s->list_pos;
+    if (op_writes(s->op))
+        r->writes_inflight--;
+    hazard_track(r, s, -1);
+    s->inflight = 0;
+    r->free_slots[r->nfree++] = (uint16_t)(s - r->slots);
+}
+
+static int vring_reap(struct dp_replay *r, uint64_t now)
+{
+    struct driver_ring *ring = &r->ring;
+    uint16_t n = driver_ring_used_pending(ring);
+    if (!n)
+        return 0;
+    if (n > r->inflight) {
+        r->c.bad_used++;   /* more completions than requests outstanding */
+        return -EPROTO;
+    }
+    for (uint16_t i = 0; i < n; i++) {
+        const struct vring_used_elem *e = &ring->used->ring[ring->last_used_idx & (ring->num - 1)];
+        uint32_t id = __atomic_load_n(&e->id, __ATOMIC_RELAXED);
+        uint32_t len = __atomic_load_n(&e->len, __ATOMIC_RELAXED);
+        ring->last_used_idx++;
+        uint16_t slot = id < ring->num ? r->head_to_slot[id] : NO_SLOT;
+        if (slot == NO_SLOT || !r->slots[slot].inflight) {
+            r->c.bad_used++;
+            return -EPROTO;
+        }
+        struct replay_slot *s = &r->slots[slot];
+        uint8_t status = __atomic_load_n(s->meta + 16, __ATOMIC_RELAXED);
+        uint32_t writable = s->op == DP_REPLAY_OP_READ ? s->length + 1 : 1;
+        int ok = status == VIRTIO_BLK_S_OK, short_io = 0;
+        unsigned err_class = status;
+        if (len > writable) {
+            /* the device claims to have written more than it was given */
+            r->c.bad_used++;
+            ok = 0;
+            err_class = STATUS_UNSET;
+        } else if (ok && s->op == DP_REPLAY_OP_READ && len < writable) {
+            short_io = 1;
+        }
+        complete_slot(r, s, ok, short_io, status, err_class, now);
+    }
+    r->c.complete_level[batch_bucket(n)]++;
+    return n;
+}
+
+static int uring_reap(struct dp_replay *r, uint64_t now)
+{
+    struct io_uring_cqe *cqe;
+    unsigned head, n = 0;
+    io_uring_for_each_cqe(&r->uring, head, cqe) {
+        uint64_t index = cqe->user_data;
+        n++;
+        if (index >= r->p.iodepth || !r->slots[index].inflight)
+            continue;   /* cannot happen: we submit every SQE */
+        struct replay_slot *s = &r->slots[index];
+        int32_t res = cqe->res;
+        int ok = res >= 0, short_io = 0;
+        unsigned err_class = res == -EIO ? VIRTIO_BLK_S_IOERR
+                           : res == -EOPNOTSUPP || res == -ENOTSUP ? VIRTIO_BLK_S_UNSUPP : STATUS_UNSET;
+        if (ok && op_has_data(s->op) && (uint32_t)res < s->length) {
+            if (s->op == DP_REPLAY_OP_READ) {
+                short_io = 1;
+            } else {
+                ok = 0;   /* a short O_DIRECT write: no room on the file system */
+                err_class = STATUS_UNSET;
+            }
+        }
+        complete_slot(r, s, ok, short_io, res, err_class, now);
+    }
+    io_uring_cq_advance(&r->uring, n);
+    if (n)
+        r->c.complete_level[batch_bucket(n)]++;
+    return (int)n;
+}
+
+static inline int completions_pending(struct dp_replay *r)
+{
+    if (r->p.kind == DP_REPLAY_VRING)
+        return driver_ring_used_pending(&r->ring) != 0;
+    return io_uring_cq_ready(&r->uring) != 0;
+}
+
+/* ---- the loop ---- */
+
+static void take_rusage(uint64_t *usr, uint64_t *sys, uint64_t *ctx)
+{
+    struct rusage ru;
+    if (getrusage(RUSAGE_THREAD, &ru) != 0)
+        return;
+    *usr = (uint64_t)ru.ru_utime.tv_sec * NS_PER_S + (uint64_t)ru.ru_utime.tv_usec * 1000;
+    *sys = (uint64_t)ru.ru_stime.tv_sec * NS_PER_S + (uint64_t)ru.ru_stime.tv_usec * 1000;
+    *ctx = (uint64_t)ru.ru_nvcsw + (uint64_t)ru.ru_nivcsw;
+}
+
+static int stopping(const struct dp_replay *r)
+{
+    return __atomic_load_n(&r->stop, __ATOMIC_RELAXED);
+}
+
+/* Nothing to reap and nothing to issue: spin when the deadline is close, else sleep on the
+ * wake eventfd (stop, feed) and, with requests in flight, on completions, until deadline. */
+static int wait_idle(struct dp_replay *r, uint64_t now, uint64_t deadline, int want_feed,
+                     int precise)
+{
+    if (deadline <= now)
+        return 0;
+    if (r->inflight) {
+        if (r->p.poll_ns) {
+            uint64_t until = now + r->p.poll_ns < deadline ? now + r->p.poll_ns : deadline;
+            while (!completions_pending(r) && driver_now_ns() < until)
+                driver_cpu_relax();
+            if (completions_pending(r))
+                return 0;
+        }
+        if (r->p.kind == DP_REPLAY_VRING) {
+            if (driver_ring_enable_interrupts(&r->ring)) {
+                driver_ring_disable_interrupts(&r->ring);
+                return 0;
+            }
+        } else if (io_uring_cq_ready(&r->uring)) {
+            return 0;
+        }
+    }
+    struct replay_feed *f = &r->feed;
+    if (want_feed) {
+        __atomic_store_n(&f->consumer_waiting, 1, __ATOMIC_RELAXED);
+        /* consumer_waiting before re-reading tail; pairs with the fence in dp_replay_feed. */
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        if (feed_peek(r) || __atomic_load_n(&f->end, __ATOMIC_ACQUIRE)) {
+            __atomic_store_n(&f->consumer_waiting, 0, __ATOMIC_RELAXED);
+            goto out;
+        }
+    }
+    if (deadline - now < r->p.spin_ns) {
+        /* The schedule is close: a sleep would overshoot it by the timer's wake-up latency. */
+        while (driver_now_ns() < deadline && !stopping(r) &&
+               !(r->inflight && completions_pending(r)) && !(want_feed && feed_peek(r)))
+            driver_cpu_relax();
+    } else {
+        int cfd = r->p.kind == DP_REPLAY_VRING ? r->ring.call_fd : r->uring.ring_fd;
+        struct pollfd fds[2] = { { .fd = r->wake_fd, .events = POLLIN },
+                                 { .fd = cfd, .events = POLLIN } };
+        /* A record's time: wake spin_ns early and spin the rest, as a sleep overshoots. */
+        uint64_t left = deadline - now - (precise ? r->p.spin_ns : 0);
+        struct timespec ts = { .tv_sec = (time_t)(left / NS_PER_S), .tv_nsec = (long)(left % NS_PER_S) };
+        int rc = ppoll(fds, r->inflight ? 2 : 1, &ts, NULL);
+        if (rc < 0 && errno != EINTR)
+            return -errno;
+        if (rc > 0 && (fds[0].revents & POLLIN))
+            drain_eventfd(r->wake_fd);
+        if (rc > 0 && r->inflight && (fds[1].revents & POLLIN)) {
+            if (r->p.kind == DP_REPLAY_VRING)
+                drain_eventfd(cfd);
+            r->c.interrupts++;
+        }
+    }
+    if (want_feed)
+        __atomic_store_n(&f->consumer_waiting, 0, __ATOMIC_RELAXED);
+out:
+    if (r->inflight && r->p.kind == DP_REPLAY_VRING)
+        driver_ring_disable_interrupts(&r->ring);
+    return 0;
+}
+
+/* Wait for dp_replay_begin, then for its start time. Returns 0, or 1 when stopped first. */
+static int wait_begin(struct dp_replay *r)
+{
+    pthread_mutex_lock(&r->lock);
+    while (!r->begun && !r->stop)
+        pthread_cond_wait(&r->cond, &r->lock);
+    int stopped = !r->begun;
+    pthread_mutex_unlock(&r->lock);
+    if (stopped)
+        return 1;
+    for (;;) {
+        uint64_t now = driver_now_ns();
+        if (now >= r->start_ns || stopping(r))
+            return 0;
+        wait_idle(r, now, r->start_ns, 0, 1);
+    }
+}
+
+static int replay_run(struct dp_replay *r)
+{
+    uint64_t usr0 = 0, sys0 = 0, ctx0 = 0, usr1 = 0, sys1 = 0, ctx1 = 0;
+    int rc = 0, issuing = 1, timed = r->p.mode == DP_REPLAY_TIMED;
+
+    if (r->p.kind == DP_REPLAY_VRING)
+        driver_ring_disable_interrupts(&r->ring);
+    if (wait_begin(r))
+        issuing = 0;
+    take_rusage(&usr0, &sys0, &ctx0);
+    uint64_t now = driver_now_ns(), last_progress = now;
+    r->last_completion = r->start_ns;
+    r->cur_end_ns = 0;
+    series_at(r, now);
+
+    for (;;) {
+        if (issuing && stopping(r))
+            issuing = 0;
+        int added = 0, ended = 0;
+        if (issuing) {
+            added = issue(r, now, &ended);
+            if (added < 0) {
+                rc = added;
+                break;
+            }
+            if (ended)
+                issuing = 0;
+        }
+        now = driver_now_ns();
+        series_at(r, now);
+        int n = r->p.kind == DP_REPLAY_VRING ? vring_reap(r, now) : uring_reap(r, now);
+        if (n < 0) {
+            rc = n;
+            break;
+        }
+        if (n > 0)
+            last_progress = now;
+        if (!issuing && !r->inflight)
+            break;
+        if (!n && !added) {
+            uint64_t deadline = r->inflight ? last_progress + r->p.timeout_ns : UINT64_MAX;
+            int want_feed = 0, precise = 0;
+            if (issuing) {
+                const struct dp_replay_rec *rec = feed_peek(r);
+                if (!rec) {
+                    want_feed = 1;
+                    if (!r->starved) {
+                        r->c.feed_waits++;
+                        r->starved = 1;
+                    }
+                } else if (timed && r->nfree && !hazard(r, rec)) {
+                    uint64_t due = r->start_ns + (rec->time_ns > 0 ? (uint64_t)rec->time_ns : 0);
+                    if (due < deadline) {
+                        deadline = due;
+                        precise = 1;
+                    }
+                }
+            }
+            if (r->completed != r->prev.completed && r->cur_end_ns < deadline) {
+                deadline = r->cur_end_ns;
+                precise = 0;
+            } else if (now + SERIES_TICK_NS < deadline) {
+                deadline = now + SERIES_TICK_NS;   /* rows and stop requests keep flowing */
+                precise = 0;
+            }
+            if (!r->inflight)
+                last_progress = now;               /* waiting for the schedule is not a stall */
+            rc = wait_idle(r, now, deadline, want_feed, precise);
+            if (rc < 0)
+                break;
+            now = driver_now_ns();
+        }
+        series_at(r, now);
+        if (r->inflight && now - last_progress >= r->p.timeout_ns) {
+            rc = -ETIMEDOUT;
+            break;
+        }
+    }
+
+    take_rusage(&usr1, &sys1, &ctx1);
+    r->c.usr_ns = usr1 - usr0;
+    r->c.sys_ns = sys1 - sys0;
+    r->c.ctx = ctx1 - ctx0;
+    r->c.start_ns = r->start_ns;
+    r->c.completed = r->completed;
+    r->c.runtime_ns = r->last_completion > r->start_ns ? r->last_completion - r->start_ns : 0;
+    series_publish(r);
+    __atomic_store_n(&r->horizon, UINT64_MAX, __ATOMIC_RELEASE);
+    r->abandoned = r->inflight;   /* an early end leaves requests that may still write buffers */
+    if (r->p.kind == DP_REPLAY_VRING) {
+        driver_ring_hand_back(&r->ring);
+        r->c.avail_idx = r->ring.avail_idx;
+        r->c.last_used_idx = r->ring.last_used_idx;
+    }
+    return rc;
+}
+
+/* ---- setup ---- */
+
+static int uring_setup(struct dp_replay *r)
+{
+    const struct dp_replay_params *p = &r->p;
+    struct io_uring_params up = { 0 };
+    int rc = io_uring_queue_init_params(p->iodepth, &r->uring, &up);
+    if (rc < 0)
+        return rc;
+    r->uring_ready = 1;
+    uint64_t total = (uint64_t)p->iodepth * p->buf_size;
+    void *bufs = NULL;
+    rc = -posix_memalign(&bufs, ARENA_ALIGN, total);
+    if (rc < 0)
+        return rc;
+    memset(bufs, 0, total);
+    r->own_bufs = bufs;
+    struct iovec *iov = calloc(p->iodepth, sizeof(*iov));
+    if (!iov)
+        return -ENOMEM;
+    for (unsigned i = 0; i < p->iodepth; i++) {
+        iov[i].iov_base = r->own_bufs + (uint64_t)i * p->buf_size;
+        iov[i].iov_len = p->buf_size;
+        r->slots[i].data = iov[i].iov_base;
+    }
+    /* Registered buffers save a page pin per request; without (RLIMIT_MEMLOCK), plain. */
+    r->fixed_buffers = io_uring_register_buffers(&r->uring, iov, p->iodepth) == 0;
+    free(iov);
+    return 0;
+}
+
+static void vring_setup(struct dp_replay *r)
+{
+    const struct dp_replay_params *p = &r->p;
+    uint64_t data_total = (uint64_t)p->iodepth * p->buf_size;
+    for (unsigned i = 0; i < p->num; i++)
+        r->head_to_slot[i] = NO_SLOT;
+    for (unsigned i = 0; i < p->iodepth; i++) {
+        struct replay_slot *s = &r->slots[i];
+        s->data_gpa = p->arena_gpa + (uint64_t)i * p->buf_size;
+        s->data = (uint8_t *)(uintptr_t)(p->arena_host + (uint64_t)i * p->buf_size);
+        s->meta_gpa = p->arena_gpa + data_total + (uint64_t)i * DP_REPLAY_SLOT_META;
+        s->meta = (uint8_t *)(uintptr_t)(p->arena_host + data_total) + (uint64_t)i * DP_REPLAY_SLOT_META;
+        memset(s->meta, 0, DP_REPLAY_SLOT_META);
+        s->layout = NO_LAYOUT;
+        memset(s->data, 0, p->buf_size);   /* fault the pages in now, not on the clock */
+        if (p->indirect) {
+            s->head = (uint16_t)i;
+            r->ring.desc[i] = (struct vring_desc){ .addr = s->meta_gpa + 64, .len = 0,
+                                                   .flags = VRING_DESC_F_INDIRECT };
+        } else {
+            s->head = (uint16_t)(3 * i);
+        }
+        r->head_to_slot[s->head] = (uint16_t)i;
+    }
+}
+
+static void *replay_thread(void *arg)
+{
+    struct dp_replay *r = arg;
+    char name[16];
+    snprintf(name, sizeof(name), "dp-replay%u", r->p.queue);
+    pthread_setname_np(pthread_self(), name);
+    prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);   /* timed replay wants µs wake-ups */
+    if (r->p.cpu >= 0) {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET(r->p.cpu, &set);
+        pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+    }
+    /* The io_uring belongs to the thread that submits to it. */
+    int rc = r->p.kind == DP_REPLAY_URING ? uring_setup(r) : 0;
+    pthread_mutex_lock(&r->lock);
+    r->init_rc = rc;
+    r->tid = (int)syscall(SYS_gettid);
+    pthread_cond_broadcast(&r->cond);
+    pthread_mutex_unlock(&r->lock);
+    if (rc == 0)
+        rc = replay_run(r);
+
+    pthread_mutex_lock(&r->lock);
+    r->c.error = rc;
+    r->done = 1;
+    pthread_cond_broadcast(&r->cond);
+    pthread_cond_broadcast(&r->feed.room);
+    pthread_mutex_unlock(&r->lock);
+    return NULL;
+}
+
+uint64_t dp_replay_arena_size(uint32_t buf_size, uint32_t iodepth)
+{
+    uint64_t meta = (uint64_t)iodepth * DP_REPLAY_SLOT_META;
+    return (uint64_t)iodepth * buf_size + (meta + ARENA_ALIGN - 1) / ARENA_ALIGN * ARENA_ALIGN;
+}
+
+static int check_params(const struct dp_replay_params *p)
+{
+    if (p->mode != DP_REPLAY_TIMED && p->mode != DP_REPLAY_AFAP)
+        return -EINVAL;
+    if (p->iodepth == 0 || p->iodepth > DP_REPLAY_MAX_IODEPTH)
+        return -EINVAL;
+    if (p->buf_size < ARENA_ALIGN || p->buf_size > DP_REPLAY_MAX_BUF || p->buf_size % ARENA_ALIGN)
+        return -EINVAL;
+    if (p->capacity < SECTOR || (p->log_len && !p->log) || p->feed_records > (1u << 30))
+        return -EINVAL;
+    if (p->kind == DP_REPLAY_URING)
+        return p->fd >= 0 ? 0 : -EBADF;
+    if (p->kind != DP_REPLAY_VRING)
+        return -EINVAL;
+    if (!p->desc_host || !p->avail_host || !p->used_host || p->kick_fd < 0 || p->call_fd < 0)
+        return -EINVAL;
+    if (p->num == 0 || p->num > 32768 || (p->num & (p->num - 1)))
+        return -EINVAL;
+    if (p->iodepth > (p->indirect ? p->num : p->num / 3))
+        return -EINVAL;
+    if (p->arena_gpa % ARENA_ALIGN || p->arena_host % ARENA_ALIGN ||
+        p->arena_len < dp_replay_arena_size(p->buf_size, p->iodepth))
+        return -EINVAL;
+    return 0;
+}
+
+struct dp_replay *dp_replay_new(const struct dp_replay_params *params, int *err)
+{
+    int rc = check_params(params);
+    if (rc < 0) {
+        *err = rc;
+        return NULL;
+    }
+    struct dp_replay *r = calloc(1, sizeof(*r));
+    if (!r) {
+        *err = -ENOMEM;
+        return NULL;
+    }
+    r->p = *params;
+    r->wake_fd = -1;
+    if (!r->p.timeout_ns)
+        r->p.timeout_ns = DEFAULT_TIMEOUT_NS;
+    uint32_t feed = r->p.feed_records ? r->p.feed_records : DEFAULT_FEED;
+    uint32_t cap = 16;
+    while (cap < feed)
+        cap <<= 1;
+    r->feed.mask = cap - 1;
+    if (params->kind == DP_REPLAY_VRING) {
+        r->ring = (struct driver_ring){
+            .num = params->num,
+            .desc = (struct vring_desc *)(uintptr_t)params->desc_host,
+            .avail = (struct vring_avail *)(uintptr_t)params->avail_host,
+            .used = (struct vring_used *)(uintptr_t)params->used_host,
+            .avail_idx = params->avail_idx,
+            .published_idx = params->avail_idx,
+            .last_used_idx = params->last_used_idx,
+            .event_idx = params->event_idx,
+            .kick_fd = params->kick_fd,
+            .call_fd = params->call_fd,
+        };
+    }
+    pthread_condattr_t attr;
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_mutex_init(&r->lock, NULL);
+    pthread_cond_init(&r->cond, &attr);
+    pthread_cond_init(&r->feed.room, &attr);
+    pthread_condattr_destroy(&attr);
+    r->joined = 1;   /* nothing to join until the thread exists */
+
+    unsigned depth = params->iodepth;
+    r->slots = calloc(depth, sizeof(*r->slots));
+    r->free_slots = calloc(depth, sizeof(*r->free_slots));
+    r->inflight_list = calloc(depth, sizeof(*r->inflight_list));
+    r->batch = calloc(depth, sizeof(*r->batch));
+    r->feed.buf = calloc(cap, sizeof(*r->feed.buf));
+    r->series = calloc(REPLAY_SERIES_RING, sizeof(*r->series));
+    if (params->kind == DP_REPLAY_VRING)
+        r->head_to_slot = calloc(params->num, sizeof(*r->head_to_slot));
+    if (!r->slots || !r->free_slots || !r->inflight_list || !r->batch || !r->feed.buf ||
+        !r->series || (params->kind == DP_REPLAY_VRING && !r->head_to_slot)) {
+        rc = -ENOMEM;
+        goto fail;
+    }
+    for (unsigned i = 0; i < depth; i++)
+        r->free_slots[r->nfree++] = (uint16_t)(depth - 1 - i);
+    r->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (r->wake_fd < 0) {
+        rc = -errno;
+        goto fail;
+    }
+    if (params->kind == DP_REPLAY_VRING)
+        vring_setup(r);
+
+    rc = -pthread_create(&r->thread, NULL, replay_thread, r);
+    if (rc < 0)
+        goto fail;
+    r->joined = 0;
+    pthread_mutex_lock(&r->lock);
+    while (!r->tid)
+        pthread_cond_wait(&r->cond, &r->lock);
+    rc = r->init_rc;
+    pthread_mutex_unlock(&r->lock);
+    if (rc < 0)
+        goto fail;
+    return r;
+
+fail:
+    dp_replay_free(r);
+    *err = rc;
+    return NULL;
+}
+
+int dp_replay_begin(struct dp_replay *r, uint64_t start_ns)
+{
+    pthread_mutex_lock(&r->lock);
+    int rc = r->begun ? -EALREADY : 0;
+    if (!rc) {
+        r->start_ns = start_ns;
+        r->begun = 1;
+        pthread_cond_broadcast(&r->cond);
+    }
+    pthread_mutex_unlock(&r->lock);
+    return rc;
+}
+
+static int check_record(const struct dp_replay *r, const struct dp_replay_rec *rec)
+{
+    if (rec->op >= DP_REPLAY_OPS)
+        return 0;
+    if (rec->op == DP_REPLAY_OP_FLUSH)
+        return 1;
+    if (!rec->length || rec->length % SECTOR || rec->offset % SECTOR)
+        return 0;
+    if (op_has_data(rec->op) && rec->length > r->p.buf_size)
+        return 0;
+    return rec->offset < r->p.capacity && rec->length <= r->p.capacity - rec->offset;
+}
+
+/* Wait until the feed has room or the thread is gone; 0 on timeout. */
+static int feed_wait_room(struct dp_replay *r, int timeout_ms)
+{
+    struct replay_feed *f = &r->feed;
+    struct timespec deadline;
+    clock_gettime(CLOCK_MONOTONIC, &deadline);
+    if (timeout_ms > 0) {
+        deadline.tv_sec += timeout_ms / 1000;
+        deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+        if (deadline.tv_nsec >= 1000000000L) {
+            deadline.tv_sec++;
+            deadline.tv_nsec -= 1000000000L;
+        }
+    }
+    int room = 0;
+    pthread_mutex_lock(&r->lock);
+    for (;;) {
+        __atomic_store_n(&f->producer_waiting, 1, __ATOMIC_RELAXED);
+        /* producer_waiting before re-reading head; pairs with the fence in feed_release. */
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        uint64_t head = __atomic_load_n(&f->head, __ATOMIC_ACQUIRE);
+        room = f->tail - head <= f->mask;
+        if (room || r->done)
+            break;
+        if (timeout_ms < 0)
+            pthread_cond_wait(&f->room, &r->lock);
+        else if (pthread_cond_timedwait(&f->room, &r->lock, &deadline) == ETIMEDOUT)
+            break;
+    }
+    __atomic_store_n(&f->producer_waiting, 0, __ATOMIC_RELAXED);
+    int done = r->done;
+    pthread_mutex_unlock(&r->lock);
+    return done ? -EPIPE : room;
+}
+
+int dp_replay_feed(struct dp_replay *r, const struct dp_replay_rec *recs, uint32_t n, int timeout_ms)
+{
+    struct replay_feed *f = &r->feed;
+    if (__atomic_load_n(&f->end, __ATOMIC_RELAXED))
+        return -EINVAL;
+    for (uint32_t i = 0; i < n; i++)
+        if (!check_record(r, &recs[i]))
+            return -EINVAL;
+    if (__atomic_load_n(&r->done, __ATOMIC_ACQUIRE))
+        return -EPIPE;
+    uint64_t cap = (uint64_t)f->mask + 1;
+    uint64_t head = __atomic_load_n(&f->head, __ATOMIC_ACQUIRE);
+    if (f->tail - head >= cap && n) {
+        if (timeout_ms == 0)
+            return 0;
+        int rc = feed_wait_room(r, timeout_ms);
+        if (rc <= 0)
+            return rc;
+        head = __atomic_load_n(&f->head, __ATOMIC_ACQUIRE);
+    }
+    uint64_t room = cap - (f->tail - head);
+    uint32_t count = n < room ? n : (uint32_t)room;
+    uint32_t at = (uint32_t)(f->tail & f->mask);
+    uint32_t first = count < cap - at ? count : (uint32_t)(cap - at);
+    memcpy(&f->buf[at], recs, (size_t)first * sizeof(*recs));
+    memcpy(f->buf, recs + first, (size_t)(count - first) * sizeof(*recs));
+    /* The records before the index that hands them over (pairs with feed_peek). */
+    __atomic_store_n(&f->tail, f->tail + count, __ATOMIC_RELEASE);
+    /* tail before consumer_waiting; pairs with the fence in wait_idle. */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&f->consumer_waiting, __ATOMIC_RELAXED))
+        wake(r->wake_fd);
+    return (int)count;
+}
+
+void dp_replay_feed_end(struct dp_replay *r)
+{
+    __atomic_store_n(&r->feed.end, 1, __ATOMIC_RELEASE);
+    wake(r->wake_fd);
+}
+
+void dp_replay_stop(struct dp_replay *r)
+{
+    pthread_mutex_lock(&r->lock);
+    __atomic_store_n(&r->stop, 1, __ATOMIC_RELAXED);
+    pthread_cond_broadcast(&r->cond);
+    pthread_mutex_unlock(&r->lock);
+    if (r->wake_fd >= 0)
+        wake(r->wake_fd);
+}
+
+int dp_replay_wait(struct dp_replay *r, int timeout_ms)
+{
+    struct timespec deadline;
+    clock_gettime(CLOCK_MONOTONIC, &deadline);
+    if (timeout_ms > 0) {
+        deadline.tv_sec += timeout_ms / 1000;
+        deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+        if (deadline.tv_nsec >= 1000000000L) {
+            deadline.tv_sec++;
+            deadline.tv_nsec -= 1000000000L;
+        }
+    }
+    pthread_mutex_lock(&r->lock);
+    while (!r->done) {
+        if (timeout_ms < 0)
+            pthread_cond_wait(&r->cond, &r->lock);
+        else if (timeout_ms == 0 ||
+                 pthread_cond_timedwait(&r->cond, &r->lock, &deadline) == ETIMEDOUT)
+            break;
+    }
+    int done = r->done;
+    pthread_mutex_unlock(&r->lock);
+    return done;
+}
+
+uint64_t dp_replay_completed(const struct dp_replay *r)
+{
+    return __atomic_load_n(&r->completed, __ATOMIC_RELAXED);
+}
+
+int dp_replay_take_second(struct dp_replay *r, struct dp_replay_second *row, struct dp_hist *hists)
+{
+    uint64_t head = r->series_head;
+    /* Pairs with the release store in series_publish: the row before its index. */
+    if (head == __atomic_load_n(&r->series_tail, __ATOMIC_ACQUIRE))
+        return 0;
+    const struct replay_series_entry *e = &r->series[head % REPLAY_SERIES_RING];
+    *row = e->row;
+    if (hists)
+        memcpy(hists, e->hist, sizeof(e->hist));
+    /* Our copy is done before the thread may reuse the entry. */
+    __atomic_store_n(&r->series_head, head + 1, __ATOMIC_RELEASE);
+    return 1;
+}
+
+uint64_t dp_replay_series_horizon(const struct dp_replay *r)
+{
+    return __atomic_load_n(&r->horizon, __ATOMIC_ACQUIRE);
+}
+
+static int finished(const struct dp_replay *r)
+{
+    struct dp_replay *m = (struct dp_replay *)r;
+    pthread_mutex_lock(&m->lock);
+    int done = m->done;
+    pthread_mutex_unlock(&m->lock);
+    return done;
+}
+
+int dp_replay_get_counters(const struct dp_replay *r, struct dp_replay_counters *out)
+{
+    if (!finished(r))
+        return -EBUSY;
+    *out = r->c;
+    return 0;
+}
+
+int dp_replay_get_op(const struct dp_replay *r, unsigned op, struct dp_load_dir_stats *out)
+{
+    if (op >= DP_REPLAY_OPS)
+        return -EINVAL;
+    if (!finished(r))
+        return -EBUSY;
+    *out = r->op[op];
+    return 0;
+}
+
+int dp_replay_thread_id(const struct dp_replay *r)
+{
+    return r->tid;
+}
+
+void dp_replay_free(struct dp_replay *r)
+{
+    if (!r)
+        return;
+    if (!r->joined) {
+        dp_replay_stop(r);
+        pthread_join(r->thread, NULL);
+        r->joined = 1;
+    }
+    if (r->uring_ready)
+        io_uring_queue_exit(&r->uring);
+    if (r->wake_fd >= 0)
+        close(r->wake_fd);
+    pthread_cond_destroy(&r->feed.room);
+    pthread_cond_destroy(&r->cond);
+    pthread_mutex_destroy(&r->lock);
+    if (!r->abandoned)
+        free(r->own_bufs);   /* else leaked: the kernel may still complete into them */
+    free(r->slots);
+    free(r->free_slots);
+    free(r->inflight_list);
+    free(r->batch);
+    free(r->feed.buf);
+    free(r->series);
+    free(r->head_to_slot);
+    free(r);
+}
