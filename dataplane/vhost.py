@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import selectors
 import signal
 import socket
@@ -53,6 +54,7 @@ from .vhost_proto import (
 log = logging.getLogger("dataplane.vhost")
 
 SEG_MAX = int(lib.DP_SEG_MAX)
+MESSAGE_TIMEOUT_S = 5.0
 MAX_QUEUE_SIZE = int(lib.DP_MAX_QUEUE_SIZE)
 MAX_MEM_REGIONS = int(lib.DP_MAX_MEM_REGIONS)
 
@@ -862,13 +864,17 @@ class VhostUserBlkServer:
             conn, _ = self.listener.accept()
         except BlockingIOError:
             return
-        if self.conn is not None and self._peer_gone(self.conn):
-            self._disconnect(sel, "front end disconnected")
+        # The attached front end may have left with messages still queued: read what it
+        # sent (up to its EOF) before judging the newcomer a second front end.
+        while self.conn is not None and self._readable(self.conn):
+            self._on_message(sel)
         if self.conn is not None:
             log.warning("refused a second front end: one is already connected")
             conn.close()
             return
-        conn.setblocking(True)
+        # A message must arrive whole within this time once its first byte did: a peer that
+        # stops mid-message is dropped instead of holding the control loop (and SIGTERM).
+        conn.settimeout(MESSAGE_TIMEOUT_S)
         self.conn = conn
         self.device = VhostUserBlkDevice(self.disk, self.options.num_queues, self.engines,
                                          inflight=self.options.inflight)
@@ -876,14 +882,9 @@ class VhostUserBlkServer:
         log.info("front end connected")
 
     @staticmethod
-    def _peer_gone(conn: socket.socket) -> bool:
-        """True when the attached front end has hung up (EOF waiting, nothing else)."""
-        try:
-            return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-        except BlockingIOError:
-            return False
-        except OSError:
-            return True
+    def _readable(conn: socket.socket) -> bool:
+        ready, _, _ = select.select([conn], [], [], 0)
+        return bool(ready)
 
     def _on_message(self, sel: selectors.BaseSelector) -> None:
         assert self.conn is not None and self.device is not None
@@ -892,6 +893,9 @@ class VhostUserBlkServer:
         except ProtocolError as exc:
             log.error("dropping the connection: %s", exc)
             self._disconnect(sel, "protocol error")
+            return
+        except TimeoutError:
+            self._disconnect(sel, f"dropping the connection: a message was cut off for {MESSAGE_TIMEOUT_S} s")
             return
         except OSError as exc:
             self._disconnect(sel, f"socket error: {exc.strerror}")

@@ -482,3 +482,32 @@ def test_reset_owner_disables_rings_and_reset_device_starts_afresh(start_backend
         assert not backend.device.vrings[0].running
         assert backend.device.mem is None
         assert backend.device.features == 0
+
+
+def test_a_message_cut_off_mid_way_does_not_hold_the_server(start_backend, monkeypatch):
+    """Half a header and then silence: the peer is dropped after the message timeout, and a
+    queued second front end is served once the first is gone."""
+    import dataplane.vhost as vhost
+
+    monkeypatch.setattr(vhost, "MESSAGE_TIMEOUT_S", 0.5)
+    backend = start_backend("null:16M", queues=1)
+    stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stalled.connect(backend.socket)
+    stalled.sendall(b"\x01\x00\x00\x00\x01\x00")
+    try:
+        assert wait_for(lambda: backend.device is None, timeout=5)
+        with Device.connect(backend.socket) as dev:
+            assert dev.read(0, 512) == bytes(512)
+    finally:
+        stalled.close()
+
+
+def test_a_front_end_that_left_with_messages_queued_frees_the_slot(start_backend):
+    backend = start_backend("null:16M", queues=1)
+    for _ in range(5):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(backend.socket)
+        sock.sendall(HEADER.pack(Request.GET_FEATURES, 1, 0) * 3)   # replies never read
+        sock.close()
+        with Device.connect(backend.socket) as dev:
+            assert dev.read(0, 512) == bytes(512)
