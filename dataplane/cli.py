@@ -122,9 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--runtime", type=_positive_int, default=5, help="fio seconds per job")
 
     add_load_parser(sub)
-    from .replay.cli import add_trace_commands
+    from .replay.cli import add_replay_command, add_trace_commands
 
     add_trace_commands(sub)
+    add_replay_command(sub)
     return parser
 
 
@@ -211,6 +212,12 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from .replay import cli as trace_cli
 
     return trace_cli.run(args)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from .replay import cli as trace_cli
+
+    return trace_cli.run_replay(args)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -317,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args.log_level or "info", args.log_format)
     handlers = {"serve": cmd_serve, "plan": cmd_plan, "stats": cmd_stats, "demo": cmd_demo,
-                "load": cmd_load, "trace": cmd_trace}
+                "load": cmd_load, "trace": cmd_trace, "replay": cmd_replay}
     try:
         return handlers[args.command](args)
     except DataplaneError as exc:
