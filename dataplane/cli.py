@@ -87,7 +87,8 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--socket-mode", default=None, help="socket permissions (default 0600)")
     p.add_argument("--socket-group", default=None, help="group owning the socket")
     p.add_argument("--poll-us", default=None,
-                   help="I/O threads spin this many microseconds for work before sleeping (default 0)")
+                   help="I/O threads spin up to this many microseconds for work before sleeping"
+                        " (default 50; 0 when they share CPUs with vCPUs)")
     p.add_argument("--metrics", default=None,
                    help="serve Prometheus metrics on [HOST:]PORT (HOST defaults to 127.0.0.1)")
     p.add_argument("--debug-no-inflight", dest="inflight", action="store_false", default=None,

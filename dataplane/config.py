@@ -44,7 +44,7 @@ class ServeConfig:
     log_level: str = "info"
     socket_mode: int = 0o600
     socket_group: str | None = None            # group owning the socket (with socket_mode)
-    poll_us: int = 0                           # I/O threads spin this long before sleeping
+    poll_us: int = 50                          # I/O threads spin this long before sleeping
     inflight: bool = True                      # offer INFLIGHT_SHMFD (off only to debug)
 
 
