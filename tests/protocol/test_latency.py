@@ -91,7 +91,7 @@ def client_p50(result: LoadResult, queue: int = 0, direction: str = "read") -> i
 def test_qd1_fixed_latency_p50_is_the_configured_value(start_backend) -> None:
     """At QD1 every request waits its 100 us alone: the device's median completion time is
     within 10 us of 100 us (p50, not p99: the tail belongs to the host's scheduler). The
-    guest, one kick and one interrupt further away, never sees it faster."""
+    guest, one kick and one interrupt further away, never sees it faster than the device."""
     backend = start_backend("null:64M,latency=fixed:100us", queues=1)
     result, (q,) = run(backend, Job(rw="randread", bs=4096, iodepth=1, runtime=1.5, ramp_time=0.3))
     assert q.completions > 1000, q
@@ -100,7 +100,8 @@ def test_qd1_fixed_latency_p50_is_the_configured_value(start_backend) -> None:
     assert q.stats["delayed"] > 0.9 * q.stats["requests"], q.stats
     assert q.stats["out_of_order"] == 0, q.stats
     guest = client_p50(result)
-    assert guest >= 100 * US, f"the guest saw p50 {guest / US:.1f} us, below the device's 100 us"
+    assert guest >= q.observed[50.0], (
+        f"the guest saw p50 {guest / US:.1f} us, below the device's {q.observed[50.0] / US:.1f} us")
 
 
 def test_fixed_latency_on_a_file_disk_comes_after_the_real_io(start_backend, disk_file) -> None:
@@ -115,12 +116,14 @@ def test_fixed_latency_on_a_file_disk_comes_after_the_real_io(start_backend, dis
     slow_backend = start_backend(f"{disk_file},latency=fixed:200us", queues=1)
     seen = []
     for _attempt in range(3):
-        _, (plain,) = run(plain_backend, job)
+        _, (before,) = run(plain_backend, job)
         _, (slow,) = run(slow_backend, job)
+        _, (after,) = run(plain_backend, job)   # the disk's drift, bracketed
         assert slow.stats["out_of_order"] == 0 and slow.stats["errors"] == 0, slow.stats
         assert slow.observed[50.0] >= 180 * US, slow.observed
-        added = slow.observed[50.0] - plain.observed[50.0]
-        seen.append(f"{plain.observed[50.0] / US:.0f} -> {slow.observed[50.0] / US:.0f} us")
+        plain = (before.observed[50.0] + after.observed[50.0]) / 2
+        added = slow.observed[50.0] - plain
+        seen.append(f"{plain / US:.0f} -> {slow.observed[50.0] / US:.0f} us")
         if abs(added - 200 * US) <= 40 * US:
             return
     pytest.fail(f"p50 without -> with latency=fixed:200us: {seen}")
@@ -194,20 +197,29 @@ def test_latency_and_iops_cap_together(start_backend) -> None:
 
 def test_configured_and_observed_percentiles_per_queue(start_backend) -> None:
     """Each queue reports its own observed distribution next to the configured one; with a
-    light closed-loop load they agree: p10..p90 within 10%; p99 not below 90% of the
-    configured one and not above 150% (the p99 of a busy 2-CPU host is partly its scheduler's)."""
+    light closed-loop load they agree: p10..p90 within 10%, p99 between 90% and 150% of the
+    configured value. The device may never be faster than 90% of the configuration; a host
+    stall (seconds, on this CI machine, while a QEMU guest runs beside the tests) can only
+    make it slower, so up to three runs get the chance to show the agreement."""
     backend = start_backend("null:64M,latency=lognormal:p50=500us,p99=3ms", queues=2)
-    _, seen = run(backend, Job(rw="randread", bs=4096, iodepth=4, runtime=2.0), queues=2)
-    for queue, q in enumerate(seen):
-        assert q.completions > 1000, q
-        assert q.stats["delayed"] > 0.9 * q.completions, q.stats
-        for pct in (10.0, 50.0, 90.0):
-            assert abs(q.observed[pct] - q.configured[pct]) <= 0.1 * q.configured[pct], (
-                f"vq{queue} p{pct:g}: observed {q.observed[pct] / US:.0f} us, configured "
-                f"{q.configured[pct] / US:.0f} us")
-        assert 0.9 * q.configured[99.0] <= q.observed[99.0] <= 1.5 * q.configured[99.0], (
-            f"vq{queue} p99: observed {q.observed[99.0] / US:.0f} us, configured "
-            f"{q.configured[99.0] / US:.0f} us")
+    problems: list[str] = []
+    for _attempt in range(3):
+        _, seen = run(backend, Job(rw="randread", bs=4096, iodepth=4, runtime=2.0), queues=2)
+        problems = []
+        for queue, q in enumerate(seen):
+            assert q.completions > 1000, q
+            assert q.stats["delayed"] > 0.9 * q.completions, q.stats
+            for pct in (10.0, 50.0, 90.0, 99.0):
+                observed, configured = q.observed[pct], q.configured[pct]
+                assert observed >= 0.9 * configured, (
+                    f"vq{queue} p{pct:g}: observed {observed / US:.0f} us, configured "
+                    f"{configured / US:.0f} us")
+                if observed > (1.5 if pct == 99.0 else 1.1) * configured:
+                    problems.append(f"vq{queue} p{pct:g} {observed / US:.0f} us (configured "
+                                    f"{configured / US:.0f} us)")
+        if not problems:
+            return
+    pytest.fail(f"observed above configured in every run: {problems}")
 
 
 # --------------------------------------------------------------------------- chart
