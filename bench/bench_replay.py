@@ -6,6 +6,7 @@ docs/replay.md.
 
     python bench/bench_replay.py [--queues 1] [--iodepth 32] [--bs 4k] [--seconds 3] [--repeat 7]
                                  [--cpus 1] [--rate 20000] [--rw randread,randrw] [--spin-us 0,50]
+                                 [--replay-poll-us 5,0] [--streaming]
 
 Targets:
   * AFAP replay reaches at least 0.9x the IOPS `dataplane load` reaches with the same block
@@ -39,6 +40,8 @@ from dataplane.replay.blktrace import TRACE_DTYPES  # noqa: E402
 from dataplane.replay.engine import ReplayOptions, replay_device, replay_memory, ring_size  # noqa: E402
 
 DISK = "null:64G"
+MAX_PRELOADED = 7_500_000      # records: fits the default --feed-mb (256 MiB, 8 Mi records)
+STREAM_FEED = 65536
 BLK_TC_READ, BLK_TC_WRITE, BLK_TC_SYNC, BLK_TC_QUEUE = 1 << 0, 1 << 1, 1 << 3, 1 << 4
 TA_QUEUE = 1
 
@@ -129,9 +132,13 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=20000.0, help="timed replay: IOPS (all queues)")
     p.add_argument("--rw", default="randread,randrw",
                    help="AFAP workloads to compare with load ('' for none: timed only)")
+    p.add_argument("--replay-poll-us", type=lambda t: [int(v) for v in t.split(",")], default=[5, 0],
+                   help="AFAP replays at each of these --poll-us (5 is replay's afap default; load's is 0)")
     p.add_argument("--spin-us", type=lambda t: [int(v) for v in t.split(",")], default=[50],
                    help="timed replay: --spin-us values to try (comma-separated)")
     p.add_argument("--repeat", type=int, default=7, help="AFAP runs per workload (medians count)")
+    p.add_argument("--streaming", action="store_true",
+                   help="also replay each AFAP trace through 64 Ki-record feeds (read while it runs)")
     p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = p.parse_args()
     bs = parse_size(args.bs)
@@ -145,25 +152,47 @@ def main() -> None:
               f"{os.cpu_count()} CPUs, driver threads on CPUs {args.cpus or 'any'}")
         print(f"medians of {args.repeat} alternating runs of {args.seconds:g} s; ratio: of the medians, "
               f"and the median of each run's ratio to the load run before it")
-        print(f"{'workload':<22}{'load IOPS':>12}{'replay IOPS':>13}{'ratio':>8}{'pairs':>8}")
+        print(f"{'workload':<26}{'load IOPS':>12}{'replay IOPS':>13}{'ratio':>8}{'pairs':>8}")
         for rw in [w for w in args.rw.split(",") if w]:
-            # Runs alternate (load, replay, load, ...) so drift on a shared machine hits both.
-            loads, replays, trace = [], [], None
+            # Runs alternate (load, replay at each --replay-poll-us, load, ...) so drift on a
+            # shared machine hits them all alike.
+            loads: list[float] = []
+            replays: dict[int, list[dict]] = {poll: [] for poll in args.replay_poll_us}
+            streamed: list[dict] = []
+            trace = None
             for _ in range(args.repeat):
                 loads.append(load_iops(sock, rw, bs, args.iodepth, args.queues, args.seconds, args.cpus))
                 if trace is None:
-                    n = int(loads[0] * args.seconds)
+                    # As long as the load run, but loaded before the clock starts (it fits the
+                    # default --feed-mb): the engine is measured, not the trace reader.
+                    n = min(int(loads[0] * args.seconds), MAX_PRELOADED)
                     trace = make_trace(work / f"afap-{rw}", n, bs, rw, args.queues, rate=0)
-                replays.append(replay(sock, trace, ReplayOptions(mode="afap", iodepth=args.iodepth,
-                                                                 cpus=args.cpus), args.queues))
+                for poll, runs in replays.items():
+                    runs.append(replay(sock, trace, ReplayOptions(mode="afap", iodepth=args.iodepth,
+                                                                  cpus=args.cpus, poll_us=poll), args.queues))
+                if args.streaming:
+                    streamed.append(replay(sock, trace, ReplayOptions(
+                        mode="afap", iodepth=args.iodepth, cpus=args.cpus, feed_records=STREAM_FEED),
+                        args.queues))
             base = statistics.median(loads)
-            mid = statistics.median(r["iops"] for r in replays)
-            pairs = statistics.median(r["iops"] / b for r, b in zip(replays, loads, strict=True))
-            print(f"afap {rw:<17}{base:>12,.0f}{mid:>13,.0f}{mid / base:>8.3f}{pairs:>8.3f}   "
-                  f"(best {max(loads):,.0f} / {max(r['iops'] for r in replays):,.0f}; "
-                  f"{replays[0]['records']} records, feed waits {max(r['feed_waits'] for r in replays)})")
-            out[f"afap_{rw}"] = {"load_iops": loads, "replay_iops": [r["iops"] for r in replays],
-                                 "ratio_of_medians": mid / base, "median_pair_ratio": pairs}
+            for poll, runs in replays.items():
+                mid = statistics.median(r["iops"] for r in runs)
+                pairs = statistics.median(r["iops"] / b for r, b in zip(runs, loads, strict=True))
+                label = f"afap {rw} poll {poll}us"
+                print(f"{label:<26}{base:>12,.0f}{mid:>13,.0f}{mid / base:>8.3f}{pairs:>8.3f}   "
+                      f"(best {max(loads):,.0f} / {max(r['iops'] for r in runs):,.0f}; "
+                      f"{runs[0]['records']} records, feed waits {max(r['feed_waits'] for r in runs)})")
+                out[f"afap_{rw}_poll{poll}"] = {"load_iops": loads, "replay_iops": [r["iops"] for r in runs],
+                                                "ratio_of_medians": mid / base, "median_pair_ratio": pairs}
+            if streamed:
+                mid = statistics.median(r["iops"] for r in streamed)
+                pairs = statistics.median(r["iops"] / b for r, b in zip(streamed, loads, strict=True))
+                label = f"afap {rw} streamed"
+                print(f"{label:<26}{base:>12,.0f}{mid:>13,.0f}{mid / base:>8.3f}{pairs:>8.3f}   "
+                      f"({STREAM_FEED}-record feeds: the reader runs during the replay; feed waits "
+                      f"{max(r['feed_waits'] for r in streamed)})")
+                out[f"afap_{rw}_streamed"] = {"replay_iops": [r["iops"] for r in streamed],
+                                              "ratio_of_medians": mid / base, "median_pair_ratio": pairs}
         n = int(args.rate * args.seconds)
         trace = make_trace(work / "timed", n, bs, "randread", args.queues, rate=args.rate)
         out["timed"] = []

@@ -114,14 +114,19 @@ static inline int feed_ended(struct dp_replay *r)
     return f->local_head == __atomic_load_n(&f->tail, __ATOMIC_ACQUIRE);
 }
 
-/* Give the consumed records' room back and wake a producer waiting for it. */
-static void feed_release(struct dp_replay *r)
+/* Give the consumed records' room back and wake a producer waiting for it. Done in chunks of
+ * an eighth of the feed, and whenever the thread may sleep (force), not per issue batch: the
+ * full barrier here would otherwise cost as much as the ring's own. */
+static void feed_release(struct dp_replay *r, int force)
 {
     struct replay_feed *f = &r->feed;
-    if (f->head == f->local_head)
+    uint64_t consumed = f->local_head - f->head;
+    if (!consumed || (!force && consumed <= f->mask / 8))
         return;
     /* Our reads of the records before the producer may overwrite them. */
     __atomic_store_n(&f->head, f->local_head, __ATOMIC_RELEASE);
+    if (__atomic_load_n(&f->end, __ATOMIC_RELAXED))
+        return;   /* no producer any more */
     /* head before producer_waiting; pairs with the fence in feed_wait_room. */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     if (__atomic_load_n(&f->producer_waiting, __ATOMIC_RELAXED)) {
@@ -224,7 +229,9 @@ static void vring_prep(struct dp_replay *r, struct replay_slot *s)
     *status = STATUS_UNSET;   /* a device that never writes it is caught */
     /* Descriptors are plain stores: the release store of avail->idx publishes them. */
     if (s->layout == s->op) {
-        if (data)
+        /* Only a changed length is stored: an unchanged line stays shared with the device's
+         * cache instead of bouncing back to ours. */
+        if (data && s->data_desc->len != s->length)
             s->data_desc->len = s->length;
         driver_ring_add(&r->ring, s->head);
         return;
@@ -418,6 +425,7 @@ static int issue(struct dp_replay *r, uint64_t now, int *ended)
     const struct dp_replay_rec *rec = NULL;
     int timed = r->p.mode == DP_REPLAY_TIMED;
     while ((rec = feed_peek(r)) != NULL) {
+        __builtin_prefetch(&r->feed.buf[(r->feed.local_head + 8) & r->feed.mask]);
         uint64_t t_sched = now;
         if (timed) {
             t_sched = r->start_ns + (rec->time_ns > 0 ? (uint64_t)rec->time_ns : 0);
@@ -463,7 +471,7 @@ static int issue(struct dp_replay *r, uint64_t now, int *ended)
     r->nbatch = 0;
     COUNTER_ADD(r->c.records, added);
     r->c.submit_level[batch_bucket(added)]++;
-    feed_release(r);
+    feed_release(r, rec == NULL);
     int rc = r->p.kind == DP_REPLAY_VRING ? vring_submit(r) : uring_submit(r);
     return rc < 0 ? rc : (int)added;
 }
@@ -611,6 +619,7 @@ static int wait_idle(struct dp_replay *r, uint64_t now, uint64_t deadline, int w
 {
     if (deadline <= now)
         return 0;
+    feed_release(r, 1);   /* a producer waiting for room must not wait for us */
     if (r->inflight) {
         if (r->p.poll_ns) {
             uint64_t until = now + r->p.poll_ns < deadline ? now + r->p.poll_ns : deadline;

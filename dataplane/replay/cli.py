@@ -170,8 +170,8 @@ def add_replay_command(subparsers: argparse._SubParsersAction) -> argparse.Argum
                    help="longer reads and writes are split (default 1m)")
     p.add_argument("--spin-us", type=_count, default=50,
                    help="timed: spin this close to a record's time instead of sleeping (default 50)")
-    p.add_argument("--poll-us", type=_count, default=0,
-                   help="spin on completions this long before sleeping (default 0)")
+    p.add_argument("--poll-us", type=_count, default=None,
+                   help="spin on completions this long before sleeping (default 5 afap, 0 timed)")
     p.add_argument("--feed-mb", type=_positive_int, default=FEED_MEMORY >> 20,
                    help="memory for records waiting to be issued, all queues (default 256): a trace "
                         "that fits is loaded before the clock starts, a longer one streams")

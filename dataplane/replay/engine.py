@@ -42,6 +42,7 @@ FITS = ("wrap", "scale", "fail")
 MAX_REQUEST = 1 << 20          # data buffer cap per request; longer records are split
 MAX_DISCARD = 1 << 30          # when the device names no limit
 DEFAULT_DEPTH = {"afap": 32, "timed": 128}
+DEFAULT_POLL_US = {"afap": 5, "timed": 0}
 SECTOR = 512
 PAGE = 4096
 START_DELAY_NS = 20_000_000    # every queue starts at the same instant, this far ahead
@@ -66,7 +67,7 @@ class ReplayOptions:
     fit: str = "wrap"              # offsets past the target: wrap, scale or fail
     max_request: int = MAX_REQUEST  # longer reads/writes are split
     spin_us: int = 50              # timed: spin instead of sleeping this close to a record's time
-    poll_us: int = 0               # spin on completions before sleeping
+    poll_us: int | None = None     # spin on completions before sleeping (None: 5 afap, 0 timed)
     timeout: float = 30.0          # no completion for this long ends the run
     cpus: Sequence[int] = ()       # pin queue i's thread to cpus[i % len(cpus)]
     stamp: bool = True             # writes carry (queue, record) stamps; reads report them
@@ -89,7 +90,7 @@ class ReplayOptions:
         if self.max_request < PAGE or self.max_request % PAGE or self.max_request > lib.DP_REPLAY_MAX_BUF:
             raise ConfigError(f"max request {self.max_request}: expected a multiple of 4096 up to "
                               f"{lib.DP_REPLAY_MAX_BUF}")
-        if self.spin_us < 0 or self.poll_us < 0 or self.timeout <= 0:
+        if self.spin_us < 0 or (self.poll_us or 0) < 0 or self.timeout <= 0:
             raise ConfigError("spin_us and poll_us cannot be negative, timeout must be positive")
         if self.feed_memory < MIN_FEED * RECORD_DTYPE.itemsize or (
                 self.feed_records is not None and not MIN_FEED <= self.feed_records <= MAX_FEED):
@@ -99,6 +100,13 @@ class ReplayOptions:
     @property
     def depth(self) -> int:
         return self.iodepth if self.iodepth is not None else DEFAULT_DEPTH[self.mode]
+
+    @property
+    def poll(self) -> int:
+        """Microseconds to spin on completions before sleeping. A closed loop that sleeps as
+        soon as nothing has completed lets the device go idle between completions (a kick and
+        an interrupt every few dozen requests against a fast backend): afap spins a little."""
+        return self.poll_us if self.poll_us is not None else DEFAULT_POLL_US[self.mode]
 
 
 @dataclass
@@ -650,7 +658,7 @@ def base_params(queue: int, options: ReplayOptions, geometry: Geometry, buf_size
     p.buf_size = buf_size
     p.capacity = geometry.capacity
     p.spin_ns = options.spin_us * 1000
-    p.poll_ns = options.poll_us * 1000
+    p.poll_ns = options.poll * 1000
     p.timeout_ns = int(options.timeout * 1e9)
     p.stamp = int(options.stamp)
     p.cpu = options.cpus[index % len(options.cpus)] if options.cpus else -1

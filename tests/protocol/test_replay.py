@@ -202,17 +202,18 @@ def test_timed_replay_keeps_the_gaps(start_backend, tmp_path: Path) -> None:
         submit = log["submit_ns"].astype(np.int64)
         firsts = submit[::8]
         # On a shared machine the thread can be descheduled for a few ms now and then: most
-        # gaps must be right, none grossly wrong.
+        # gaps must be right, none grossly wrong (ignoring the times, or the speed, is off by
+        # the whole gap).
         gaps = np.diff(firsts) / 1e6
         err = np.abs(gaps - gap_ms)
-        assert np.median(err) < 0.5 and (err < 2.0).sum() >= 7 and err.max() < 15, (
+        assert np.median(err) < 2.0 and (err < 3.0).sum() >= 6 and err.max() < 20, (
             f"burst gaps {gaps} ms, want {gap_ms}")
         # each burst leaves together (its records are 10 us apart)
         spread = (submit.reshape(10, 8).max(axis=1) - firsts) / 1e6
-        assert np.median(spread) < 1.0 and spread.max() < 15, f"burst spreads {spread} ms"
+        assert np.median(spread) < 2.0 and spread.max() < 20, f"burst spreads {spread} ms"
         # and on time: submit minus due time
         lag = (log["submit_ns"].astype(np.int64) - log["sched_ns"].astype(np.int64)) / 1e6
-        assert np.median(lag) < 1.0 and lag.min() >= 0
+        assert np.median(lag) < 2.0 and lag.min() >= 0
         assert (log["sched_ns"][8] - log["sched_ns"][0]) / 1e6 == pytest.approx(gap_ms, abs=0.05)
         lag_json = result.to_json()["dataplane_replay"]["issue_lag_ns"]
         assert lag_json["N"] == 80 and set(lag_json) >= {"p50", "p90", "p99", "p99.9", "max"}
