@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,8 @@ from dataplane.topology import (
 
 PCI = "sys/devices/pci0000:00/0000:00:04.0"
 NVME_DISK = f"{PCI}/nvme/nvme0/nvme0n1"
+VIRTIO_PCI = "sys/devices/pci0000:00/0000:00:02.0"
+VIRTIO_DISK = f"{VIRTIO_PCI}/virtio1/block/vda"
 
 
 class FakeSysfs:
@@ -87,6 +90,25 @@ class FakeSysfs:
         self.write(f"{PCI}/nvme/nvme0/uevent", "")
         self.block(NVME_DISK, "259:0", hw_queues=hw_queues, device_link=f"{PCI}/nvme/nvme0")
         self.block(f"{NVME_DISK}/nvme0n1p1", "259:1", partition=True)
+
+    def virtio_blk(self, hw_queues: list[list[int]]) -> None:
+        """vda (254:0) as on a QEMU guest: block/vda under virtio1 under PCI function 0000:00:02.0,
+        which owns the MSI-X vectors (see irq())."""
+        self.write(f"{VIRTIO_PCI}/numa_node", "-1")
+        self.write(f"{VIRTIO_PCI}/virtio1/uevent", "")
+        self.block(VIRTIO_DISK, "254:0", hw_queues=hw_queues, device_link=f"{VIRTIO_PCI}/virtio1")
+
+    def irq(self, function: str, n: int, actions: str | None, effective: str | None = None,
+            smp: str | None = None) -> None:
+        """MSI-X vector n of a PCI function: msi_irqs/<n>, /sys/kernel/irq/<n>/actions and the
+        /proc/irq/<n> affinity lists (each left out when None)."""
+        self.write(f"{function}/msi_irqs/{n}", "msix")
+        if actions is not None:
+            self.write(f"sys/kernel/irq/{n}/actions", actions)
+        if effective is not None:
+            self.write(f"proc/irq/{n}/effective_affinity_list", effective)
+        if smp is not None:
+            self.write(f"proc/irq/{n}/smp_affinity_list", smp)
 
     def dev_of(self, path: str) -> tuple[int, int, bool]:
         try:
@@ -618,3 +640,298 @@ def test_real_device_of_a_tmp_file(tmp_path: Path) -> None:
     assert_consistent(p, topo, dev)
     assert set(p.threads().values()) <= set(topo.usable_cpus())
     assert len(p.to_table().splitlines()) >= queues + 2
+
+
+# ---- completion interrupts --------------------------------------------------------------------
+
+
+def virtio_host(tmp_path: Path, ncpus: int = 2, hw_queues: list[list[int]] | None = None,
+                vectors: dict[int, tuple[str, str]] | None = None) -> tuple[Topology, DeviceInfo]:
+    """One node of ncpus, a virtio-blk vda; vectors: IRQ → (action name, effective CPUs). The
+    default is this VM's: one hw queue on CPUs 0-1, IRQ 36 virtio1-req.0 delivered to CPU 1."""
+    fs = FakeSysfs(tmp_path)
+    fs.host(ncpus, nodes=[f"0-{ncpus - 1}"])
+    fs.virtio_blk(hw_queues or [list(range(ncpus))])
+    all_cpus = f"0-{ncpus - 1}"
+    for n, (name, effective) in (vectors or {35: ("virtio1-config", "0"),
+                                              36: ("virtio1-req.0", "1")}).items():
+        fs.irq(VIRTIO_PCI, n, name, effective, all_cpus)
+    return (Topology.from_sysfs(tmp_path),
+            BlockDevice.resolve("/dev/vda", tmp_path, dev_of=fs.dev_of))
+
+
+def test_virtio_blk_queue_interrupt_is_read_from_the_pci_function(tmp_path: Path) -> None:
+    _, dev = virtio_host(tmp_path)
+    assert dev.disk == "vda" and dev.hw_queues[0].cpus == (0, 1)
+    assert dev.hw_queues[0].irqs == (36,) and dev.hw_queues[0].irq_cpus == (1,)   # config 35 skipped
+    assert dev.irq_cpus_of(0) == (1,) and dev.irq_cpus_of(None) == ()
+    assert dev.irq_note is None
+    assert dev.to_dict()["hw_queues"] == [{"index": 0, "cpus": [0, 1], "irqs": [36], "irq_cpus": [1]}]
+
+
+def test_one_queue_goes_to_the_cpu_that_takes_the_interrupt(tmp_path: Path) -> None:
+    topo, dev = virtio_host(tmp_path)
+    p = plan(topo, dev, 1)
+    assert_consistent(p, topo, dev)
+    assert p.threads() == {"dp-vq0": 1}          # not cpu 0, which wins the tie without IRQ info
+    assert p.rows[0].reason == ("cpu 1: hw queue 0 (not used by another thread), takes hw queue 0's"
+                                " completion interrupt, NUMA node 0 (the only node)")
+    data = json.loads(p.to_json())
+    assert data["device"]["hw_queues"][0]["irq_cpus"] == [1] and data["device"]["irq_note"] is None
+
+
+def test_two_queues_on_one_hw_queue_still_use_both_cpus(tmp_path: Path) -> None:
+    topo, dev = virtio_host(tmp_path)
+    p = plan(topo, dev, 2)
+    assert_consistent(p, topo, dev)
+    assert p.threads() == {"dp-vq0": 1, "dp-vq1": 0}
+    assert "goes to cpu 1 (dp-vq0 runs on 1)" in p.rows[1].reason
+    assert any("1 of 2 thread(s) run on a CPU that does not take their hw queue's completion"
+               " interrupt" in n for n in p.notes)
+
+
+def test_virtio_queue_names_pick_the_interrupt_cpu_of_each_hw_queue(tmp_path: Path) -> None:
+    vectors = {40: ("virtio1-config", "0"), 41: ("virtio1-req.0", "1"), 42: ("virtio1-req.1", "3")}
+    topo, dev = virtio_host(tmp_path, 4, [[0, 1], [2, 3]], vectors)
+    assert [q.irq_cpus for q in dev.hw_queues] == [(1,), (3,)]
+    p = plan(topo, dev, 2)
+    assert [r.host_cpu for r in p.rows] == [1, 3]   # without interrupts: 0 and 2
+    assert [r.hw_queue for r in p.rows] == [0, 1]
+
+
+def nvme_with_vectors(tmp_path: Path, vectors: dict[int, tuple[str | None, str | None]],
+                      nqueues: int = 4, *, proc_irq: bool = True) -> tuple[FakeSysfs, Topology, DeviceInfo]:
+    """two_node_host's NVMe with MSI-X vectors IRQ → (actions, effective CPUs) on its PCI function
+    (smp_affinity_list: every CPU). With 4 hw queues blk-mq gives 0,1,8,9 / 2,3,10,11 (node 0)
+    and 4,5,12,13 / 6,7,14,15 (node 1)."""
+    fs = FakeSysfs(tmp_path)
+    fs.host(16, smt=True, nodes=[NODE0, NODE1])
+    fs.nvme(blk_mq_map(nqueues, [parse_cpulist(NODE0), parse_cpulist(NODE1)], SIBLING16))
+    for n, (actions, effective) in vectors.items():
+        fs.irq(PCI, n, actions, effective if proc_irq else None, "0-15" if proc_irq else None)
+    return (fs, Topology.from_sysfs(tmp_path),
+            BlockDevice.resolve("/dev/nvme0n1", tmp_path, dev_of=fs.dev_of))
+
+
+# Managed vectors: q<i+1>'s interrupt goes to one CPU of hw queue i's cpu_list, here not the lowest.
+NVME_VECTORS: dict[int, tuple[str | None, str | None]] = {
+    50: ("nvme0q0", "4"), 51: ("nvme0q1", "9"), 52: ("nvme0q2", "11"), 53: ("nvme0q3", "13"),
+    54: ("nvme0q4", "15")}
+
+
+@pytest.mark.parametrize("vectors", [
+    NVME_VECTORS,
+    # the admin queue sharing its vector with I/O queue 1, as with one vector to spare
+    {50: ("nvme0q0,nvme0q1", "9"), 52: ("nvme0q2", "11"), 53: ("nvme0q3", "13"),
+     54: ("nvme0q4", "15")},
+])
+def test_nvme_threads_land_on_the_interrupt_cpus(tmp_path: Path, vectors) -> None:
+    _, topo, dev = nvme_with_vectors(tmp_path, vectors)
+    assert [q.irq_cpus for q in dev.hw_queues] == [(9,), (11,), (13,), (15,)]   # admin q0 skipped
+    assert dev.irq_note is None
+    p = plan(topo, dev, 4)
+    assert_consistent(p, topo, dev)
+    assert [r.host_cpu for r in p.rows] == [13, 15, 9, 11]    # local hw queues first, as before
+    for r in p.rows:
+        assert f"takes hw queue {r.hw_queue}'s completion interrupt" in r.reason
+    assert not any("completion interrupt" in n for n in p.notes)
+
+
+def test_interrupt_cpu_is_preferred_to_the_device_node(tmp_path: Path) -> None:
+    """A vCPU holds hw queue 2's interrupt CPU 13: the queues whose interrupt CPUs are free
+    come first, even off-node, then the leftover local CPU (see plan()'s docstring)."""
+    _, topo, dev = nvme_with_vectors(tmp_path, NVME_VECTORS)
+    p = plan(topo, dev, 4, vcpu_cpus=[13])
+    assert [r.host_cpu for r in p.rows] == [15, 9, 11, 4]
+    assert "hw queue 2's completion interrupt goes to cpu 13 (13 is a vCPU CPU)" in p.rows[3].reason
+    assert "(device-local)" in p.rows[3].reason
+
+
+def test_without_proc_irq_the_plan_is_unchanged(tmp_path: Path) -> None:
+    _, topo, dev = nvme_with_vectors(tmp_path / "a", NVME_VECTORS, proc_irq=False)
+    before_topo, before_dev = two_node_host(tmp_path / "b", 4)
+    assert all(q.irq_cpus == () for q in dev.hw_queues)
+    p, before = plan(topo, dev, 4), plan(before_topo, before_dev, 4)
+    assert [r.host_cpu for r in p.rows] == [r.host_cpu for r in before.rows] == [4, 6, 0, 2]
+    assert [r.reason for r in p.rows] == [r.reason for r in before.rows]
+    assert dev.irq_note is not None and dev.irq_note in p.notes
+    assert ("no /proc/irq/<n>/effective_affinity_list or smp_affinity_list for IRQs 51, 52, 53, 54"
+            in dev.irq_note)
+    assert dev.irq_note.endswith("not used for placement")
+
+
+def test_no_vectors_at_all_changes_nothing_and_says_so(tmp_path: Path) -> None:
+    topo, dev = two_node_host(tmp_path, 4)
+    assert "0000:00:04.0 lists no MSI/MSI-X vector or legacy IRQ" in (dev.irq_note or "")
+    assert [r.host_cpu for r in plan(topo, dev, 4).rows] == [4, 6, 0, 2]
+
+
+def test_virtual_device_has_no_interrupt_note(tmp_path: Path) -> None:
+    fs = FakeSysfs(tmp_path)
+    fs.block("sys/devices/virtual/block/loop0", "7:0", hw_queues=[[0, 1]])
+    dev = BlockDevice.resolve("/dev/loop0", tmp_path, dev_of=fs.dev_of)
+    assert dev.irq_note is None and dev.hw_queues[0].irq_cpus == ()
+
+
+@pytest.mark.parametrize("effective, smp, cpus, said", [
+    ("zz", "9", (9,), "ignored /proc/irq/51/effective_affinity_list 'zz' (not a CPU list)"),
+    ("", "9", (9,), "ignored /proc/irq/51/effective_affinity_list: empty"),
+    ("99999999", "", (), "ignored /proc/irq/51/smp_affinity_list: empty"),
+    ("1-x", None, (), "ignored /proc/irq/51/effective_affinity_list '1-x'"),
+])
+def test_garbage_affinity_is_ignored_with_a_note(tmp_path: Path, effective, smp, cpus, said) -> None:
+    fs, _, _ = nvme_with_vectors(tmp_path, NVME_VECTORS)
+    fs.write("proc/irq/51/effective_affinity_list", effective)
+    if smp is None:
+        (tmp_path / "proc/irq/51/smp_affinity_list").unlink()
+    else:
+        fs.write("proc/irq/51/smp_affinity_list", smp)
+    topo = Topology.from_sysfs(tmp_path)
+    dev = BlockDevice.resolve("/dev/nvme0n1", tmp_path, dev_of=fs.dev_of)
+    assert dev.hw_queues[0].irq_cpus == cpus
+    assert [q.irq_cpus for q in dev.hw_queues[1:]] == [(11,), (13,), (15,)]   # the others still count
+    assert said in (dev.irq_note or "")
+    p = plan(topo, dev, 4)
+    assert_consistent(p, topo, dev)
+    assert dev.irq_note in p.notes
+
+
+def test_smp_affinity_fallback_may_name_several_cpus(tmp_path: Path) -> None:
+    fs, _, _ = nvme_with_vectors(tmp_path, NVME_VECTORS)
+    (tmp_path / "proc/irq/51/effective_affinity_list").unlink()    # an older kernel
+    fs.write("proc/irq/51/smp_affinity_list", "8-9")
+    topo = Topology.from_sysfs(tmp_path)
+    dev = BlockDevice.resolve("/dev/nvme0n1", tmp_path, dev_of=fs.dev_of)
+    assert dev.hw_queues[0].irq_cpus == (8, 9) and dev.irq_note is None
+    row = plan(topo, dev, 4).rows[2]
+    assert row.host_cpu == 8 and row.hw_queue == 0
+    assert "one of the CPUs hw queue 0's completion interrupt may go to (8-9)" in row.reason
+
+
+def test_garbage_names_and_entries_never_raise(tmp_path: Path) -> None:
+    fs, _, _ = nvme_with_vectors(tmp_path, {
+        50: ("\x00\x01", "4"), 51: ("", "9"), 52: ("???", "zz"), 53: ("nvme0qX", "13")})
+    fs.write(f"{PCI}/msi_irqs/notanumber", "msix")
+    fs.write("sys/kernel/irq/53/actions", "")
+    (tmp_path / "sys/kernel/irq/54").mkdir(parents=True)     # a directory with no actions file
+    fs.write(f"{PCI}/msi_irqs/54", "msix")
+    topo = Topology.from_sysfs(tmp_path)
+    dev = BlockDevice.resolve("/dev/nvme0n1", tmp_path, dev_of=fs.dev_of)
+    assert all(q.irq_cpus == () for q in dev.hw_queues)
+    note = dev.irq_note or ""
+    assert "ignored 0000:00:04.0/msi_irqs entries that are no IRQ number: 'notanumber'" in note
+    assert note.endswith("not used for placement")
+    assert [r.host_cpu for r in plan(topo, dev, 4).rows] == [4, 6, 0, 2]
+
+
+def test_unknown_names_match_in_order_when_the_counts_agree(tmp_path: Path) -> None:
+    _, _, dev = nvme_with_vectors(tmp_path, {60: ("foo-a", "9"), 61: ("foo-b", "11"),
+                                             62: ("foo-c", "13"), 63: ("foo-d", "15")})
+    assert [(q.irqs, q.irq_cpus) for q in dev.hw_queues] == [((60,), (9,)), ((61,), (11,)),
+                                                             ((62,), (13,)), ((63,), (15,))]
+    assert "matched its 4 vector(s) to its 4 hw queue(s) in order" in (dev.irq_note or "")
+
+
+def test_unknown_names_on_the_same_cpus_serve_every_queue(tmp_path: Path) -> None:
+    _, topo, dev = nvme_with_vectors(tmp_path, {60: ("ahci0", "6"), 61: ("ahci1", "6")})
+    assert all(q.irq_cpus == (6,) for q in dev.hw_queues)
+    assert "all go to cpu 6: used for every hw queue" in (dev.irq_note or "")
+    assert plan(topo, dev, 1).rows[0].host_cpu == 6
+
+
+def test_ambiguous_unknown_names_record_nothing(tmp_path: Path) -> None:
+    _, _, dev = nvme_with_vectors(tmp_path, {60: ("foo-a", "9"), 61: ("foo-b", "11")})
+    assert all(q.irq_cpus == () and q.irqs == () for q in dev.hw_queues)
+    assert "cannot tell which of IRQs 60, 61 serve which of its 4 hw queues" in (dev.irq_note or "")
+    assert (dev.irq_note or "").endswith("not used for placement")
+
+
+def test_names_from_proc_interrupts_without_sys_kernel_irq(tmp_path: Path) -> None:
+    fs, _, _ = nvme_with_vectors(tmp_path, {n: (None, e) for n, (_, e) in NVME_VECTORS.items()})
+    fs.write("proc/interrupts", "\n".join([
+        "           CPU0       CPU1",
+        " 50:          1          0  IR-PCI-MSIX-0000:00:04.0    0-edge      nvme0q0",
+        " 51:          0        100  IR-PCI-MSIX-0000:00:04.0    1-edge      nvme0q1",
+        " 52:          0        100  IR-PCI-MSIX-0000:00:04.0    2-edge      nvme0q2",
+        " 53:          0        100  IR-PCI-MSIX-0000:00:04.0    3-edge      nvme0q3, other",
+        " 54:          0        100  IR-PCI-MSIX-0000:00:04.0    4-edge      nvme0q4",
+        "NMI:          0          0   Non-maskable interrupts"]))
+    dev = BlockDevice.resolve("/dev/nvme0n1", tmp_path, dev_of=fs.dev_of)
+    assert [q.irq_cpus for q in dev.hw_queues] == [(9,), (11,), (13,), (15,)]
+    assert dev.irq_note is None
+
+
+def test_legacy_intx_line_serves_the_only_queue(tmp_path: Path) -> None:
+    fs = FakeSysfs(tmp_path)
+    fs.host(2, nodes=["0-1"])
+    fs.virtio_blk([[0, 1]])
+    fs.write(f"{VIRTIO_PCI}/irq", "11")
+    fs.write("sys/kernel/irq/11/actions", "virtio1")
+    fs.write("proc/irq/11/effective_affinity_list", "1")
+    dev = BlockDevice.resolve("/dev/vda", tmp_path, dev_of=fs.dev_of)
+    assert dev.hw_queues[0].irqs == (11,) and dev.hw_queues[0].irq_cpus == (1,)
+
+
+def test_nvme_multipath_head_uses_the_interrupts_of_its_path(tmp_path: Path) -> None:
+    fs = FakeSysfs(tmp_path)
+    fs.write(f"{PCI}/numa_node", "0")
+    path_dir = f"{PCI}/nvme/nvme0/nvme0c0n1"
+    fs.write(f"{path_dir}/dev", "")
+    for i in range(2):
+        fs.write(f"{path_dir}/mq/{i}/cpu_list", f"{2 * i}, {2 * i + 1}")
+    fs.link(f"{path_dir}/device", f"{PCI}/nvme/nvme0")
+    head = "sys/devices/virtual/nvme-subsystem/nvme-subsys0/nvme0n1"
+    fs.block(head, "259:0")
+    fs.link(f"{head}/multipath/nvme0c0n1", path_dir)
+    for n, (name, eff) in {50: ("nvme0q0", "0"), 51: ("nvme0q1", "1"), 52: ("nvme0q2", "3")}.items():
+        fs.irq(PCI, n, name, eff)
+    dev = BlockDevice.resolve("/dev/nvme0n1", tmp_path, dev_of=fs.dev_of)
+    assert [q.irq_cpus for q in dev.hw_queues] == [(1,), (3,)]
+
+
+def _real_queue_irq_cpus(disk: str) -> dict[int, set[int]]:
+    """hw queue → effective CPUs of its vector, read here without topology.py's help."""
+    try:
+        here = Path(f"/sys/block/{disk}/device").resolve(strict=True)
+    except OSError:
+        return {}
+    while here != here.parent and not (here / "msi_irqs").is_dir():
+        here = here.parent
+    out: dict[int, set[int]] = {}
+    for entry in (here / "msi_irqs").iterdir() if (here / "msi_irqs").is_dir() else []:
+        try:
+            actions = Path(f"/sys/kernel/irq/{entry.name}/actions").read_text()
+            effective = Path(f"/proc/irq/{entry.name}/effective_affinity_list").read_text()
+        except OSError:
+            continue
+        for name in actions.strip().split(","):
+            m = re.fullmatch(r"virtio\d+-req\.(\d+)", name) or re.fullmatch(r"nvme\d+q([1-9]\d*)", name)
+            if m and effective.strip():
+                index = int(m.group(1)) - (1 if name.startswith("nvme") else 0)
+                out[index] = set(parse_cpulist(effective))
+    return out
+
+
+def test_real_plan_follows_the_completion_interrupt() -> None:
+    """On this machine (a VM whose vda's interrupt goes to CPU 1) dp-vq0 must sit where its hw
+    queue's interrupt is delivered."""
+    for where in ("/work", "/"):
+        if os.path.exists(where):
+            break
+    dev = BlockDevice.resolve(where)
+    if not dev.disk or not dev.hw_queues:
+        pytest.skip(f"{where} has no blk-mq disk behind it")
+    expected = _real_queue_irq_cpus(dev.disk)
+    if not expected:
+        pytest.skip(f"the completion interrupts of {dev.disk} are not readable here")
+    topo = Topology.from_sysfs(allowed=os.sched_getaffinity(0))
+    if not set().union(*expected.values()) & (set(topo.usable_cpus()) - topo.isolated):
+        pytest.skip("no interrupt CPU is usable by this process")
+    for q in dev.hw_queues:
+        if q.index in expected:
+            assert set(q.irq_cpus) == expected[q.index]
+    p = plan(topo, dev, 1)
+    assert_consistent(p, topo, dev)
+    row = p.rows[0]
+    assert row.host_cpu in expected[row.hw_queue], (row, expected)
+    assert "takes hw queue" in row.reason
