@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ log = logging.getLogger("bench")
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_FILE = Path.home() / ".cache" / "dataplane" / "bench" / "disk-1g.img"
 NULL_SIZE = 1 << 30
+BackendFactory = Callable[[Path], Backend]     # socket path -> a backend not yet started
 
 WORKLOADS = {
     w.name: w for w in (
@@ -178,10 +180,11 @@ def build_cells(quick: bool) -> list[Cell]:
     return cells
 
 
-def make_backends(file_path: Path, sockdir: Path, logdir: Path, needed: set[str]) -> dict[str, Backend]:
+def backend_factories(file_path: Path, logdir: Path) -> dict[str, BackendFactory]:
+    """Every backend a cell of this comparison may name, started only if one does."""
     f = str(file_path)
     null = f"null:{NULL_SIZE}"
-    all_backends = {
+    return {
         "dataplane-null": lambda s: dataplane_backend("dataplane-null", s, null, 2, logdir),
         "dataplane-null-poll50": lambda s: dataplane_backend("dataplane-null-poll50", s, null, 2,
                                                              logdir, poll_us=50),
@@ -197,8 +200,6 @@ def make_backends(file_path: Path, sockdir: Path, logdir: Path, needed: set[str]
                                                cpus="0"),
         "qsd-file": lambda s: qsd_backend("qsd-file", s, f, 0, 2, logdir),
     }
-    return {name: make(sockdir / f"{name}.sock") for name, make in all_backends.items()
-            if name in needed}
 
 
 def prepare_file(path: Path, size: int) -> None:
@@ -233,8 +234,11 @@ def _median_rep(records: list[RunRecord]) -> RunRecord:
     return ok[(len(ok) - 1) // 2] if ok else records[0]
 
 
-def run_matrix(args: argparse.Namespace, out: Path) -> tuple[list[RunRecord], dict[str, Any]]:
-    cells = build_cells(args.quick)
+def run_matrix(args: argparse.Namespace, out: Path, cells: list[Cell],
+               factories: dict[str, BackendFactory]) -> tuple[list[RunRecord], dict[str, Any]]:
+    """Run every cell's systems args.reps times, rotating the order within each cell, with
+    the backends the cells name started once for the whole matrix. Also records the machine
+    and links each cell's median run under out/fio-median (fio-plot's layout)."""
     if args.only:
         cells = [c for c in cells if any(pat in c.name for pat in args.only)]
     needed = {s.backend for c in cells for s in c.systems if s.backend}
@@ -254,7 +258,7 @@ def run_matrix(args: argparse.Namespace, out: Path) -> tuple[list[RunRecord], di
     log.info("load average before: %s", " ".join(f"{v:.2f}" for v in machine["loadavg_before"]))
 
     sockdir = Path(tempfile.mkdtemp(prefix="dp-bench-"))
-    backends = make_backends(args.file, sockdir, logdir, needed)
+    backends = {name: factories[name](sockdir / f"{name}.sock") for name in sorted(needed)}
     records: list[RunRecord] = []
     try:
         for b in backends.values():
@@ -382,11 +386,11 @@ def fill_record(rec: RunRecord, res: RunOutput, w: Workload, native: bool) -> No
         rec.client_cpu_s_per_mio = rec.client_cpu_s / total_ios * 1e6
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_run_options(p: argparse.ArgumentParser, out_suffix: str = "") -> None:
+    """The options of a matrix run (shared with bench.placement)."""
+    p.set_defaults(out_suffix=out_suffix)
     p.add_argument("--out", type=Path, default=None,
-                   help="output directory (default: bench/results/<today>)")
+                   help=f"output directory (default: bench/results/<today>{out_suffix})")
     p.add_argument("--quick", action="store_true",
                    help="1 repetition of 1 s runs (a smoke test of the whole pipeline)")
     p.add_argument("--reps", type=int, default=None, help="repetitions per cell (default 3; quick: 1)")
@@ -415,15 +419,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-load-wait", type=float, default=300.0,
                    help="seconds to wait for that before starting anyway (default 300)")
     p.add_argument("--no-charts", action="store_true", help="skip the PNG charts")
-    args = p.parse_args(argv)
+
+
+def finish_args(args: argparse.Namespace, argv: list[str] | None, prog: str) -> argparse.Namespace:
+    """Fill the defaults that depend on --quick, and record the command line."""
     args.reps = args.reps or (1 if args.quick else 3)
     args.runtime = args.runtime or (1.0 if args.quick else 2.5)
     args.ramp = args.ramp if args.ramp is not None else (0.25 if args.quick else 0.5)
-    args.out = args.out or ROOT / "bench" / "results" / dt.date.today().isoformat()
+    args.out = args.out or ROOT / "bench" / "results" / (dt.date.today().isoformat() + args.out_suffix)
     args.retry_budget_left = args.retry_budget
-    args.command_line = "python -m bench.compare " + " ".join(
+    args.command_line = f"{prog} " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     return args
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_options(p)
+    return finish_args(p.parse_args(argv), argv, "python -m bench.compare")
 
 
 def wait_for_load(max_load: float, timeout: float) -> float:
@@ -445,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     load1 = wait_for_load(args.max_load, args.max_load_wait)
     log.info("starting with load average %.2f; results in %s", load1, out)
-    records, machine = run_matrix(args, out)
+    records, machine = run_matrix(args, out, build_cells(args.quick),
+                                  backend_factories(args.file, out / "logs"))
     (out / "machine.json").write_text(json.dumps(machine, indent=2) + "\n")
     (out / "runs.json").write_text(json.dumps([asdict(r) for r in records], indent=2) + "\n")
     report.write_runs_csv(records, out / "runs.csv")

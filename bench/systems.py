@@ -141,15 +141,19 @@ class Backend:
 
 
 def dataplane_backend(name: str, sock: Path, disk: str, queues: int, logdir: Path,
-                      poll_us: int = 0, unpinned: bool = False) -> Backend:
+                      poll_us: int | None = None, unpinned: bool = False,
+                      policy: str | None = None) -> Backend:
+    """`dataplane serve` (poll_us None: serve's default; policy None: per-queue)."""
     if unpinned:
         argv = [sys.executable, "-m", "bench.unpinned_serve", "--socket", str(sock), "--disk", disk,
-                "--queues", str(queues), "--poll-us", str(poll_us)]
+                "--queues", str(queues), "--poll-us", str(poll_us or 0)]
     else:
         argv = [sys.executable, "-m", "dataplane", "--log-level", "warning", "serve",
                 "--socket", str(sock), "--disk", disk, "--queues", str(queues)]
-        if poll_us:
+        if poll_us is not None:
             argv += ["--poll-us", str(poll_us)]
+        if policy is not None:
+            argv += ["--policy", policy]
     if not disk.startswith("null:"):
         argv += ["--cache", "none"]
     return Backend(name, argv, sock, logdir / f"{name}.log")
