@@ -374,6 +374,7 @@ def model_chart(path: Path, fits: Sequence[Fit]) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    fits = [f for f in fits if f.ceiling == float("inf")]   # a capped device is a flat line
     if not fits:
         return False
     ns = list(range(1, 33))
