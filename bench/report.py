@@ -68,7 +68,7 @@ def _block_device_of(path: Path) -> dict[str, str]:
         mq = queue.parent / "mq"
         if mq.exists():
             info["hw_queues"] = str(len(list(mq.iterdir())))
-        irq_cpus = _completion_irq_cpus(queue.parent)
+        irq_cpus = _completion_irq_cpus(path)
         if irq_cpus:
             info["completion_irq_cpus"] = irq_cpus
         return info
@@ -76,20 +76,17 @@ def _block_device_of(path: Path) -> dict[str, str]:
         return {}
 
 
-def _completion_irq_cpus(disk_sysfs: Path) -> str:
-    """CPUs that take a virtio disk's request-queue interrupts (effective affinity): where a
-    thread waiting for its completions is woken without an IPI."""
+def _completion_irq_cpus(path: Path) -> str:
+    """CPUs that take the disk's queue interrupts (effective affinity), as the planner reads
+    them: where a thread waiting for its completions is woken without an IPI."""
+    from dataplane.errors import ConfigError
+    from dataplane.topology import BlockDevice
     try:
-        virtio = (disk_sysfs / "device").resolve().name          # e.g. virtio1
-        cpus = []
-        for line in Path("/proc/interrupts").read_text().splitlines():
-            if f"{virtio}-req" in line:
-                irq = line.split(":", 1)[0].strip()
-                eff = Path(f"/proc/irq/{irq}/effective_affinity_list").read_text().strip()
-                cpus.append(f"{line.split()[-1]}: cpu {eff}")
-        return ", ".join(cpus)
-    except OSError:
+        dev = BlockDevice.resolve(path)
+    except (ConfigError, OSError):
         return ""
+    return ", ".join(f"hw queue {q.index} (irq {','.join(map(str, q.irqs))}): cpu "
+                     + ",".join(map(str, q.irq_cpus)) for q in dev.hw_queues if q.irq_cpus)
 
 
 def _git_state() -> str:
