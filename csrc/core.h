@@ -163,6 +163,26 @@ void dp_latency_sample(const struct dp_latency_params *params, uint64_t seed, ui
 struct dp_hist;
 void dp_vq_get_latency(const struct dp_vq *vq, struct dp_hist *out);
 
+/* ---- a split ring a frontend set up and hands over to a driver thread (dp_load, dp_replay:
+ * the thread plays the guest on it), with guest memory the thread owns during the run for its
+ * requests (see dp_load_arena_size, dp_replay_arena_size). Host pointers into the frontend's
+ * memory; the thread hands its indices back at the end. ---- */
+struct dp_ring_handover {
+    uint64_t desc_host;
+    uint64_t avail_host;
+    uint64_t used_host;
+    uint32_t num;                /* ring size, a power of two */
+    uint16_t avail_idx;          /* where the frontend left its avail index */
+    uint16_t last_used_idx;      /* and its used index */
+    int kick_fd;
+    int call_fd;
+    int event_idx;               /* VIRTIO_RING_F_EVENT_IDX negotiated */
+    int indirect;                /* one indirect descriptor per request (needs INDIRECT_DESC) */
+    uint64_t arena_host;
+    uint64_t arena_gpa;
+    uint64_t arena_len;
+};
+
 /* ==== trace replay (replay.c): trace records issued in order, one thread per queue ====
  * Python reads the trace, maps each record to a queue, fits and aligns it to the target and
  * feeds each queue's thread arrays of records; the thread issues them in feed order, on the
@@ -215,21 +235,7 @@ struct dp_replay_log_entry {
 
 struct dp_replay_params {
     int kind;                    /* DP_REPLAY_VRING or DP_REPLAY_URING */
-    /* DP_REPLAY_VRING: the split ring the frontend set up and its guest memory for buffers
-     * (see dp_replay_arena_size), as in dp_load_params */
-    uint64_t desc_host;
-    uint64_t avail_host;
-    uint64_t used_host;
-    uint32_t num;
-    uint16_t avail_idx;
-    uint16_t last_used_idx;
-    int kick_fd;
-    int call_fd;
-    int event_idx;
-    int indirect;
-    uint64_t arena_host;
-    uint64_t arena_gpa;
-    uint64_t arena_len;
+    struct dp_ring_handover ring;   /* DP_REPLAY_VRING */
     /* DP_REPLAY_URING: the target, opened O_DIRECT; the thread allocates its own buffers */
     int fd;
     /* the run */
@@ -362,21 +368,7 @@ uint64_t dp_hist_percentile(const struct dp_hist *h, double pct);
 #define DP_LOAD_SLOT_META 128
 
 struct dp_load_params {
-    /* the split ring the frontend set up and hands over (host pointers into its memory) */
-    uint64_t desc_host;
-    uint64_t avail_host;
-    uint64_t used_host;
-    uint32_t num;                /* ring size, a power of two */
-    uint16_t avail_idx;          /* where the frontend left its avail index */
-    uint16_t last_used_idx;      /* and its used index */
-    int kick_fd;
-    int call_fd;
-    int event_idx;               /* VIRTIO_RING_F_EVENT_IDX negotiated */
-    int indirect;                /* one indirect descriptor per request (needs INDIRECT_DESC) */
-    /* guest memory the driver owns during the run (see dp_load_arena_size) */
-    uint64_t arena_host;
-    uint64_t arena_gpa;
-    uint64_t arena_len;
+    struct dp_ring_handover ring;
     /* the job */
     uint32_t queue;
     int rw;                      /* DP_RW_* */

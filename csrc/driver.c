@@ -10,32 +10,20 @@
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
-#include <sched.h>
 #include <stdlib.h>
-#include <stdio.h>
 #include <string.h>
-#include <sys/eventfd.h>
-#include <sys/prctl.h>
-#include <sys/resource.h>
-#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "driver.h"
 
-#define NO_SLOT 0xffff
 #define VERIFY_BUSY 0x80000000u
 #define VERIFY_MAGIC 0x564c5044u   /* "DPLV" */
 #define SECTOR 512
-#define ARENA_ALIGN 4096
 #define STATUS_UNSET 0xff
 #define DEFAULT_TIMEOUT_NS (30ull * 1000000000ull)
 #define DEFAULT_SAMPLE_NS (500ull * 1000000ull)
 #define SPIN_BELOW_NS 20000ull     /* open loop: closer than this to the schedule, spin */
-
-/* Single writer (the load thread); dp_load_progress reads these while it runs. */
-#define COUNTER_ADD(field, n) \
-    __atomic_store_n(&(field), (field) + (n), __ATOMIC_RELAXED)
 
 /* ---- random numbers: splitmix64 to seed, xorshift64* to run ---- */
 
@@ -133,24 +121,6 @@ static void verify_check(struct dp_load *l, struct load_slot *s, uint32_t expect
 }
 
 /* ---- requests ---- */
-
-/* fio's io_u_dist buckets: 1, 2-3, 4-7, 8-15, 16-31, 32-63, >=64 */
-static inline unsigned depth_bucket(unsigned depth)
-{
-    unsigned b = depth ? 31u - (unsigned)__builtin_clz(depth) : 0;
-    return b < 6 ? b : 6;
-}
-
-/* fio's submit/complete buckets: 0, 1-4, 5-8, 9-16, 17-32, 33-64, >64 */
-static inline unsigned batch_bucket(unsigned n)
-{
-    if (n == 0)
-        return 0;
-    if (n <= 4)
-        return 1;
-    unsigned b = 32u - (unsigned)__builtin_clz(n - 1);   /* ceil(log2 n) */
-    return b - 1 < 6 ? b - 1 : 6;
-}
 
 static uint64_t pick_block(struct dp_load *l, unsigned dir)
 {
@@ -346,12 +316,9 @@ static int reap(struct dp_load *l, uint64_t *now)
     }
     uint64_t t = driver_now_ns();
     for (uint16_t i = 0; i < n; i++) {
-        const struct vring_used_elem *e = &r->used->ring[r->last_used_idx & (r->num - 1)];
-        uint32_t id = __atomic_load_n(&e->id, __ATOMIC_RELAXED);
-        uint32_t len = __atomic_load_n(&e->len, __ATOMIC_RELAXED);
-        r->last_used_idx++;
-        uint16_t slot = id < r->num ? l->head_to_slot[id] : NO_SLOT;
-        if (slot == NO_SLOT || !l->slots[slot].inflight) {
+        uint32_t len;
+        uint16_t slot = driver_ring_next_used(r, l->head_to_slot, &len);
+        if (slot == DRIVER_NO_SLOT || !l->slots[slot].inflight) {
             l->stats.bad_used++;
             return -EPROTO;
         }
@@ -363,23 +330,6 @@ static int reap(struct dp_load *l, uint64_t *now)
 }
 
 /* ---- the loop ---- */
-
-static void take_rusage(uint64_t *usr, uint64_t *sys, uint64_t *ctx)
-{
-    struct rusage ru;
-    if (getrusage(RUSAGE_THREAD, &ru) != 0)
-        return;
-    *usr = (uint64_t)ru.ru_utime.tv_sec * 1000000000ull + (uint64_t)ru.ru_utime.tv_usec * 1000;
-    *sys = (uint64_t)ru.ru_stime.tv_sec * 1000000000ull + (uint64_t)ru.ru_stime.tv_usec * 1000;
-    *ctx = (uint64_t)ru.ru_nvcsw + (uint64_t)ru.ru_nivcsw;
-}
-
-static void drain_eventfd(int fd)
-{
-    uint64_t v;
-    ssize_t rc = read(fd, &v, sizeof(v));
-    (void)rc;   /* nonblocking: nothing to read is fine */
-}
 
 /* Nothing to reap and nothing to issue: spin a little, then sleep on the call eventfd (or,
  * with nothing in flight, until the schedule's next request) until deadline. */
@@ -404,12 +354,12 @@ static int wait_idle(struct dp_load *l, uint64_t now, uint64_t deadline)
             return 0;
         }
     } else if (deadline - now < SPIN_BELOW_NS) {
-        while (driver_now_ns() < deadline && !__atomic_load_n(&l->stop, __ATOMIC_RELAXED))
+        while (driver_now_ns() < deadline && !driver_thread_stopping(&l->t))
             driver_cpu_relax();
         return 0;
     }
 
-    struct pollfd fds[2] = { { .fd = l->wake_fd, .events = POLLIN },
+    struct pollfd fds[2] = { { .fd = l->t.wake_fd, .events = POLLIN },
                              { .fd = r->call_fd, .events = POLLIN } };
     uint64_t left = deadline - now;
     struct timespec ts = { .tv_sec = (time_t)(left / 1000000000ull),
@@ -418,9 +368,9 @@ static int wait_idle(struct dp_load *l, uint64_t now, uint64_t deadline)
     if (rc < 0 && errno != EINTR)
         return -errno;
     if (rc > 0 && (fds[0].revents & POLLIN))
-        drain_eventfd(l->wake_fd);
+        driver_drain_eventfd(l->t.wake_fd);
     if (rc > 0 && l->inflight && (fds[1].revents & POLLIN)) {
-        drain_eventfd(r->call_fd);
+        driver_drain_eventfd(r->call_fd);
         l->stats.interrupts++;
     }
     if (l->inflight)
@@ -455,9 +405,9 @@ static int load_run(struct dp_load *l)
     for (;;) {
         if (!l->ramp_done && now >= l->ramp_end) {
             l->ramp_done = 1;
-            take_rusage(&usr0, &sys0, &ctx0);
+            driver_take_rusage(&usr0, &sys0, &ctx0);
         }
-        if (issuing && (now >= l->end || __atomic_load_n(&l->stop, __ATOMIC_RELAXED)))
+        if (issuing && (now >= l->end || driver_thread_stopping(&l->t)))
             issuing = 0;
         int added = 0;
         if (issuing) {
@@ -502,9 +452,9 @@ static int load_run(struct dp_load *l)
 
     if (!l->ramp_done) {
         l->ramp_done = 1;
-        take_rusage(&usr0, &sys0, &ctx0);
+        driver_take_rusage(&usr0, &sys0, &ctx0);
     }
-    take_rusage(&usr1, &sys1, &ctx1);
+    driver_take_rusage(&usr1, &sys1, &ctx1);
     st->usr_ns = usr1 - usr0;
     st->sys_ns = sys1 - sys0;
     st->ctx = ctx1 - ctx0;
@@ -522,28 +472,10 @@ static int load_run(struct dp_load *l)
 static void *load_thread(void *arg)
 {
     struct dp_load *l = arg;
-    char name[16];
-    snprintf(name, sizeof(name), "dp-load%u", l->p.queue);
-    pthread_setname_np(pthread_self(), name);
-    prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);   /* open-loop schedules want µs wake-ups */
-    if (l->p.cpu >= 0) {
-        cpu_set_t set;
-        CPU_ZERO(&set);
-        CPU_SET(l->p.cpu, &set);
-        pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
-    }
-    pthread_mutex_lock(&l->lock);
-    l->tid = (int)syscall(SYS_gettid);
-    pthread_cond_broadcast(&l->cond);
-    pthread_mutex_unlock(&l->lock);
-
-    int rc = load_run(l);
-
-    pthread_mutex_lock(&l->lock);
-    l->stats.error = rc;
-    l->done = 1;
-    pthread_cond_broadcast(&l->cond);
-    pthread_mutex_unlock(&l->lock);
+    driver_thread_enter("dp-load", l->p.queue, l->p.cpu);
+    driver_thread_ready(&l->t, 0);
+    l->stats.error = load_run(l);
+    driver_thread_finish(&l->t);
     return NULL;
 }
 
@@ -562,18 +494,12 @@ uint64_t dp_load_arena_size(uint32_t bs, uint32_t iodepth)
 
 static int check_params(const struct dp_load_params *p)
 {
-    if (!p->desc_host || !p->avail_host || !p->used_host || p->kick_fd < 0 || p->call_fd < 0)
-        return -EINVAL;
-    if (p->num == 0 || p->num > 32768 || (p->num & (p->num - 1)))
-        return -EINVAL;
     if (p->bs == 0 || p->bs % SECTOR || p->offset % SECTOR || p->size < p->bs)
         return -EINVAL;
-    if (p->iodepth == 0 || p->iodepth > (p->indirect ? p->num : p->num / 3))
+    if (p->iodepth == 0 ||
+        driver_handover_check(&p->ring, p->iodepth, dp_load_arena_size(p->bs, p->iodepth)))
         return -EINVAL;
     if (p->rw < DP_RW_READ || p->rw > DP_RW_RW || p->rwmixread > 100)
-        return -EINVAL;
-    if (p->arena_gpa % ARENA_ALIGN || p->arena_host % ARENA_ALIGN ||
-        p->arena_len < dp_load_arena_size(p->bs, p->iodepth))
         return -EINVAL;
     if (p->verify && (!p->verify_map || p->size / p->bs <= p->iodepth))
         return -EINVAL;
@@ -586,15 +512,15 @@ static void setup_slots(struct dp_load *l)
 {
     const struct dp_load_params *p = &l->p;
     uint64_t stride = data_stride(p->bs), meta = (uint64_t)p->iodepth * stride;
-    for (unsigned i = 0; i < p->num; i++)
-        l->head_to_slot[i] = NO_SLOT;
+    for (unsigned i = 0; i < p->ring.num; i++)
+        l->head_to_slot[i] = DRIVER_NO_SLOT;
     for (unsigned i = 0; i < p->iodepth; i++) {
         struct load_slot *s = &l->slots[i];
-        uint64_t data_gpa = p->arena_gpa + i * stride;
-        uint64_t meta_gpa = p->arena_gpa + meta + (uint64_t)i * DP_LOAD_SLOT_META;
-        uint8_t *meta_host = (uint8_t *)(uintptr_t)(p->arena_host + meta) +
+        uint64_t data_gpa = p->ring.arena_gpa + i * stride;
+        uint64_t meta_gpa = p->ring.arena_gpa + meta + (uint64_t)i * DP_LOAD_SLOT_META;
+        uint8_t *meta_host = (uint8_t *)(uintptr_t)(p->ring.arena_host + meta) +
                              (uint64_t)i * DP_LOAD_SLOT_META;
-        s->data = (uint8_t *)(uintptr_t)(p->arena_host + i * stride);
+        s->data = (uint8_t *)(uintptr_t)(p->ring.arena_host + i * stride);
         s->hdr = (struct virtio_blk_outhdr *)meta_host;
         s->status = meta_host + 16;
         memset(s->data, 0, p->bs);
@@ -605,7 +531,7 @@ static void setup_slots(struct dp_load *l)
             { .addr = meta_gpa + 16, .len = 1, .flags = VRING_DESC_F_WRITE },
         };
         s->desc_dir = DP_DIR_READ;
-        if (p->indirect) {
+        if (p->ring.indirect) {
             struct vring_desc *table = (struct vring_desc *)(meta_host + 32);
             chain[0].next = 1;
             chain[1].next = 2;
@@ -639,42 +565,21 @@ struct dp_load *dp_load_start(const struct dp_load_params *params, int *err)
         return NULL;
     }
     l->p = *params;
-    l->wake_fd = -1;
+    rc = driver_thread_init(&l->t);
     if (!l->p.timeout_ns)
         l->p.timeout_ns = DEFAULT_TIMEOUT_NS;
     l->stats.sample_ns = l->p.sample_ns ? l->p.sample_ns : DEFAULT_SAMPLE_NS;
-    l->ring = (struct driver_ring){
-        .num = params->num,
-        .desc = (struct vring_desc *)(uintptr_t)params->desc_host,
-        .avail = (struct vring_avail *)(uintptr_t)params->avail_host,
-        .used = (struct vring_used *)(uintptr_t)params->used_host,
-        .avail_idx = params->avail_idx,
-        .published_idx = params->avail_idx,
-        .last_used_idx = params->last_used_idx,
-        .event_idx = params->event_idx,
-        .kick_fd = params->kick_fd,
-        .call_fd = params->call_fd,
-    };
+    l->ring = driver_ring_of(&params->ring);
     l->nblocks = params->size / params->bs;
     uint64_t seed = params->seed ^ ((uint64_t)params->queue << 32);
     l->rng = splitmix64(&seed) | 1;
     l->slots = calloc(params->iodepth, sizeof(*l->slots));
     l->free_slots = calloc(params->iodepth, sizeof(*l->free_slots));
-    l->head_to_slot = calloc(params->num, sizeof(*l->head_to_slot));
-    pthread_condattr_t attr;
-    pthread_condattr_init(&attr);
-    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
-    pthread_mutex_init(&l->lock, NULL);
-    pthread_cond_init(&l->cond, &attr);
-    pthread_condattr_destroy(&attr);
-    l->joined = 1;   /* nothing to join until the thread exists */
+    l->head_to_slot = calloc(params->ring.num, sizeof(*l->head_to_slot));
+    if (rc < 0)
+        goto fail;
     if (!l->slots || !l->free_slots || !l->head_to_slot) {
         rc = -ENOMEM;
-        goto fail;
-    }
-    l->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (l->wake_fd < 0) {
-        rc = -errno;
         goto fail;
     }
     if (params->verify) {
@@ -685,14 +590,9 @@ struct dp_load *dp_load_start(const struct dp_load_params *params, int *err)
     }
     setup_slots(l);
 
-    rc = -pthread_create(&l->thread, NULL, load_thread, l);
+    rc = driver_thread_start(&l->t, load_thread, l);
     if (rc < 0)
         goto fail;
-    l->joined = 0;
-    pthread_mutex_lock(&l->lock);
-    while (!l->tid)
-        pthread_cond_wait(&l->cond, &l->lock);
-    pthread_mutex_unlock(&l->lock);
     return l;
 
 fail:
@@ -703,37 +603,12 @@ fail:
 
 void dp_load_stop(struct dp_load *load)
 {
-    uint64_t one = 1;
-    __atomic_store_n(&load->stop, 1, __ATOMIC_RELAXED);
-    if (load->wake_fd >= 0) {
-        ssize_t rc = write(load->wake_fd, &one, sizeof(one));
-        (void)rc;
-    }
+    driver_thread_stop(&load->t);
 }
 
 int dp_load_wait(struct dp_load *load, int timeout_ms)
 {
-    struct timespec deadline;
-    clock_gettime(CLOCK_MONOTONIC, &deadline);
-    if (timeout_ms > 0) {
-        deadline.tv_sec += timeout_ms / 1000;
-        deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-        if (deadline.tv_nsec >= 1000000000L) {
-            deadline.tv_sec++;
-            deadline.tv_nsec -= 1000000000L;
-        }
-    }
-    pthread_mutex_lock(&load->lock);
-    while (!load->done) {
-        if (timeout_ms < 0)
-            pthread_cond_wait(&load->cond, &load->lock);
-        else if (timeout_ms == 0 ||
-                 pthread_cond_timedwait(&load->cond, &load->lock, &deadline) == ETIMEDOUT)
-            break;
-    }
-    int done = load->done;
-    pthread_mutex_unlock(&load->lock);
-    return done;
+    return driver_thread_wait(&load->t, timeout_ms);
 }
 
 void dp_load_progress(const struct dp_load *load, uint64_t *reads, uint64_t *writes)
@@ -744,34 +619,22 @@ void dp_load_progress(const struct dp_load *load, uint64_t *reads, uint64_t *wri
 
 int dp_load_get_stats(const struct dp_load *load, struct dp_load_stats *out)
 {
-    struct dp_load *l = (struct dp_load *)load;
-    pthread_mutex_lock(&l->lock);
-    int done = l->done;
-    pthread_mutex_unlock(&l->lock);
-    if (!done)
+    if (!driver_thread_done(&load->t))
         return -EBUSY;
-    memcpy(out, &l->stats, sizeof(*out));
+    memcpy(out, &load->stats, sizeof(*out));
     return 0;
 }
 
 int dp_load_thread_id(const struct dp_load *load)
 {
-    return load->tid;
+    return load->t.tid;
 }
 
 void dp_load_free(struct dp_load *load)
 {
     if (!load)
         return;
-    if (!load->joined) {
-        dp_load_stop(load);
-        pthread_join(load->thread, NULL);
-        load->joined = 1;
-    }
-    if (load->wake_fd >= 0)
-        close(load->wake_fd);
-    pthread_cond_destroy(&load->cond);
-    pthread_mutex_destroy(&load->lock);
+    driver_thread_destroy(&load->t);
     free(load->slots);
     free(load->free_slots);
     free(load->head_to_slot);

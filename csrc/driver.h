@@ -1,6 +1,7 @@
-/* driver.h — the driver (guest) side of a split virtqueue, and the per-queue load thread
- * that drives it (driver.c). The device side of the same ring is virtqueue.h; barrier names
- * here say which of its barriers each one pairs with. */
+/* driver.h — the driver (guest) side of a split virtqueue, the life of a per-queue thread
+ * that drives it (driver_thread.c), and the load generator's state (driver.c); the trace
+ * replayer (replay.c) uses all but the last. The device side of the same ring is
+ * virtqueue.h; barrier names here say which of its barriers each one pairs with. */
 #ifndef DP_DRIVER_H
 #define DP_DRIVER_H
 
@@ -28,6 +29,15 @@
  * side can miss the other's update and skip a notification that was needed. */
 #define driver_mb() __atomic_thread_fence(__ATOMIC_SEQ_CST)
 
+/* Guest memory a driver thread lays its requests out in is page-aligned. */
+#define ARENA_ALIGN 4096
+/* head_to_slot entry of a descriptor no request starts at */
+#define DRIVER_NO_SLOT 0xffff
+
+/* Single writer (the driver thread); other threads read the field while it runs. */
+#define COUNTER_ADD(field, n) \
+    __atomic_store_n(&(field), (field) + (n), __ATOMIC_RELAXED)
+
 /* The ring as the driver sees it. Indices are the driver's own copies (it is the only
  * writer of avail->idx); everything read from the used ring is the device's and is checked. */
 struct driver_ring {
@@ -45,6 +55,39 @@ struct driver_ring {
 
 /* ---- driver side of the split ring: shared by the load generator (driver.c) and the trace
  * replayer (replay.c) ---- */
+
+/* -EINVAL unless h is a ring that holds iodepth requests (3 descriptors each, or one
+ * indirect) and an aligned arena of at least arena_need bytes. */
+static inline int driver_handover_check(const struct dp_ring_handover *h, uint32_t iodepth,
+                                        uint64_t arena_need)
+{
+    if (!h->desc_host || !h->avail_host || !h->used_host || h->kick_fd < 0 || h->call_fd < 0)
+        return -EINVAL;
+    if (h->num == 0 || h->num > 32768 || (h->num & (h->num - 1)))
+        return -EINVAL;
+    if (iodepth > (h->indirect ? h->num : h->num / 3))
+        return -EINVAL;
+    if (h->arena_gpa % ARENA_ALIGN || h->arena_host % ARENA_ALIGN || h->arena_len < arena_need)
+        return -EINVAL;
+    return 0;
+}
+
+/* Take the ring over where the frontend left its indices. */
+static inline struct driver_ring driver_ring_of(const struct dp_ring_handover *h)
+{
+    return (struct driver_ring){
+        .num = h->num,
+        .desc = (struct vring_desc *)(uintptr_t)h->desc_host,
+        .avail = (struct vring_avail *)(uintptr_t)h->avail_host,
+        .used = (struct vring_used *)(uintptr_t)h->used_host,
+        .avail_idx = h->avail_idx,
+        .published_idx = h->avail_idx,
+        .last_used_idx = h->last_used_idx,
+        .event_idx = h->event_idx,
+        .kick_fd = h->kick_fd,
+        .call_fd = h->call_fd,
+    };
+}
 
 static inline uint64_t driver_now_ns(void)
 {
@@ -118,6 +161,19 @@ static inline void driver_ring_disable_interrupts(struct driver_ring *r)
         __atomic_store_n(&r->avail->flags, VRING_AVAIL_F_NO_INTERRUPT, __ATOMIC_RELAXED);
 }
 
+/* Consume the next used element (driver_ring_used_pending said there is one): its length in
+ * *len, and the slot head_to_slot maps its id to (DRIVER_NO_SLOT for an id out of range or
+ * where no request starts; the caller checks that slot is in flight). */
+static inline uint16_t driver_ring_next_used(struct driver_ring *r, const uint16_t *head_to_slot,
+                                             uint32_t *len)
+{
+    const struct vring_used_elem *e = &r->used->ring[r->last_used_idx & (r->num - 1)];
+    uint32_t id = __atomic_load_n(&e->id, __ATOMIC_RELAXED);
+    *len = __atomic_load_n(&e->len, __ATOMIC_RELAXED);
+    r->last_used_idx++;
+    return id < r->num ? head_to_slot[id] : DRIVER_NO_SLOT;
+}
+
 static inline int driver_ring_kick(struct driver_ring *r)
 {
     uint64_t one = 1;
@@ -133,6 +189,85 @@ static inline void driver_ring_hand_back(struct driver_ring *r)
         __atomic_store_n(driver_used_event(r), r->last_used_idx, __ATOMIC_RELAXED);
     else
         __atomic_store_n(&r->avail->flags, 0, __ATOMIC_RELAXED);
+}
+
+/* fio's io_u_dist buckets: 1, 2-3, 4-7, 8-15, 16-31, 32-63, >=64 */
+static inline unsigned depth_bucket(unsigned depth)
+{
+    unsigned b = depth ? 31u - (unsigned)__builtin_clz(depth) : 0;
+    return b < 6 ? b : 6;
+}
+
+/* fio's submit/complete buckets: 0, 1-4, 5-8, 9-16, 17-32, 33-64, >64 */
+static inline unsigned batch_bucket(unsigned n)
+{
+    if (n == 0)
+        return 0;
+    if (n <= 4)
+        return 1;
+    unsigned b = 32u - (unsigned)__builtin_clz(n - 1);   /* ceil(log2 n) */
+    return b - 1 < 6 ? b - 1 : 6;
+}
+
+/* ---- a driver thread's life (driver_thread.c): one per queue, the same for the load
+ * generator and the replayer ---- */
+
+/* Started and joined here, stopped by a flag and the wake eventfd, waited for with a timeout.
+ * The lock hands over tid, init_rc and done (and whatever the owner guards with it besides);
+ * it is never taken per request. */
+struct driver_thread {
+    int stop;                    /* set by driver_thread_stop (any thread) */
+    int wake_fd;                 /* stop (and the owner's own events) wake the thread */
+    pthread_t thread;
+    int tid;
+    int init_rc;                 /* the thread's own setup, reported to driver_thread_start */
+    int done;
+    int joined;
+    pthread_mutex_t lock;
+    pthread_cond_t cond;         /* tid and done (and the owner's own conditions) */
+};
+
+/* The lock, the cond (CLOCK_MONOTONIC) and the wake eventfd. 0 or -errno; either way
+ * driver_thread_destroy undoes it. */
+int driver_thread_init(struct driver_thread *t);
+/* Run fn(arg) in a new thread and wait for its driver_thread_ready: its init_rc, or -errno
+ * when no thread could be made. */
+int driver_thread_start(struct driver_thread *t, void *(*fn)(void *), void *arg);
+/* In the new thread, first: named "<prefix><queue>", µs timer slack, pinned to cpu (>= 0). */
+void driver_thread_enter(const char *prefix, unsigned queue, int cpu);
+/* In the new thread, once set up: publish its tid and init_rc. */
+void driver_thread_ready(struct driver_thread *t, int init_rc);
+/* In the thread, last: done. What it wrote before is the reader's once it sees done. */
+void driver_thread_finish(struct driver_thread *t);
+void driver_thread_stop(struct driver_thread *t);
+/* Wait up to timeout_ms (< 0: forever): 1 when the thread finished, 0 on timeout. */
+int driver_thread_wait(struct driver_thread *t, int timeout_ms);
+int driver_thread_done(const struct driver_thread *t);
+static inline int driver_thread_stopping(const struct driver_thread *t)
+{
+    return __atomic_load_n(&t->stop, __ATOMIC_RELAXED);
+}
+/* Stops and joins a started thread, then releases what driver_thread_init made. */
+void driver_thread_destroy(struct driver_thread *t);
+/* A cond whose timed waits count on CLOCK_MONOTONIC (see driver_deadline). */
+void driver_cond_init(pthread_cond_t *cond);
+/* CLOCK_MONOTONIC timeout_ms (>= 0) from now, for pthread_cond_timedwait on such a cond. */
+void driver_deadline(struct timespec *deadline, int timeout_ms);
+/* This thread's CPU time (ns) and context switches. */
+void driver_take_rusage(uint64_t *usr, uint64_t *sys, uint64_t *ctx);
+
+static inline void driver_wake(int fd)
+{
+    uint64_t one = 1;
+    ssize_t rc = write(fd, &one, sizeof(one));
+    (void)rc;   /* a saturated counter still wakes */
+}
+
+static inline void driver_drain_eventfd(int fd)
+{
+    uint64_t v;
+    ssize_t rc = read(fd, &v, sizeof(v));
+    (void)rc;   /* nonblocking: nothing to read is fine */
 }
 
 /* One request slot: buffers preallocated in the arena, reused for every request. */
@@ -170,15 +305,7 @@ struct dp_load {
     uint64_t end;
     uint64_t last_completion;
     int ramp_done;
-    int stop;                    /* set by dp_load_stop (any thread) */
-    int wake_fd;                 /* wakes the thread out of its sleep for stop */
-
-    pthread_t thread;
-    int tid;
-    int done;
-    int joined;
-    pthread_mutex_t lock;        /* guards tid / done hand-offs, never taken on the I/O path */
-    pthread_cond_t cond;
+    struct driver_thread t;
 
     struct dp_load_stats stats;
 };

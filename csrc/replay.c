@@ -14,23 +14,15 @@
 #include <linux/falloc.h>
 #include <poll.h>
 #include <pthread.h>
-#include <sched.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/eventfd.h>
-#include <sys/prctl.h>
-#include <sys/resource.h>
-#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "replay.h"
 
-#define NO_SLOT 0xffff
 #define SECTOR 512
 #define STAMP_STRIDE 4096
-#define ARENA_ALIGN 4096
 #define STATUS_UNSET 0xff
 #define NO_LAYOUT 0xff
 #define HAZARD_SHIFT 20
@@ -41,10 +33,6 @@
 #define NS_PER_S 1000000000ull
 /* Longest sleep while a second's row waits to be published, so rows flow while idle. */
 #define SERIES_TICK_NS (NS_PER_S / 4)
-
-/* Single writer (the replay thread); readers poll it while the thread runs. */
-#define COUNTER_ADD(field, n) \
-    __atomic_store_n(&(field), (field) + (n), __ATOMIC_RELAXED)
 
 struct replay_stamp {
     uint32_t magic;
@@ -61,38 +49,6 @@ static inline int op_writes(unsigned op)
 static inline int op_has_data(unsigned op)
 {
     return op == DP_REPLAY_OP_READ || op == DP_REPLAY_OP_WRITE;
-}
-
-/* fio's io_u_dist buckets: 1, 2-3, 4-7, 8-15, 16-31, 32-63, >=64 */
-static inline unsigned depth_bucket(unsigned depth)
-{
-    unsigned b = depth ? 31u - (unsigned)__builtin_clz(depth) : 0;
-    return b < 6 ? b : 6;
-}
-
-/* fio's submit/complete buckets: 0, 1-4, 5-8, 9-16, 17-32, 33-64, >64 */
-static inline unsigned batch_bucket(unsigned n)
-{
-    if (n == 0)
-        return 0;
-    if (n <= 4)
-        return 1;
-    unsigned b = 32u - (unsigned)__builtin_clz(n - 1);
-    return b - 1 < 6 ? b - 1 : 6;
-}
-
-static void wake(int fd)
-{
-    uint64_t one = 1;
-    ssize_t rc = write(fd, &one, sizeof(one));
-    (void)rc;   /* a saturated counter still wakes */
-}
-
-static void drain_eventfd(int fd)
-{
-    uint64_t v;
-    ssize_t rc = read(fd, &v, sizeof(v));
-    (void)rc;
 }
 
 /* ---- the feed (consumer side; the producer is dp_replay_feed) ---- */
@@ -130,9 +86,9 @@ static void feed_release(struct dp_replay *r, int force)
     /* head before producer_waiting; pairs with the fence in feed_wait_room. */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     if (__atomic_load_n(&f->producer_waiting, __ATOMIC_RELAXED)) {
-        pthread_mutex_lock(&r->lock);
+        pthread_mutex_lock(&r->t.lock);
         pthread_cond_broadcast(&f->room);
-        pthread_mutex_unlock(&r->lock);
+        pthread_mutex_unlock(&r->t.lock);
     }
 }
 
@@ -252,12 +208,13 @@ static void vring_prep(struct dp_replay *r, struct replay_slot *s)
                                           .flags = VRING_DESC_F_NEXT };
     chain[n++] = (struct vring_desc){ .addr = s->meta_gpa + 16, .len = 1, .flags = VRING_DESC_F_WRITE };
 
-    struct vring_desc *table = r->p.indirect ? (struct vring_desc *)(s->meta + 64) : &r->ring.desc[s->head];
+    int indirect = r->p.ring.indirect;
+    struct vring_desc *table = indirect ? (struct vring_desc *)(s->meta + 64) : &r->ring.desc[s->head];
     for (unsigned i = 0; i < n; i++) {
-        chain[i].next = (uint16_t)((r->p.indirect ? 0 : s->head) + i + 1);
+        chain[i].next = (uint16_t)((indirect ? 0 : s->head) + i + 1);
         table[i] = chain[i];
     }
-    if (r->p.indirect)
+    if (indirect)
         r->ring.desc[s->head].len = n * (uint32_t)sizeof(struct vring_desc);
     s->data_desc = &table[1];
     s->layout = s->op;
@@ -530,12 +487,9 @@ static int vring_reap(struct dp_replay *r, uint64_t now)
         return -EPROTO;
     }
     for (uint16_t i = 0; i < n; i++) {
-        const struct vring_used_elem *e = &ring->used->ring[ring->last_used_idx & (ring->num - 1)];
-        uint32_t id = __atomic_load_n(&e->id, __ATOMIC_RELAXED);
-        uint32_t len = __atomic_load_n(&e->len, __ATOMIC_RELAXED);
-        ring->last_used_idx++;
-        uint16_t slot = id < ring->num ? r->head_to_slot[id] : NO_SLOT;
-        if (slot == NO_SLOT || !r->slots[slot].inflight) {
+        uint32_t len;
+        uint16_t slot = driver_ring_next_used(ring, r->head_to_slot, &len);
+        if (slot == DRIVER_NO_SLOT || !r->slots[slot].inflight) {
             r->c.bad_used++;
             return -EPROTO;
         }
@@ -597,19 +551,9 @@ static inline int completions_pending(struct dp_replay *r)
 
 /* ---- the loop ---- */
 
-static void take_rusage(uint64_t *usr, uint64_t *sys, uint64_t *ctx)
-{
-    struct rusage ru;
-    if (getrusage(RUSAGE_THREAD, &ru) != 0)
-        return;
-    *usr = (uint64_t)ru.ru_utime.tv_sec * NS_PER_S + (uint64_t)ru.ru_utime.tv_usec * 1000;
-    *sys = (uint64_t)ru.ru_stime.tv_sec * NS_PER_S + (uint64_t)ru.ru_stime.tv_usec * 1000;
-    *ctx = (uint64_t)ru.ru_nvcsw + (uint64_t)ru.ru_nivcsw;
-}
-
 static int stopping(const struct dp_replay *r)
 {
-    return __atomic_load_n(&r->stop, __ATOMIC_RELAXED);
+    return driver_thread_stopping(&r->t);
 }
 
 /* Nothing to reap and nothing to issue: spin when the deadline is close, else sleep on the
@@ -654,7 +598,7 @@ static int wait_idle(struct dp_replay *r, uint64_t now, uint64_t deadline, int w
             driver_cpu_relax();
     } else {
         int cfd = r->p.kind == DP_REPLAY_VRING ? r->ring.call_fd : r->uring.ring_fd;
-        struct pollfd fds[2] = { { .fd = r->wake_fd, .events = POLLIN },
+        struct pollfd fds[2] = { { .fd = r->t.wake_fd, .events = POLLIN },
                                  { .fd = cfd, .events = POLLIN } };
         /* A record's time: wake spin_ns early and spin the rest, as a sleep overshoots. */
         uint64_t left = deadline - now - (precise ? r->p.spin_ns : 0);
@@ -663,10 +607,10 @@ static int wait_idle(struct dp_replay *r, uint64_t now, uint64_t deadline, int w
         if (rc < 0 && errno != EINTR)
             return -errno;
         if (rc > 0 && (fds[0].revents & POLLIN))
-            drain_eventfd(r->wake_fd);
+            driver_drain_eventfd(r->t.wake_fd);
         if (rc > 0 && r->inflight && (fds[1].revents & POLLIN)) {
             if (r->p.kind == DP_REPLAY_VRING)
-                drain_eventfd(cfd);
+                driver_drain_eventfd(cfd);
             r->c.interrupts++;
         }
     }
@@ -681,11 +625,11 @@ out:
 /* Wait for dp_replay_begin, then for its start time. Returns 0, or 1 when stopped first. */
 static int wait_begin(struct dp_replay *r)
 {
-    pthread_mutex_lock(&r->lock);
-    while (!r->begun && !r->stop)
-        pthread_cond_wait(&r->cond, &r->lock);
+    pthread_mutex_lock(&r->t.lock);
+    while (!r->begun && !r->t.stop)
+        pthread_cond_wait(&r->t.cond, &r->t.lock);
     int stopped = !r->begun;
-    pthread_mutex_unlock(&r->lock);
+    pthread_mutex_unlock(&r->t.lock);
     if (stopped)
         return 1;
     for (;;) {
@@ -705,7 +649,7 @@ static int replay_run(struct dp_replay *r)
         driver_ring_disable_interrupts(&r->ring);
     if (wait_begin(r))
         issuing = 0;
-    take_rusage(&usr0, &sys0, &ctx0);
+    driver_take_rusage(&usr0, &sys0, &ctx0);
     uint64_t now = driver_now_ns(), last_progress = now;
     r->last_completion = r->start_ns;
     r->cur_end_ns = 0;
@@ -775,7 +719,7 @@ static int replay_run(struct dp_replay *r)
         }
     }
 
-    take_rusage(&usr1, &sys1, &ctx1);
+    driver_take_rusage(&usr1, &sys1, &ctx1);
     r->c.usr_ns = usr1 - usr0;
     r->c.sys_ns = sys1 - sys0;
     r->c.ctx = ctx1 - ctx0;
@@ -828,18 +772,18 @@ static void vring_setup(struct dp_replay *r)
 {
     const struct dp_replay_params *p = &r->p;
     uint64_t data_total = (uint64_t)p->iodepth * p->buf_size;
-    for (unsigned i = 0; i < p->num; i++)
-        r->head_to_slot[i] = NO_SLOT;
+    for (unsigned i = 0; i < p->ring.num; i++)
+        r->head_to_slot[i] = DRIVER_NO_SLOT;
     for (unsigned i = 0; i < p->iodepth; i++) {
         struct replay_slot *s = &r->slots[i];
-        s->data_gpa = p->arena_gpa + (uint64_t)i * p->buf_size;
-        s->data = (uint8_t *)(uintptr_t)(p->arena_host + (uint64_t)i * p->buf_size);
-        s->meta_gpa = p->arena_gpa + data_total + (uint64_t)i * DP_REPLAY_SLOT_META;
-        s->meta = (uint8_t *)(uintptr_t)(p->arena_host + data_total) + (uint64_t)i * DP_REPLAY_SLOT_META;
+        s->data_gpa = p->ring.arena_gpa + (uint64_t)i * p->buf_size;
+        s->data = (uint8_t *)(uintptr_t)(p->ring.arena_host + (uint64_t)i * p->buf_size);
+        s->meta_gpa = p->ring.arena_gpa + data_total + (uint64_t)i * DP_REPLAY_SLOT_META;
+        s->meta = (uint8_t *)(uintptr_t)(p->ring.arena_host + data_total) + (uint64_t)i * DP_REPLAY_SLOT_META;
         memset(s->meta, 0, DP_REPLAY_SLOT_META);
         s->layout = NO_LAYOUT;
         memset(s->data, 0, p->buf_size);   /* fault the pages in now, not on the clock */
-        if (p->indirect) {
+        if (p->ring.indirect) {
             s->head = (uint16_t)i;
             r->ring.desc[i] = (struct vring_desc){ .addr = s->meta_gpa + 64, .len = 0,
                                                    .flags = VRING_DESC_F_INDIRECT };
@@ -853,32 +797,18 @@ static void vring_setup(struct dp_replay *r)
 static void *replay_thread(void *arg)
 {
     struct dp_replay *r = arg;
-    char name[16];
-    snprintf(name, sizeof(name), "dp-replay%u", r->p.queue);
-    pthread_setname_np(pthread_self(), name);
-    prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);   /* timed replay wants µs wake-ups */
-    if (r->p.cpu >= 0) {
-        cpu_set_t set;
-        CPU_ZERO(&set);
-        CPU_SET(r->p.cpu, &set);
-        pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
-    }
+    driver_thread_enter("dp-replay", r->p.queue, r->p.cpu);
     /* The io_uring belongs to the thread that submits to it. */
     int rc = r->p.kind == DP_REPLAY_URING ? uring_setup(r) : 0;
-    pthread_mutex_lock(&r->lock);
-    r->init_rc = rc;
-    r->tid = (int)syscall(SYS_gettid);
-    pthread_cond_broadcast(&r->cond);
-    pthread_mutex_unlock(&r->lock);
+    driver_thread_ready(&r->t, rc);
     if (rc == 0)
         rc = replay_run(r);
-
-    pthread_mutex_lock(&r->lock);
     r->c.error = rc;
-    r->done = 1;
-    pthread_cond_broadcast(&r->cond);
+    driver_thread_finish(&r->t);
+    /* A producer waiting for room sees done now. */
+    pthread_mutex_lock(&r->t.lock);
     pthread_cond_broadcast(&r->feed.room);
-    pthread_mutex_unlock(&r->lock);
+    pthread_mutex_unlock(&r->t.lock);
     return NULL;
 }
 
@@ -902,16 +832,8 @@ static int check_params(const struct dp_replay_params *p)
         return p->fd >= 0 ? 0 : -EBADF;
     if (p->kind != DP_REPLAY_VRING)
         return -EINVAL;
-    if (!p->desc_host || !p->avail_host || !p->used_host || p->kick_fd < 0 || p->call_fd < 0)
-        return -EINVAL;
-    if (p->num == 0 || p->num > 32768 || (p->num & (p->num - 1)))
-        return -EINVAL;
-    if (p->iodepth > (p->indirect ? p->num : p->num / 3))
-        return -EINVAL;
-    if (p->arena_gpa % ARENA_ALIGN || p->arena_host % ARENA_ALIGN ||
-        p->arena_len < dp_replay_arena_size(p->buf_size, p->iodepth))
-        return -EINVAL;
-    return 0;
+    return driver_handover_check(&p->ring, p->iodepth,
+                                 dp_replay_arena_size(p->buf_size, p->iodepth));
 }
 
 struct dp_replay *dp_replay_new(const struct dp_replay_params *params, int *err)
@@ -927,7 +849,7 @@ struct dp_replay *dp_replay_new(const struct dp_replay_params *params, int *err)
         return NULL;
     }
     r->p = *params;
-    r->wake_fd = -1;
+    rc = driver_thread_init(&r->t);
     if (!r->p.timeout_ns)
         r->p.timeout_ns = DEFAULT_TIMEOUT_NS;
     uint32_t feed = r->p.feed_records ? r->p.feed_records : DEFAULT_FEED;
@@ -935,28 +857,11 @@ struct dp_replay *dp_replay_new(const struct dp_replay_params *params, int *err)
     while (cap < feed)
         cap <<= 1;
     r->feed.mask = cap - 1;
-    if (params->kind == DP_REPLAY_VRING) {
-        r->ring = (struct driver_ring){
-            .num = params->num,
-            .desc = (struct vring_desc *)(uintptr_t)params->desc_host,
-            .avail = (struct vring_avail *)(uintptr_t)params->avail_host,
-            .used = (struct vring_used *)(uintptr_t)params->used_host,
-            .avail_idx = params->avail_idx,
-            .published_idx = params->avail_idx,
-            .last_used_idx = params->last_used_idx,
-            .event_idx = params->event_idx,
-            .kick_fd = params->kick_fd,
-            .call_fd = params->call_fd,
-        };
-    }
-    pthread_condattr_t attr;
-    pthread_condattr_init(&attr);
-    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
-    pthread_mutex_init(&r->lock, NULL);
-    pthread_cond_init(&r->cond, &attr);
-    pthread_cond_init(&r->feed.room, &attr);
-    pthread_condattr_destroy(&attr);
-    r->joined = 1;   /* nothing to join until the thread exists */
+    if (params->kind == DP_REPLAY_VRING)
+        r->ring = driver_ring_of(&params->ring);
+    driver_cond_init(&r->feed.room);
+    if (rc < 0)
+        goto fail;
 
     unsigned depth = params->iodepth;
     r->slots = calloc(depth, sizeof(*r->slots));
@@ -966,7 +871,7 @@ struct dp_replay *dp_replay_new(const struct dp_replay_params *params, int *err)
     r->feed.buf = calloc(cap, sizeof(*r->feed.buf));
     r->series = calloc(REPLAY_SERIES_RING, sizeof(*r->series));
     if (params->kind == DP_REPLAY_VRING)
-        r->head_to_slot = calloc(params->num, sizeof(*r->head_to_slot));
+        r->head_to_slot = calloc(params->ring.num, sizeof(*r->head_to_slot));
     if (!r->slots || !r->free_slots || !r->inflight_list || !r->batch || !r->feed.buf ||
         !r->series || (params->kind == DP_REPLAY_VRING && !r->head_to_slot)) {
         rc = -ENOMEM;
@@ -974,23 +879,10 @@ struct dp_replay *dp_replay_new(const struct dp_replay_params *params, int *err)
     }
     for (unsigned i = 0; i < depth; i++)
         r->free_slots[r->nfree++] = (uint16_t)(depth - 1 - i);
-    r->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (r->wake_fd < 0) {
-        rc = -errno;
-        goto fail;
-    }
     if (params->kind == DP_REPLAY_VRING)
         vring_setup(r);
 
-    rc = -pthread_create(&r->thread, NULL, replay_thread, r);
-    if (rc < 0)
-        goto fail;
-    r->joined = 0;
-    pthread_mutex_lock(&r->lock);
-    while (!r->tid)
-        pthread_cond_wait(&r->cond, &r->lock);
-    rc = r->init_rc;
-    pthread_mutex_unlock(&r->lock);
+    rc = driver_thread_start(&r->t, replay_thread, r);
     if (rc < 0)
         goto fail;
     return r;
@@ -1003,14 +895,14 @@ fail:
 
 int dp_replay_begin(struct dp_replay *r, uint64_t start_ns)
 {
-    pthread_mutex_lock(&r->lock);
+    pthread_mutex_lock(&r->t.lock);
     int rc = r->begun ? -EALREADY : 0;
     if (!rc) {
         r->start_ns = start_ns;
         r->begun = 1;
-        pthread_cond_broadcast(&r->cond);
+        pthread_cond_broadcast(&r->t.cond);
     }
-    pthread_mutex_unlock(&r->lock);
+    pthread_mutex_unlock(&r->t.lock);
     return rc;
 }
 
@@ -1032,33 +924,25 @@ static int feed_wait_room(struct dp_replay *r, int timeout_ms)
 {
     struct replay_feed *f = &r->feed;
     struct timespec deadline;
-    clock_gettime(CLOCK_MONOTONIC, &deadline);
-    if (timeout_ms > 0) {
-        deadline.tv_sec += timeout_ms / 1000;
-        deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-        if (deadline.tv_nsec >= 1000000000L) {
-            deadline.tv_sec++;
-            deadline.tv_nsec -= 1000000000L;
-        }
-    }
+    driver_deadline(&deadline, timeout_ms);
     int room = 0;
-    pthread_mutex_lock(&r->lock);
+    pthread_mutex_lock(&r->t.lock);
     for (;;) {
         __atomic_store_n(&f->producer_waiting, 1, __ATOMIC_RELAXED);
         /* producer_waiting before re-reading head; pairs with the fence in feed_release. */
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
         uint64_t head = __atomic_load_n(&f->head, __ATOMIC_ACQUIRE);
         room = f->tail - head <= f->mask;
-        if (room || r->done)
+        if (room || r->t.done)
             break;
         if (timeout_ms < 0)
-            pthread_cond_wait(&f->room, &r->lock);
-        else if (pthread_cond_timedwait(&f->room, &r->lock, &deadline) == ETIMEDOUT)
+            pthread_cond_wait(&f->room, &r->t.lock);
+        else if (pthread_cond_timedwait(&f->room, &r->t.lock, &deadline) == ETIMEDOUT)
             break;
     }
     __atomic_store_n(&f->producer_waiting, 0, __ATOMIC_RELAXED);
-    int done = r->done;
-    pthread_mutex_unlock(&r->lock);
+    int done = r->t.done;
+    pthread_mutex_unlock(&r->t.lock);
     return done ? -EPIPE : room;
 }
 
@@ -1070,7 +954,7 @@ int dp_replay_feed(struct dp_replay *r, const struct dp_replay_rec *recs, uint32
     for (uint32_t i = 0; i < n; i++)
         if (!check_record(r, &recs[i]))
             return -EINVAL;
-    if (__atomic_load_n(&r->done, __ATOMIC_ACQUIRE))
+    if (__atomic_load_n(&r->t.done, __ATOMIC_ACQUIRE))
         return -EPIPE;
     uint64_t cap = (uint64_t)f->mask + 1;
     uint64_t head = __atomic_load_n(&f->head, __ATOMIC_ACQUIRE);
@@ -1093,49 +977,24 @@ int dp_replay_feed(struct dp_replay *r, const struct dp_replay_rec *recs, uint32
     /* tail before consumer_waiting; pairs with the fence in wait_idle. */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     if (__atomic_load_n(&f->consumer_waiting, __ATOMIC_RELAXED))
-        wake(r->wake_fd);
+        driver_wake(r->t.wake_fd);
     return (int)count;
 }
 
 void dp_replay_feed_end(struct dp_replay *r)
 {
     __atomic_store_n(&r->feed.end, 1, __ATOMIC_RELEASE);
-    wake(r->wake_fd);
+    driver_wake(r->t.wake_fd);
 }
 
 void dp_replay_stop(struct dp_replay *r)
 {
-    pthread_mutex_lock(&r->lock);
-    __atomic_store_n(&r->stop, 1, __ATOMIC_RELAXED);
-    pthread_cond_broadcast(&r->cond);
-    pthread_mutex_unlock(&r->lock);
-    if (r->wake_fd >= 0)
-        wake(r->wake_fd);
+    driver_thread_stop(&r->t);
 }
 
 int dp_replay_wait(struct dp_replay *r, int timeout_ms)
 {
-    struct timespec deadline;
-    clock_gettime(CLOCK_MONOTONIC, &deadline);
-    if (timeout_ms > 0) {
-        deadline.tv_sec += timeout_ms / 1000;
-        deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-        if (deadline.tv_nsec >= 1000000000L) {
-            deadline.tv_sec++;
-            deadline.tv_nsec -= 1000000000L;
-        }
-    }
-    pthread_mutex_lock(&r->lock);
-    while (!r->done) {
-        if (timeout_ms < 0)
-            pthread_cond_wait(&r->cond, &r->lock);
-        else if (timeout_ms == 0 ||
-                 pthread_cond_timedwait(&r->cond, &r->lock, &deadline) == ETIMEDOUT)
-            break;
-    }
-    int done = r->done;
-    pthread_mutex_unlock(&r->lock);
-    return done;
+    return driver_thread_wait(&r->t, timeout_ms);
 }
 
 uint64_t dp_replay_completed(const struct dp_replay *r)
@@ -1163,18 +1022,9 @@ uint64_t dp_replay_series_horizon(const struct dp_replay *r)
     return __atomic_load_n(&r->horizon, __ATOMIC_ACQUIRE);
 }
 
-static int finished(const struct dp_replay *r)
-{
-    struct dp_replay *m = (struct dp_replay *)r;
-    pthread_mutex_lock(&m->lock);
-    int done = m->done;
-    pthread_mutex_unlock(&m->lock);
-    return done;
-}
-
 int dp_replay_get_counters(const struct dp_replay *r, struct dp_replay_counters *out)
 {
-    if (!finished(r))
+    if (!driver_thread_done(&r->t))
         return -EBUSY;
     *out = r->c;
     return 0;
@@ -1184,7 +1034,7 @@ int dp_replay_get_op(const struct dp_replay *r, unsigned op, struct dp_load_dir_
 {
     if (op >= DP_REPLAY_OPS)
         return -EINVAL;
-    if (!finished(r))
+    if (!driver_thread_done(&r->t))
         return -EBUSY;
     *out = r->op[op];
     return 0;
@@ -1192,25 +1042,17 @@ int dp_replay_get_op(const struct dp_replay *r, unsigned op, struct dp_load_dir_
 
 int dp_replay_thread_id(const struct dp_replay *r)
 {
-    return r->tid;
+    return r->t.tid;
 }
 
 void dp_replay_free(struct dp_replay *r)
 {
     if (!r)
         return;
-    if (!r->joined) {
-        dp_replay_stop(r);
-        pthread_join(r->thread, NULL);
-        r->joined = 1;
-    }
+    driver_thread_destroy(&r->t);
     if (r->uring_ready)
         io_uring_queue_exit(&r->uring);
-    if (r->wake_fd >= 0)
-        close(r->wake_fd);
     pthread_cond_destroy(&r->feed.room);
-    pthread_cond_destroy(&r->cond);
-    pthread_mutex_destroy(&r->lock);
     if (!r->abandoned)
         free(r->own_bufs);   /* else leaked: the kernel may still complete into them */
     free(r->slots);

@@ -110,15 +110,8 @@ struct dp_replay {
     uint64_t series_tail;        /* published by the thread */
     uint64_t horizon;
 
-    int stop;
-    int wake_fd;                 /* stop, begin and feed arrivals wake the thread */
-    pthread_t thread;
-    int tid;
-    int init_rc;
-    int done;
-    int joined;
-    pthread_mutex_t lock;        /* begin / done / feed waits; never taken per request */
-    pthread_cond_t cond;
+    /* its lock also guards begin and the feed's waits; stop, begin and feed arrivals wake it */
+    struct driver_thread t;
 };
 
 #endif

@@ -41,7 +41,7 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
     root.setLevel(getattr(logging, level.upper()))
 
 
-def _int_at_least(minimum: int):
+def int_at_least(minimum: int):
     """An argparse type: a whole number >= minimum, with a message naming the value."""
 
     def parse(text: str) -> int:
@@ -57,8 +57,37 @@ def _int_at_least(minimum: int):
     return parse
 
 
-_positive_int = _int_at_least(1)
-_count_arg = _int_at_least(0)
+_positive_int = int_at_least(1)
+_count_arg = int_at_least(0)
+
+
+def parse_cpus(text: str) -> list[int]:
+    """--cpus: a comma-separated list of CPU numbers (empty: none)."""
+    try:
+        return [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise ConfigError(f"--cpus {text!r}: expected a comma-separated list of CPU numbers") from None
+
+
+def render_report(result, output_format: str, group_reporting: bool) -> str:
+    """A load or replay result as --output-format asks: fio's JSON or its normal text."""
+    if output_format == "json":
+        return json.dumps(result.to_json(group_reporting), indent=2) + "\n"
+    return result.to_text(group_reporting)
+
+
+def run_command(args: argparse.Namespace, handler) -> int:
+    """Run a command's handler: a DataplaneError is one line on stderr and status 2 (with
+    --debug, its traceback), Ctrl-C status 130."""
+    try:
+        return handler(args)
+    except DataplaneError as exc:
+        if args.debug:
+            raise
+        print(f"dataplane {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 def add_disk_options(p: argparse.ArgumentParser) -> None:
@@ -287,15 +316,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    import json
-
     from .frontend import Device
     from .load import Job
 
-    try:
-        cpus = [int(c) for c in args.cpus.split(",") if c.strip()]
-    except ValueError:
-        raise ConfigError(f"--cpus {args.cpus!r}: expected a comma-separated list of CPU numbers") from None
+    cpus = parse_cpus(args.cpus)
     job = Job(rw=args.rw, rwmixread=args.rwmixread, bs=args.bs, iodepth=args.iodepth,
               runtime=args.runtime, ramp_time=args.ramp, size=args.size, offset=args.offset,
               number_ios=args.number_ios, rate_iops=args.rate_iops, verify=args.verify,
@@ -306,10 +330,7 @@ def cmd_load(args: argparse.Namespace) -> int:
     with Device.connect(args.socket, queues=args.queues, queue_size=ring,
                         memory=job.memory_needed(args.queues)) as dev:
         result = dev.load(job)
-    if args.output_format == "json":
-        report = json.dumps(result.to_json(args.group_reporting), indent=2) + "\n"
-    else:
-        report = result.to_text(args.group_reporting)
+    report = render_report(result, args.output_format, args.group_reporting)
     if args.output is not None:
         args.output.write_text(report)
     else:
@@ -326,15 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.log_level or "info", args.log_format)
     handlers = {"serve": cmd_serve, "plan": cmd_plan, "stats": cmd_stats, "demo": cmd_demo,
                 "load": cmd_load, "trace": cmd_trace, "replay": cmd_replay}
-    try:
-        return handlers[args.command](args)
-    except DataplaneError as exc:
-        if args.debug:
-            raise
-        print(f"dataplane {args.command}: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_command(args, handlers[args.command])
 
 
 if __name__ == "__main__":

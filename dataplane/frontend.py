@@ -30,6 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from . import vhost_proto as proto
 from . import virtio_blk as vb
 from .errors import DeviceError, ProtocolError
 from .vhost_proto import (
@@ -47,10 +48,6 @@ from .vhost_proto import (
     Message,
     ProtocolFeature,
     Request,
-    close_fds,
-    recv_message,
-    request_name,
-    send_message,
 )
 
 if TYPE_CHECKING:
@@ -301,20 +298,20 @@ class VhostUserClient:
         want_ack = self.reply_ack and not reply
         if flags is None:
             flags = VHOST_USER_VERSION | (VHOST_USER_NEED_REPLY_MASK if want_ack else 0)
-        send_message(self.sock, Message(request, flags, payload, list(fds)))
+        proto.send_message(self.sock, Message(request, flags, payload, list(fds)))
         if not (reply or want_ack):
             return None
-        msg = recv_message(self.sock)
+        msg = proto.recv_message(self.sock)
         if msg is None:
-            raise ProtocolError(f"{request_name(request)}: backend closed the connection")
+            raise ProtocolError(f"{proto.request_name(request)}: backend closed the connection")
         if not keep_fds or msg.request != request or not msg.flags & VHOST_USER_REPLY_MASK:
-            close_fds(msg.fds)
+            proto.close_fds(msg.fds)
         if msg.request != request or not msg.flags & VHOST_USER_REPLY_MASK:
-            raise ProtocolError(f"{request_name(request)}: unexpected reply {msg!r}")
+            raise ProtocolError(f"{proto.request_name(request)}: unexpected reply {msg!r}")
         if want_ack:
             (status,) = U64.unpack_from(msg.payload) if len(msg.payload) >= 8 else (1,)
             if status:
-                raise DeviceError(f"{request_name(request)} failed (REPLY_ACK status {status})")
+                raise DeviceError(f"{proto.request_name(request)} failed (REPLY_ACK status {status})")
             return None
         return msg
 
@@ -322,7 +319,7 @@ class VhostUserClient:
         msg = self.call(request, reply=True)
         assert msg is not None
         if len(msg.payload) != 8:
-            raise ProtocolError(f"{request_name(request)}: reply of {len(msg.payload)} bytes")
+            raise ProtocolError(f"{proto.request_name(request)}: reply of {len(msg.payload)} bytes")
         return U64.unpack(msg.payload)[0]
 
     def set_u64(self, request: int, value: int, fds: Iterable[int] = ()) -> None:
@@ -347,12 +344,12 @@ class VhostUserClient:
                         reply=True, keep_fds=True)
         assert msg is not None
         if len(msg.payload) < INFLIGHT.size - 4 or len(msg.fds) != 1:
-            close_fds(msg.fds)
+            proto.close_fds(msg.fds)
             raise ProtocolError(f"GET_INFLIGHT_FD: reply of {len(msg.payload)} bytes with "
                                 f"{len(msg.fds)} fd(s)")
         size, offset, nq, qs = struct.unpack_from("<QQHH", msg.payload)
         if size == 0 or nq != num_queues or qs != queue_size:
-            close_fds(msg.fds)
+            proto.close_fds(msg.fds)
             raise ProtocolError(f"GET_INFLIGHT_FD: buffer of {size} bytes for {nq} queue(s) of "
                                 f"{qs}, asked for {num_queues} of {queue_size}")
         return InflightBuffer(msg.fds[0], size, offset, nq, qs)

@@ -29,7 +29,7 @@ import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Self, TextIO
+from typing import BinaryIO, Required, Self, TextIO, TypedDict, Unpack
 
 log = logging.getLogger(__name__)
 
@@ -799,21 +799,29 @@ class GuestHandle:
         self.kill()
 
 
+class BootOptions(TypedDict, total=False):
+    """How to boot the guest: qemu_command's keywords, with its defaults."""
+
+    socket: Required[Path | None]
+    num_queues: int
+    smp: int
+    memory_mb: int
+    queue_size: int
+    kernel_args: Sequence[str]
+    extra_args: Sequence[str]
+
+
 def start_guest(
     image: GuestImage,
     script: str,
     *,
-    socket: Path | None,
-    num_queues: int = 2,
-    smp: int = 2,
-    memory_mb: int = 1024,
-    queue_size: int = 128,
-    kernel_args: Sequence[str] = (),
-    extra_args: Sequence[str] = (),
     log_path: Path | None = None,
     echo: TextIO | None = None,
+    **boot: Unpack[BootOptions],
 ) -> GuestHandle:
-    """Boot ``image`` running ``script`` as /test.sh; returns immediately."""
+    """Boot ``image`` running ``script`` as /test.sh; returns immediately. ``boot``: socket
+    (required), num_queues, smp, memory_mb, queue_size, kernel_args, extra_args (see
+    qemu_command)."""
     if shutil.which(QEMU_BINARY) is None:
         raise GuestError(f"{QEMU_BINARY} not installed")
     workdir = Path(tempfile.mkdtemp(prefix="dp-guest-"))
@@ -823,10 +831,7 @@ def start_guest(
             shutil.copyfileobj(base, out, 1 << 20)
             out.write(b"\0" * (-out.tell() % 4))
             out.write(script_archive(script))
-        cmd = qemu_command(
-            image, initrd, socket=socket, num_queues=num_queues, smp=smp, memory_mb=memory_mb,
-            queue_size=queue_size, kernel_args=kernel_args, extra_args=extra_args,
-        )  # fmt: skip
+        cmd = qemu_command(image, initrd, **boot)
         return GuestHandle(cmd, workdir, log_path=log_path, echo=echo)
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -837,24 +842,14 @@ def run_guest(
     image: GuestImage,
     script: str,
     *,
-    socket: Path | None,
-    num_queues: int = 2,
-    smp: int = 2,
-    memory_mb: int = 1024,
     timeout: float = 300,
-    queue_size: int = 128,
-    kernel_args: Sequence[str] = (),
-    extra_args: Sequence[str] = (),
     log_path: Path | None = None,
     echo: TextIO | None = None,
+    **boot: Unpack[BootOptions],
 ) -> GuestResult:
-    """Boot ``image``, run ``script`` inside it and wait for power-off (GuestTimeout on timeout)."""
-    handle = start_guest(
-        image, script, socket=socket, num_queues=num_queues, smp=smp, memory_mb=memory_mb,
-        queue_size=queue_size, kernel_args=kernel_args, extra_args=extra_args,
-        log_path=log_path, echo=echo,
-    )  # fmt: skip
-    with handle:
+    """Boot ``image``, run ``script`` inside it and wait for power-off (GuestTimeout on timeout).
+    ``boot``: as start_guest's."""
+    with start_guest(image, script, log_path=log_path, echo=echo, **boot) as handle:
         return handle.wait(timeout)
 
 

@@ -129,10 +129,11 @@ class Job:
         arena = lib.dp_load_arena_size(self.bs, self.iodepth)
         return queues * (arena + 64 * 1024) + (16 << 20)
 
-    def options(self) -> dict[str, str]:
-        """fio's 'job options': what was set, as strings."""
+    def options(self, numjobs: int = 1) -> dict[str, str]:
+        """fio's 'job options': what was set, as strings. numjobs: the queues one reported job
+        stands for (group_reporting merges them)."""
         opts = {"rw": self.rw, "bs": _fio_size(self.bs), "iodepth": str(self.iodepth),
-                "numjobs": "1"}
+                "numjobs": str(numjobs)}
         if self.rw in ("randrw", "rw", "readwrite"):
             opts["rwmixread"] = str(self.rwmixread)
         if self.runtime:
@@ -272,6 +273,76 @@ DEPTH_KEYS = ("1", "2", "4", "8", "16", "32", ">=64")
 BATCH_KEYS = ("0", "4", "8", "16", "32", "64", ">=64")
 
 
+def report_json(version: str, stamp: float, global_options: dict[str, str],
+                jobs: list[dict[str, Any]]) -> dict[str, Any]:
+    """fio's JSON report around its jobs; stamp: when the run started (time.time())."""
+    return {
+        "fio version": version,
+        "timestamp": int(stamp),
+        "timestamp_ms": int(stamp * 1000),
+        "time": time.strftime("%a %b %d %H:%M:%S %Y", time.localtime(stamp)),
+        "global options": global_options,
+        "jobs": jobs,
+    }
+
+
+def job_json(name: str, error: int, elapsed_s: int, options: dict[str, str]) -> dict[str, Any]:
+    """The head of one fio job's JSON; the directions and job_tail_json follow."""
+    return {"jobname": name, "groupid": 0, "error": error, "eta": 0, "elapsed": elapsed_s,
+            "job options": {"name": name, **options}}
+
+
+def bw_totals(units: Sequence[tuple[Any, int]], dirs: Sequence[int]) -> dict[int, int]:
+    """KiB/s of every job together, per direction: the base of each job's bw_agg. units: each
+    job's per-direction stats (indexable by direction) and runtime_ns."""
+    return {d: sum(int(ds[d].bytes / (runtime_ns / 1e9)) // 1024 for ds, runtime_ns in units
+                   if runtime_ns) for d in dirs}
+
+
+def with_bw_agg(d: dict[str, Any], total: int) -> dict[str, Any]:
+    """d (a dir_json) with bw_agg: its share of all jobs' bandwidth (total, KiB/s)."""
+    d["bw_agg"] = 100.0 * d["bw"] / total if total else 0.0
+    return d
+
+
+def job_tail_json(c: Any, runtime_ns: int, clat: Any, depth: int,
+                  dataplane: dict[str, Any]) -> dict[str, Any]:
+    """One fio job's CPU use, depth distributions and latency buckets, then dataplane's own
+    object. c: a dp_load_stats or dp_replay_counters (CPU time, context switches, depth and
+    batch levels); clat: a struct dp_hist * of every direction's completion latency."""
+    secs = runtime_ns / 1e9
+    lat_ns, lat_us, lat_ms = _latency_buckets(clat)
+    return {
+        "job_runtime": int(runtime_ns // 1_000_000),
+        "usr_cpu": 100.0 * c.usr_ns / 1e9 / secs if secs else 0.0,
+        "sys_cpu": 100.0 * c.sys_ns / 1e9 / secs if secs else 0.0,
+        "ctx": int(c.ctx), "majf": 0, "minf": 0,
+        "iodepth_level": _dist(list(c.depth_level), DEPTH_KEYS),
+        "iodepth_submit": _dist(list(c.submit_level), BATCH_KEYS),
+        "iodepth_complete": _dist(list(c.complete_level), BATCH_KEYS),
+        "latency_ns": lat_ns, "latency_us": lat_us, "latency_ms": lat_ms,
+        "latency_depth": depth, "latency_target": 0,
+        "latency_percentile": 100.0, "latency_window": 0,
+        "dataplane": dataplane,
+    }
+
+
+def dataplane_json(tid: int, c: Any, issued: int) -> dict[str, Any]:
+    """The start of a job's `dataplane` object: its thread and ring counters."""
+    return {"tid": tid, "kicks": int(c.kicks), "interrupts": int(c.interrupts), "issued": issued,
+            "bad_used": int(c.bad_used), "late_ios": int(c.late_ios)}
+
+
+def run_problems(error: int, io_errors: int) -> list[str]:
+    """What a summary of a run's problems starts with: an early end (error: errno), I/O errors."""
+    parts = []
+    if error:
+        parts.append(f"run ended early: {os.strerror(error)}")
+    if io_errors:
+        parts.append(f"{io_errors} I/O error(s)")
+    return parts
+
+
 @dataclass
 class QueueResult:
     """One queue's run: the C stats block plus what Python knows about it."""
@@ -366,11 +437,7 @@ class LoadResult:
         return sum(q.errors(d) for q in self.queues for d in range(2))
 
     def summary_of_problems(self) -> str:
-        parts = []
-        if self.error:
-            parts.append(f"run ended early: {os.strerror(self.error)}")
-        if self.io_errors:
-            parts.append(f"{self.io_errors} I/O error(s)")
+        parts = run_problems(self.error, self.io_errors)
         if self.verify_failures:
             offsets = [o for q in self.queues for o in q.verify_fail_offsets][:4]
             parts.append(f"{self.verify_failures} sector(s) failed verify, first at offset(s) "
@@ -407,64 +474,41 @@ class LoadResult:
             return errno.EIO
         return 0
 
-    def _job_json(self, name: str, s: Any, tid: int, bw_agg: dict[int, int]) -> dict[str, Any]:
+    def _job_json(self, name: str, s: Any, tid: int, bw_agg: dict[int, int],
+                  numjobs: int) -> dict[str, Any]:
         empty = {"min": 0, "max": 0, "mean": 0.0, "stddev": 0.0, "N": 0}
-        out: dict[str, Any] = {
-            "jobname": name, "groupid": 0, "error": self._job_error(s), "eta": 0,
-            "elapsed": int(round((s.ramp_ns + s.runtime_ns) / 1e9)),
-            "job options": {"name": name, **self.job.options()},
-        }
+        out = job_json(name, self._job_error(s), int(round((s.ramp_ns + s.runtime_ns) / 1e9)),
+                       self.job.options(numjobs))
         for dname, d in DIRS:
-            out[dname] = self._dir_json(s, d)
-            total = bw_agg.get(d, 0)
-            out[dname]["bw_agg"] = 100.0 * out[dname]["bw"] / total if total else 0.0
+            out[dname] = with_bw_agg(self._dir_json(s, d), bw_agg.get(d, 0))
         out["trim"] = {k: (dict(empty) if k.endswith("_ns") else 0) for k in out["read"]
                        if k != "errors"}
         out["trim"].update(iops=0.0, bw_agg=0.0, bw_mean=0.0, bw_dev=0.0, iops_mean=0.0,
                            iops_stddev=0.0)
         out["sync"] = {"total_ios": 0, "lat_ns": dict(empty)}
-        runtime = s.runtime_ns / 1e9
-        lat_ns, lat_us, lat_ms = _latency_buckets(_merged_clat(s))
-        out.update({
-            "job_runtime": int(s.runtime_ns // 1_000_000),
-            "usr_cpu": 100.0 * s.usr_ns / 1e9 / runtime if runtime else 0.0,
-            "sys_cpu": 100.0 * s.sys_ns / 1e9 / runtime if runtime else 0.0,
-            "ctx": int(s.ctx), "majf": 0, "minf": 0,
-            "iodepth_level": _dist(list(s.depth_level), DEPTH_KEYS),
-            "iodepth_submit": _dist(list(s.submit_level), BATCH_KEYS),
-            "iodepth_complete": _dist(list(s.complete_level), BATCH_KEYS),
-            "latency_ns": lat_ns, "latency_us": lat_us, "latency_ms": lat_ms,
-            "latency_depth": self.job.iodepth, "latency_target": 0,
-            "latency_percentile": 100.0, "latency_window": 0,
-            "dataplane": {
-                "tid": tid, "kicks": int(s.kicks), "interrupts": int(s.interrupts),
-                "issued": int(s.issued), "bad_used": int(s.bad_used), "late_ios": int(s.late_ios),
-                "verify_checked": int(s.verify_checked),
-                "verify_failures": int(s.verify_failures),
-                "verify_fail_offsets": [int(s.verify_fail_offset[i]) for i in range(
-                    min(int(s.verify_failures), lib.DP_LOAD_VERIFY_REPORTS))],
-            },
-        })
+        out.update(job_tail_json(s, int(s.runtime_ns), _merged_clat(s), self.job.iodepth, {
+            **dataplane_json(tid, s, int(s.issued)),
+            "verify_checked": int(s.verify_checked),
+            "verify_failures": int(s.verify_failures),
+            "verify_fail_offsets": [int(s.verify_fail_offset[i]) for i in range(
+                min(int(s.verify_failures), lib.DP_LOAD_VERIFY_REPORTS))],
+        }))
         return out
 
     def _units(self) -> list[tuple[str, Any, int]]:
         return [(f"{self.job.name}{q.queue}", q.stats, q.tid) for q in self.queues]
 
     def to_json(self, group_reporting: bool = False) -> dict[str, Any]:
+        """fio's JSON: a job per queue, or with group_reporting one for all of them (its
+        numjobs says how many, as fio's does)."""
         units = self._units()
+        numjobs = 1
         if group_reporting and len(units) > 1:
             units = [(f"{self.job.name}all", _Merged(self.queues).stats, 0)]
-        bw_agg = {d: sum(int(s.dir[d].bytes / (s.runtime_ns / 1e9)) // 1024
-                         for _, s, _ in units if s.runtime_ns) for _, d in DIRS}
-        stamp = self.started
-        return {
-            "fio version": VERSION,
-            "timestamp": int(stamp),
-            "timestamp_ms": int(stamp * 1000),
-            "time": time.strftime("%a %b %d %H:%M:%S %Y", time.localtime(stamp)),
-            "global options": self.job.options(),
-            "jobs": [self._job_json(name, s, tid, bw_agg) for name, s, tid in units],
-        }
+            numjobs = len(self.queues)
+        bw_agg = bw_totals([(s.dir, s.runtime_ns) for _, s, _ in units], [d for _, d in DIRS])
+        return report_json(VERSION, self.started, self.job.options(numjobs),
+                           [self._job_json(name, s, tid, bw_agg, numjobs) for name, s, tid in units])
 
     # ---- fio normal text ----
 
@@ -637,6 +681,34 @@ def _text_job(job: dict[str, Any], when: str) -> list[str]:
 
 # ---- running ----
 
+def hand_over(dev: Any, queue: int, out: Any, arena: int, arena_len: int, indirect: bool) -> None:
+    """Fill out (a struct dp_ring_handover) for a C driver thread (load, replay) that takes
+    dev's ring `queue` over and lays its requests out in the guest memory [arena,
+    arena + arena_len), one indirect descriptor each when indirect."""
+    ring = dev.rings[queue]
+    out.desc_host = dev.mem.uva(ring.desc)
+    out.avail_host = dev.mem.uva(ring.avail)
+    out.used_host = dev.mem.uva(ring.used)
+    out.num = ring.num
+    out.avail_idx = ring.avail_idx
+    out.last_used_idx = ring.last_used_idx
+    out.kick_fd = ring.kick_fd
+    out.call_fd = ring.call_fd
+    out.event_idx = int(ring.event_idx)
+    out.indirect = int(indirect)
+    out.arena_host = dev.mem.uva(arena)
+    out.arena_gpa = arena
+    out.arena_len = arena_len
+
+
+def take_back(dev: Any, queue: int, state: Any) -> None:
+    """dev's ring `queue` again after a driver thread's run: state (its dp_load_stats or
+    dp_replay_counters) says where the thread left the ring's indices."""
+    ring = dev.rings[queue]
+    ring.avail_idx = int(state.avail_idx)
+    ring.last_used_idx = int(state.last_used_idx)
+
+
 def _region(dev: Any, job: Job) -> tuple[int, int]:
     if job.offset >= dev.capacity:
         raise ConfigError(f"offset={job.offset} is past the end of the device ({dev.capacity} bytes)")
@@ -703,19 +775,7 @@ def run_load(dev: Any, job: Job, queues: Sequence[int] | None = None,
                     f"queue {q}: no room for {arena_size} bytes of request buffers in guest memory; "
                     f"connect with memory=job.memory_needed({len(queues)})") from None
             p = ffi.new("struct dp_load_params *")
-            p.desc_host = dev.mem.uva(ring.desc)
-            p.avail_host = dev.mem.uva(ring.avail)
-            p.used_host = dev.mem.uva(ring.used)
-            p.num = ring.num
-            p.avail_idx = ring.avail_idx
-            p.last_used_idx = ring.last_used_idx
-            p.kick_fd = ring.kick_fd
-            p.call_fd = ring.call_fd
-            p.event_idx = int(ring.event_idx)
-            p.indirect = int(indirect)
-            p.arena_host = dev.mem.uva(arena)
-            p.arena_gpa = arena
-            p.arena_len = arena_size
+            hand_over(dev, q, p.ring, arena, arena_size, indirect)
             p.queue = q
             p.rw = RW_MODES[job.rw]
             p.rwmixread = job.rwmixread
@@ -751,9 +811,7 @@ def run_load(dev: Any, job: Job, queues: Sequence[int] | None = None,
             check(lib.dp_load_get_stats(handle, st), f"queue {q}: load stats")
             tid = lib.dp_load_thread_id(handle)
             lib.dp_load_free(handle)
-            ring = dev.rings[q]
-            ring.avail_idx = st.avail_idx
-            ring.last_used_idx = st.last_used_idx
+            take_back(dev, q, st)
             if st.error:
                 log.error("queue %d: load ended early: %s", q, os.strerror(-st.error))
             else:

@@ -1,11 +1,15 @@
-"""Shared fixtures: an in-process backend on a socket, and a rebuild of a stale C core."""
+"""Shared fixtures: an in-process backend on a socket, QEMU's storage daemon as another
+backend, and a rebuild of a stale C core."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,6 +77,50 @@ def start_backend(tmp_path: Path) -> Iterator:
     yield start
     for backend in started:
         backend.stop()
+
+
+@pytest.fixture
+def start_qsd_export(tmp_path: Path) -> Iterator:
+    """Factory: start_qsd_export(blockdev, queues=2) -> socket path. qemu-storage-daemon with
+    the block node `n0` that blockdev (a --blockdev argument) defines, exported writable over
+    vhost-user-blk, once it accepts connections (skips when qsd is not installed). Stopped at
+    teardown."""
+    qsd = shutil.which("qemu-storage-daemon")
+    procs: list[subprocess.Popen] = []
+
+    def start(blockdev: str, queues: int = 2) -> Path:
+        if qsd is None:
+            pytest.skip("qemu-storage-daemon is not installed")
+        sock = tmp_path / f"qsd{len(procs)}.sock"
+        proc = subprocess.Popen(
+            [qsd, "--blockdev", blockdev, "--export",
+             f"type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path={sock},"
+             f"writable=on,num-queues={queues}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        procs.append(proc)
+        # qsd creates the socket file before it listens: wait until a connection succeeds.
+        deadline = time.monotonic() + 10
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"qemu-storage-daemon exited: {proc.stderr.read().decode()}")
+            assert time.monotonic() < deadline, "qemu-storage-daemon never accepted a connection"
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(sock))
+                return sock
+            except OSError:
+                time.sleep(0.01)
+            finally:
+                probe.close()
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+from ..cli import int_at_least, parse_cpus, render_report, run_command
 from ..errors import ConfigError
 
 TARGETS = ("fio-v3",)
@@ -92,24 +93,8 @@ device with io_uring (O_DIRECT), the bare-metal baseline. Reports in fio's layou
 `--compare A.json B.json` sets two reports side by side."""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} cannot be negative")
-    return value
+_positive_int = int_at_least(1)
+_count = int_at_least(0)
 
 
 def _speed(text: str) -> float:
@@ -210,10 +195,7 @@ def run_replay(args: argparse.Namespace) -> int:
     from .detect import open_trace
     from .engine import ReplayOptions
 
-    try:
-        cpus = [int(c) for c in args.cpus.split(",") if c.strip()]
-    except ValueError:
-        raise ConfigError(f"--cpus {args.cpus!r}: expected a comma-separated list of CPU numbers") from None
+    cpus = parse_cpus(args.cpus)
     options = ReplayOptions(mode=args.mode, speed=args.speed, iodepth=args.iodepth,
                             queue_map=args.queue_map, fit=args.fit, max_request=args.max_request,
                             spin_us=args.spin_us, poll_us=args.poll_us, cpus=cpus,
@@ -225,11 +207,7 @@ def run_replay(args: argparse.Namespace) -> int:
         result = replay_native(args.native, reader, options, queues=args.queues, read_only=args.read_only)
     else:
         result = _replay_socket(args.socket, reader, options, args.queues)
-    if args.output_format == "json":
-        report = json.dumps(result.to_json(args.group_reporting), indent=2) + "\n"
-    else:
-        report = result.to_text(args.group_reporting)
-    _write(report, args.output)
+    _write(render_report(result, args.output_format, args.group_reporting), args.output)
     if args.timeseries is not None:
         result.write_timeseries(args.timeseries)
     if result.reader_skipped:
@@ -271,8 +249,6 @@ def _run_compare(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """`python -m dataplane.replay.cli replay ...`: the replay command on its own, with the
     main CLI's conventions (errors are one line on stderr and status 2)."""
-    from ..errors import DataplaneError
-
     parser = argparse.ArgumentParser(prog="python -m dataplane.replay.cli")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -280,15 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    try:
-        return run_replay(args)
-    except DataplaneError as exc:
-        if args.debug:
-            raise
-        print(f"dataplane {args.command}: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_command(args, run_replay)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from .base import TraceReader
-from .records import Op
+from .records import Op, mix64
 
 BLOCK = 4096
 _FIO_ACTION = {Op.READ: "read", Op.WRITE: "write", Op.TRIM: "trim", Op.FLUSH: "sync"}
@@ -74,13 +74,13 @@ class Footprint:
         count = ((offset[touched] + length[touched].astype(np.uint64) - 1) // BLOCK - first + 1)
         narrow = bool((stream < 4096).all())
         for blocks, streams in _expand(first, count, stream, self.EXPAND):
-            keys = blocks | (streams << np.uint64(52)) if narrow else _mix64(blocks) ^ streams
+            keys = blocks | (streams << np.uint64(52)) if narrow else mix64(blocks) ^ streams
             self._hll(keys)
             if self.known is not None:
                 self._remember(_sorted_unique(keys))
 
     def _hll(self, keys: np.ndarray) -> None:
-        h = _mix64(keys)
+        h = mix64(keys)
         index = (h >> np.uint64(64 - self.P)).astype(np.intp)
         rest = (h << np.uint64(self.P)) >> np.uint64(self.P)  # 50 bits, exact as float64
         rho = (64 - self.P + 1 - np.frexp(rest.astype(np.float64))[1]).astype(np.uint8)
@@ -123,17 +123,6 @@ def _sorted_unique(keys: np.ndarray) -> np.ndarray:
     fresh[0] = True
     np.not_equal(keys[1:], keys[:-1], out=fresh[1:])
     return keys[fresh]
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: a well-spread 64-bit hash."""
-    x = x.astype(np.uint64, copy=True)
-    x ^= x >> np.uint64(30)
-    x *= np.uint64(0xBF58476D1CE4E5B9)
-    x ^= x >> np.uint64(27)
-    x *= np.uint64(0x94D049BB133111EB)
-    x ^= x >> np.uint64(31)
-    return x
 
 
 def _expand(first: np.ndarray, count: np.ndarray, tag: np.ndarray,

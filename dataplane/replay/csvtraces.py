@@ -41,6 +41,18 @@ def _header(line: bytes, lineno: int, first_field: bytes) -> bool:
     return lineno == 1 and line.split(b",", 1)[0].strip().lower() == first_field
 
 
+def _fields(line: bytes, lineno: int, names: tuple[str, ...], more: bool = False) -> list[bytes] | None:
+    """The comma-separated fields of a line, named `names` (and more after them when `more`);
+    None for a blank line or a header naming the first field."""
+    if _is_blank(line) or _header(line, lineno, names[0].lower().encode()):
+        return None
+    parts = line.split(b",")
+    if len(parts) < len(names) or (len(parts) > len(names) and not more):
+        raise Malformed(f"expected {'at least ' if more else ''}{len(names)} comma-separated fields "
+                        f"({','.join(names)}), found {len(parts)}")
+    return parts
+
+
 class MsrReader(TextTraceReader):
     """MSR Cambridge: Timestamp,Hostname,DiskNumber,Type,Offset,Size,ResponseTime.
 
@@ -84,12 +96,10 @@ class MsrReader(TextTraceReader):
         return records, m, int(e[m - 1, -1]) + 1
 
     def _parse_line(self, line: bytes, lineno: int) -> list[Row] | None:
-        if _is_blank(line) or _header(line, lineno, b"timestamp"):
+        parts = _fields(line, lineno, ("Timestamp", "Hostname", "DiskNumber", "Type", "Offset", "Size",
+                                       "ResponseTime"))
+        if parts is None:
             return None
-        parts = line.split(b",")
-        if len(parts) != 7:
-            raise Malformed("expected 7 comma-separated fields (Timestamp,Hostname,DiskNumber,Type,"
-                            f"Offset,Size,ResponseTime), found {len(parts)}")
         ts = uint_field(parts[0], "Timestamp", INT64_MAX)
         host = parts[1]
         if not host:
@@ -141,12 +151,9 @@ class SpcReader(TextTraceReader):
         return records, m, int(e[m - 1, -1]) + 1
 
     def _parse_line(self, line: bytes, lineno: int) -> list[Row] | None:
-        if _is_blank(line) or _header(line, lineno, b"asu"):
+        parts = _fields(line, lineno, ("ASU", "LBA", "Size", "Opcode", "Timestamp"), more=True)
+        if parts is None:
             return None
-        parts = line.split(b",")
-        if len(parts) < 5:
-            raise Malformed("expected at least 5 comma-separated fields (ASU,LBA,Size,Opcode,Timestamp), "
-                            f"found {len(parts)}")
         asu = uint_field(parts[0], "ASU", UINT32_MAX)
         lba = uint_field(parts[1], "LBA", UINT64_MAX // self.block_size)
         size = uint_field(parts[2], "Size", UINT32_MAX)
@@ -186,12 +193,9 @@ class AlibabaReader(TextTraceReader):
         return records, m, int(e[m - 1, -1]) + 1
 
     def _parse_line(self, line: bytes, lineno: int) -> list[Row] | None:
-        if _is_blank(line) or _header(line, lineno, b"device_id"):
+        parts = _fields(line, lineno, ("device_id", "opcode", "offset", "length", "timestamp"))
+        if parts is None:
             return None
-        parts = line.split(b",")
-        if len(parts) != 5:
-            raise Malformed("expected 5 comma-separated fields (device_id,opcode,offset,length,timestamp), "
-                            f"found {len(parts)}")
         device = uint_field(parts[0], "device_id", UINT32_MAX)
         op = self._opcodes.get(parts[1].strip())
         if op is None:

@@ -31,8 +31,9 @@ import numpy as np
 from .. import virtio_blk as vb
 from ..core import check, ffi, lib
 from ..errors import ConfigError, DeviceError
+from ..load import hand_over, take_back
 from .base import TraceReader
-from .records import OP_NAMES, RECORD_DTYPE, Op
+from .records import OP_NAMES, RECORD_DTYPE, Op, mix64
 
 log = logging.getLogger("dataplane.replay")
 
@@ -205,20 +206,9 @@ class Geometry:
                    max_discard=max_discard, writable=not read_only)
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: the offset hash of --queue-map hash."""
-    x = x.astype(np.uint64, copy=True)
-    x ^= x >> np.uint64(30)
-    x *= np.uint64(0xBF58476D1CE4E5B9)
-    x ^= x >> np.uint64(27)
-    x *= np.uint64(0x94D049BB133111EB)
-    x ^= x >> np.uint64(31)
-    return x
-
-
 def hash_queue(offsets: np.ndarray, queues: int) -> np.ndarray:
     """The queue --queue-map hash sends a (fitted, aligned) byte offset to."""
-    return (_mix64(np.asarray(offsets, np.uint64)) % np.uint64(queues)).astype(np.intp)
+    return (mix64(np.asarray(offsets, np.uint64)) % np.uint64(queues)).astype(np.intp)
 
 
 @dataclass
@@ -730,28 +720,14 @@ def replay_device(dev: Any, reader: TraceReader, options: ReplayOptions,
         arenas.append(arena)
         p = base_params(q, options, geometry, buf, i)
         p.kind = lib.DP_REPLAY_VRING
-        p.desc_host = dev.mem.uva(ring.desc)
-        p.avail_host = dev.mem.uva(ring.avail)
-        p.used_host = dev.mem.uva(ring.used)
-        p.num = ring.num
-        p.avail_idx = ring.avail_idx
-        p.last_used_idx = ring.last_used_idx
-        p.kick_fd = ring.kick_fd
-        p.call_fd = ring.call_fd
-        p.event_idx = int(ring.event_idx)
-        p.indirect = int(indirect)
-        p.arena_host = dev.mem.uva(arena)
-        p.arena_gpa = arena
-        p.arena_len = arena_size
+        hand_over(dev, q, p.ring, arena, arena_size, indirect)
         p.fd = -1
         params.append(p)
 
     handed_back: set[int] = set()
 
     def give_back(i: int, counters: Any) -> None:
-        ring = dev.rings[queue_list[i]]
-        ring.avail_idx = int(counters.avail_idx)
-        ring.last_used_idx = int(counters.last_used_idx)
+        take_back(dev, queue_list[i], counters)
         handed_back.add(i)
         if not counters.error:
             dev.mem.free(arenas[i])    # a ring left mid-flight may still point into it

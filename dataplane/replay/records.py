@@ -93,6 +93,18 @@ class TraceFormatError(ConfigError):
         super().__init__(f"{where}: {message}")
 
 
+def mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, element-wise: a well-spread 64-bit hash of record keys (offsets
+    for --queue-map hash, blocks for the footprint estimate of `trace stats`)."""
+    x = x.astype(np.uint64, copy=True)
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return x
+
+
 def make_records(time_ns: np.ndarray, offset: np.ndarray, length: np.ndarray,
                  stream: np.ndarray | int, op: np.ndarray | int) -> np.ndarray:
     """A record array from columns (each cast to its field's type)."""

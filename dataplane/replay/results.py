@@ -17,8 +17,6 @@ import errno
 import io
 import json
 import math
-import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,17 +25,20 @@ from typing import Any
 from ..core import ffi, lib
 from ..errors import ConfigError
 from ..load import (
-    BATCH_KEYS,
-    DEPTH_KEYS,
     FIO_LAYOUT,
-    _dist,
     _fio_size,
     _hist_summary,
-    _latency_buckets,
     _percentiles,
     _text_job,
+    bw_totals,
+    dataplane_json,
     dir_json,
+    job_json,
+    job_tail_json,
+    report_json,
+    run_problems,
     run_status_lines,
+    with_bw_agg,
 )
 from .engine import EngineRun, Geometry, MapCounters, QueueRun, RecordMapper, ReplayOptions, TraceScan
 from .records import Op
@@ -121,11 +122,7 @@ class ReplayResult:
         return sum(int(ds.err_ioerr + ds.err_unsupp + ds.err_other) for r in self.runs for ds in r.ops)
 
     def summary_of_problems(self) -> str:
-        parts = []
-        if self.error:
-            parts.append(f"run ended early: {os.strerror(self.error)}")
-        if self.io_errors:
-            parts.append(f"{self.io_errors} I/O error(s)")
+        parts = run_problems(self.error, self.io_errors)
         if self.interrupted:
             parts.append("interrupted")
         return "; ".join(parts) or "no problem"
@@ -238,65 +235,37 @@ class ReplayResult:
         runtime = int(c.runtime_ns)
         errors = sum(int(ds.err_ioerr + ds.err_unsupp + ds.err_other) for ds in unit.ops)
         err = -int(c.error) if c.error else (errno.EIO if errors else 0)
-        out: dict[str, Any] = {
-            "jobname": unit.name, "groupid": 0, "error": err, "eta": 0,
-            "elapsed": int(round(runtime / 1e9)),
-            "job options": {"name": unit.name, **self.job_options()},
-        }
+        out = job_json(unit.name, err, int(round(runtime / 1e9)), self.job_options())
         for dname, op in FIO_DIRS:
             iops, bw = self._samples(unit, op)
             d = dir_json(unit.ops[op], runtime, iops, bw, lat_percentiles=timed)
-            total = bw_agg.get(op, 0)
-            d["bw_agg"] = 100.0 * d["bw"] / total if total else 0.0
-            out[dname] = d
+            out[dname] = with_bw_agg(d, bw_agg.get(op, 0))
         flush = unit.ops[Op.FLUSH]
         sync_lat = _hist_summary(flush.clat)
         if flush.clat.n:
             sync_lat["percentile"] = _percentiles(ffi.addressof(flush, "clat"))
         out["sync"] = {"total_ios": int(flush.ios), "lat_ns": sync_lat}
         clat = ffi.new("struct dp_hist *")
-        for ds in unit.ops:
-            lib.dp_hist_merge(clat, ffi.addressof(ds, "clat"))
-        lat_ns, lat_us, lat_ms = _latency_buckets(clat)
-        secs = runtime / 1e9
         lag = ffi.new("struct dp_hist *")
         for ds in unit.ops:
+            lib.dp_hist_merge(clat, ffi.addressof(ds, "clat"))
             lib.dp_hist_merge(lag, ffi.addressof(ds, "slat"))
-        out.update({
-            "job_runtime": runtime // 1_000_000,
-            "usr_cpu": 100.0 * c.usr_ns / 1e9 / secs if secs else 0.0,
-            "sys_cpu": 100.0 * c.sys_ns / 1e9 / secs if secs else 0.0,
-            "ctx": int(c.ctx), "majf": 0, "minf": 0,
-            "iodepth_level": _dist(list(c.depth_level), DEPTH_KEYS),
-            "iodepth_submit": _dist(list(c.submit_level), BATCH_KEYS),
-            "iodepth_complete": _dist(list(c.complete_level), BATCH_KEYS),
-            "latency_ns": lat_ns, "latency_us": lat_us, "latency_ms": lat_ms,
-            "latency_depth": self.options.depth, "latency_target": 0,
-            "latency_percentile": 100.0, "latency_window": 0,
-            "dataplane": {
-                "tid": unit.tid, "kicks": int(c.kicks), "interrupts": int(c.interrupts),
-                "issued": int(c.records), "bad_used": int(c.bad_used), "late_ios": int(c.late_ios),
-                "verify_checked": 0, "verify_failures": 0, "verify_fail_offsets": [],
-                "hazard_waits": int(c.hazard_waits), "full_waits": int(c.full_waits),
-                "feed_waits": int(c.feed_waits), "series_dropped": int(c.series_dropped),
-                "issue_lag_ns": _lag_summary(lag),
-            },
-        })
+        out.update(job_tail_json(c, runtime, clat, self.options.depth, {
+            **dataplane_json(unit.tid, c, int(c.records)),
+            "verify_checked": 0, "verify_failures": 0, "verify_fail_offsets": [],
+            "hazard_waits": int(c.hazard_waits), "full_waits": int(c.full_waits),
+            "feed_waits": int(c.feed_waits), "series_dropped": int(c.series_dropped),
+            "issue_lag_ns": _lag_summary(lag),
+        }))
         return out
 
     def to_json(self, group_reporting: bool = False) -> dict[str, Any]:
         units = self._units(group_reporting)
-        bw_agg = {op: sum(int(u.ops[op].bytes / (u.counters.runtime_ns / 1e9)) // 1024
-                          for u in units if u.counters.runtime_ns) for _, op in FIO_DIRS}
-        stamp = self.started
+        bw_agg = bw_totals([(u.ops, u.counters.runtime_ns) for u in units], [op for _, op in FIO_DIRS])
         m = self.mapping
         return {
-            "fio version": VERSION,
-            "timestamp": int(stamp),
-            "timestamp_ms": int(stamp * 1000),
-            "time": time.strftime("%a %b %d %H:%M:%S %Y", time.localtime(stamp)),
-            "global options": self.job_options(),
-            "jobs": [self._job_json(u, bw_agg) for u in units],
+            **report_json(VERSION, self.started, self.job_options(),
+                          [self._job_json(u, bw_agg) for u in units]),
             "dataplane_replay": {
                 "trace": self.trace, "format": self.trace_format, "target": self.target,
                 "native": self.native, "mode": self.options.mode, "speed": self.options.speed,

@@ -11,7 +11,6 @@ import errno
 import json
 import os
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -29,7 +28,6 @@ from dataplane.load import Job, VerifyState, run_load, verify_regions
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parent.parent.parent
-QSD = shutil.which("qemu-storage-daemon")
 
 
 @dataclass
@@ -50,51 +48,23 @@ class Target:
 
 
 @pytest.fixture
-def start_qsd(tmp_path):
-    procs: list[subprocess.Popen] = []
+def start_qsd(tmp_path, start_qsd_export):
+    images: list[Path] = []
 
     def start(disk: str = "null", queues: int = 2, size: int = 64 * MiB) -> Target:
-        if QSD is None:
-            pytest.skip("qemu-storage-daemon is not installed")
-        sock = tmp_path / f"qsd{len(procs)}.sock"
         image = None
         if disk == "null":
             blockdev = f"driver=null-co,node-name=n0,size={size},read-zeroes=on"
         else:
-            image = tmp_path / f"qsd{len(procs)}.img"
+            image = tmp_path / f"qsd{len(images)}.img"
+            images.append(image)
             with open(image, "wb") as f:
                 f.truncate(size)
             blockdev = f"driver=file,node-name=n0,filename={image},cache.direct=on"
-        proc = subprocess.Popen(
-            [QSD, "--blockdev", blockdev, "--export",
-             f"type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path={sock},"
-             f"writable=on,num-queues={queues}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        procs.append(proc)
-        # qsd creates the socket file before it listens: wait until a connection succeeds.
-        deadline = time.monotonic() + 10
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"qemu-storage-daemon exited: {proc.stderr.read().decode()}")
-            assert time.monotonic() < deadline, "qemu-storage-daemon never accepted a connection"
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(str(sock))
-                break
-            except OSError:
-                time.sleep(0.01)
-            finally:
-                probe.close()
+        sock = start_qsd_export(blockdev, queues)
         return Target(f"qsd-{disk}", str(sock), image)
 
-    yield start
-    for proc in procs:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    return start
 
 
 @pytest.fixture
@@ -347,6 +317,26 @@ def test_cli_json_output_parses(start_backend, tmp_path):
     assert proc.returncode == 0, proc.stderr
     with open(out) as f:
         assert json.load(f)["jobs"][0]["write"]["iops"] > 0
+
+
+def test_cli_group_reporting_says_how_many_jobs_it_merged(start_backend):
+    """fio writes the real numjobs with group_reporting (fio-plot tells 1 queue from 2 by it):
+    the merged job stands for one job per queue."""
+    backend = start_backend("null:64M", queues=3)
+    args = ("--socket", backend.socket, "--queues", "3", "--iodepth", "4", "--runtime", "0",
+            "--number-ios", "200", "--output-format", "json")
+    proc = run_cli(*args, "--group-reporting")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert [j["jobname"] for j in data["jobs"]] == ["qall"]
+    assert data["global options"]["numjobs"] == "3"
+    assert data["jobs"][0]["job options"]["numjobs"] == "3"
+    assert data["jobs"][0]["read"]["total_ios"] == 3 * 200
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert len(data["jobs"]) == 3 and data["global options"]["numjobs"] == "1"
+    assert {j["job options"]["numjobs"] for j in data["jobs"]} == {"1"}
 
 
 def test_cli_normal_output_and_exit_status(start_backend):

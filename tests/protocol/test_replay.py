@@ -11,11 +11,7 @@ JSON report reads back through fio-plot's parser; --compare sets two reports sid
 from __future__ import annotations
 
 import json
-import shutil
-import socket
 import struct
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +38,6 @@ pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parent.parent.parent
 TRACES = ROOT / "traces"
 MiB = 1 << 20
-QSD = shutil.which("qemu-storage-daemon")
 STAMP = struct.Struct("<IIQQ")      # struct replay_stamp: magic, queue, record + 1, offset
 STAMP_MAGIC = 0x50525044
 
@@ -112,40 +107,18 @@ def test_sample_trace_replays(start_backend, sample: str) -> None:
     assert sum(j["sync"]["total_ios"] for j in data["jobs"]) == want[Op.FLUSH]
 
 
-def test_sample_against_qemu_storage_daemon(tmp_path: Path) -> None:
+def test_sample_against_qemu_storage_daemon(tmp_path: Path, start_qsd_export) -> None:
     """Any vhost-user-blk backend: QEMU's storage daemon on a file."""
-    if QSD is None:
-        pytest.skip("qemu-storage-daemon is not installed")
     image = tmp_path / "qsd.img"
     with open(image, "wb") as f:
         f.truncate(256 * MiB)
-    sock = tmp_path / "qsd.sock"
-    proc = subprocess.Popen(
-        [QSD, "--blockdev", f"driver=file,node-name=n0,filename={image},cache.direct=on",
-         "--export", f"type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path={sock},"
-         "writable=on,num-queues=2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "qemu-storage-daemon never accepted a connection"
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(str(sock))
-                break
-            except OSError:
-                time.sleep(0.02)
-            finally:
-                probe.close()
-        options = ReplayOptions(mode="afap", iodepth=16)
-        with Device.connect(str(sock), queues=2, queue_size=ring_size(16, True),
-                            memory=replay_memory(2, options, MiB)) as dev:
-            result = replay_device(dev, open_trace(TRACES / "fio_v3.iolog"), options)
-        assert_clean(result)
-        assert result.total("completed") == 200
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    sock = start_qsd_export(f"driver=file,node-name=n0,filename={image},cache.direct=on")
+    options = ReplayOptions(mode="afap", iodepth=16)
+    with Device.connect(str(sock), queues=2, queue_size=ring_size(16, True),
+                        memory=replay_memory(2, options, MiB)) as dev:
+        result = replay_device(dev, open_trace(TRACES / "fio_v3.iolog"), options)
+    assert_clean(result)
+    assert result.total("completed") == 200
 
 
 def test_long_trace_streams_through_small_feeds(start_backend, tmp_path: Path) -> None:
