@@ -259,15 +259,7 @@ def run_dataplane_load(sock: Path, w: Workload, queues: int, runtime: float, ram
         argv += ["--cpus", cpus]
     if poll_us:
         argv += ["--poll-us", str(poll_us)]
-    res = _run(argv, out_json, runtime + ramp + 60, backend, log_path)
-    if res.data:
-        # One fio job per queue merged by --group-reporting: say so the way fio would
-        # (numjobs), which is how fio-plot tells 1 queue from 2.
-        for opts in [res.data.setdefault("global options", {})] + [
-                j.setdefault("job options", {}) for j in res.data["jobs"]]:
-            opts["numjobs"] = str(queues)
-        out_json.write_text(json.dumps(res.data, indent=2) + "\n")
-    return res
+    return _run(argv, out_json, runtime + ramp + 60, backend, log_path)
 
 
 def run_native_fio(path: str, w: Workload, numjobs: int, runtime: float, ramp: float,
