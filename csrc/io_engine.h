@@ -13,7 +13,7 @@ enum {
     TAG_KICK = 2,     /* struct dp_vq: its kick eventfd fired */
     TAG_CTL = 3,      /* struct dp_engine: the control eventfd fired */
     TAG_IGNORE = 4,   /* cancellations */
-    TAG_DELAY = 5,    /* struct dp_req: its emulated-latency timeout expired */
+    TAG_TIMER = 5,    /* the engine's emulated-latency timeout expired */
     TAG_MASK = 7,
 };
 

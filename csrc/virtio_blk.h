@@ -76,7 +76,7 @@ struct dp_req {
     uint64_t done;            /* bytes transferred so far (short transfers resubmit) */
     uint64_t start_ns;        /* popped at (CLOCK_MONOTONIC) */
     uint64_t seq;             /* submission order within the queue */
-    struct __kernel_timespec delay_until;   /* emulated latency: absolute completion time */
+    uint64_t due_ns;             /* emulated latency: when to complete (CLOCK_MONOTONIC) */
     int delayed;
     unsigned pending;         /* sub-operations in flight */
     uint8_t result;           /* status to report once pending reaches zero */
