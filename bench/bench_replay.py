@@ -118,6 +118,16 @@ def replay(sock: Path, trace: Path, options: ReplayOptions, queues: int) -> dict
             "feed_waits": result.total("feed_waits"), "full_waits": result.total("full_waits")}
 
 
+def ratio_row(label: str, loads: list[float], runs: list[dict], note: str) -> dict:
+    """Print one table row (medians, their ratio, the median of paired ratios) and return it."""
+    base = statistics.median(loads)
+    mid = statistics.median(r["iops"] for r in runs)
+    pairs = statistics.median(r["iops"] / b for r, b in zip(runs, loads, strict=True))
+    print(f"{label:<26}{base:>12,.0f}{mid:>13,.0f}{mid / base:>8.3f}{pairs:>8.3f}   ({note})")
+    return {"load_iops": loads, "replay_iops": [r["iops"] for r in runs],
+            "ratio_of_medians": mid / base, "median_pair_ratio": pairs}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--queues", type=int, default=1)
@@ -174,25 +184,16 @@ def main() -> None:
                     streamed.append(replay(sock, trace, ReplayOptions(
                         mode="afap", iodepth=args.iodepth, cpus=args.cpus, feed_records=STREAM_FEED),
                         args.queues))
-            base = statistics.median(loads)
             for poll, runs in replays.items():
-                mid = statistics.median(r["iops"] for r in runs)
-                pairs = statistics.median(r["iops"] / b for r, b in zip(runs, loads, strict=True))
-                label = f"afap {rw} poll {poll}us"
-                print(f"{label:<26}{base:>12,.0f}{mid:>13,.0f}{mid / base:>8.3f}{pairs:>8.3f}   "
-                      f"(best {max(loads):,.0f} / {max(r['iops'] for r in runs):,.0f}; "
-                      f"{runs[0]['records']} records, feed waits {max(r['feed_waits'] for r in runs)})")
-                out[f"afap_{rw}_poll{poll}"] = {"load_iops": loads, "replay_iops": [r["iops"] for r in runs],
-                                                "ratio_of_medians": mid / base, "median_pair_ratio": pairs}
+                out[f"afap_{rw}_poll{poll}"] = ratio_row(
+                    f"afap {rw} poll {poll}us", loads, runs,
+                    f"best {max(loads):,.0f} / {max(r['iops'] for r in runs):,.0f}; "
+                    f"{runs[0]['records']} records, feed waits {max(r['feed_waits'] for r in runs)}")
             if streamed:
-                mid = statistics.median(r["iops"] for r in streamed)
-                pairs = statistics.median(r["iops"] / b for r, b in zip(streamed, loads, strict=True))
-                label = f"afap {rw} streamed"
-                print(f"{label:<26}{base:>12,.0f}{mid:>13,.0f}{mid / base:>8.3f}{pairs:>8.3f}   "
-                      f"({STREAM_FEED}-record feeds: the reader runs during the replay; feed waits "
-                      f"{max(r['feed_waits'] for r in streamed)})")
-                out[f"afap_{rw}_streamed"] = {"replay_iops": [r["iops"] for r in streamed],
-                                              "ratio_of_medians": mid / base, "median_pair_ratio": pairs}
+                out[f"afap_{rw}_streamed"] = ratio_row(
+                    f"afap {rw} streamed", loads, streamed,
+                    f"{STREAM_FEED}-record feeds: the reader runs during the replay; feed waits "
+                    f"{max(r['feed_waits'] for r in streamed)}")
         n = int(args.rate * args.seconds)
         trace = make_trace(work / "timed", n, bs, "randread", args.queues, rate=args.rate)
         out["timed"] = []

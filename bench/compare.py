@@ -451,14 +451,20 @@ def wait_for_load(max_load: float, timeout: float) -> float:
         time.sleep(min(15.0, max(0.0, deadline - time.monotonic())))
 
 
-def main(argv: list[str] | None = None) -> int:
+def begin(args: argparse.Namespace) -> Path:
+    """Log to stderr, create the output directory and wait for a calm machine; returns it."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    args = parse_args(argv)
     args.t0 = time.monotonic()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     load1 = wait_for_load(args.max_load, args.max_load_wait)
     log.info("starting with load average %.2f; results in %s", load1, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = begin(args)
     records, machine = run_matrix(args, out, build_cells(args.quick),
                                   backend_factories(args.file, out / "logs"))
     (out / "machine.json").write_text(json.dumps(machine, indent=2) + "\n")

@@ -43,10 +43,10 @@ from .compare import (
     Cell,
     System,
     add_run_options,
+    begin,
     finish_args,
     prepare_file,
     run_matrix,
-    wait_for_load,
 )
 from .systems import dataplane_backend
 
@@ -505,13 +505,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
-    args.t0 = time.monotonic()
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    load1 = wait_for_load(args.max_load, args.max_load_wait)
-    log.info("starting with load average %.2f; results in %s", load1, out)
+    out = begin(args)
     specs = {d: s for d, s in disks(args.file).items() if d in args.disks}
     if "file" in specs:
         prepare_file(args.file, args.file_size)

@@ -399,17 +399,22 @@ def test_numa_node_minus_one_is_unknown(tmp_path: Path) -> None:
     assert dev.numa_node is None and len(dev.hw_queues) == 2
 
 
-def test_nvme_multipath_head_uses_a_path_s_queues(tmp_path: Path) -> None:
-    fs = FakeSysfs(tmp_path)
+def multipath_head(fs: FakeSysfs, cpu_lists: list[str]) -> None:
+    """/dev/nvme0n1 as a native-multipath head over one path, nvme0c0n1, with these hw queues."""
     fs.write(f"{PCI}/numa_node", "0")
     path_dir = f"{PCI}/nvme/nvme0/nvme0c0n1"
     fs.write(f"{path_dir}/dev", "")
-    for i in range(4):
-        fs.write(f"{path_dir}/mq/{i}/cpu_list", str(i))
+    for i, cpus in enumerate(cpu_lists):
+        fs.write(f"{path_dir}/mq/{i}/cpu_list", cpus)
     fs.link(f"{path_dir}/device", f"{PCI}/nvme/nvme0")
     head = "sys/devices/virtual/nvme-subsystem/nvme-subsys0/nvme0n1"
     fs.block(head, "259:0")
     fs.link(f"{head}/multipath/nvme0c0n1", path_dir)
+
+
+def test_nvme_multipath_head_uses_a_path_s_queues(tmp_path: Path) -> None:
+    fs = FakeSysfs(tmp_path)
+    multipath_head(fs, ["0", "1", "2", "3"])
     dev = BlockDevice.resolve("/dev/nvme0n1", tmp_path, dev_of=fs.dev_of)
     assert len(dev.hw_queues) == 4 and dev.numa_node == 0
     assert "multipath" in (dev.mapping_note or "")
@@ -874,15 +879,7 @@ def test_legacy_intx_line_serves_the_only_queue(tmp_path: Path) -> None:
 
 def test_nvme_multipath_head_uses_the_interrupts_of_its_path(tmp_path: Path) -> None:
     fs = FakeSysfs(tmp_path)
-    fs.write(f"{PCI}/numa_node", "0")
-    path_dir = f"{PCI}/nvme/nvme0/nvme0c0n1"
-    fs.write(f"{path_dir}/dev", "")
-    for i in range(2):
-        fs.write(f"{path_dir}/mq/{i}/cpu_list", f"{2 * i}, {2 * i + 1}")
-    fs.link(f"{path_dir}/device", f"{PCI}/nvme/nvme0")
-    head = "sys/devices/virtual/nvme-subsystem/nvme-subsys0/nvme0n1"
-    fs.block(head, "259:0")
-    fs.link(f"{head}/multipath/nvme0c0n1", path_dir)
+    multipath_head(fs, ["0, 1", "2, 3"])
     for n, (name, eff) in {50: ("nvme0q0", "0"), 51: ("nvme0q1", "1"), 52: ("nvme0q2", "3")}.items():
         fs.irq(PCI, n, name, eff)
     dev = BlockDevice.resolve("/dev/nvme0n1", tmp_path, dev_of=fs.dev_of)
