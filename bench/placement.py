@@ -41,6 +41,7 @@ from .compare import (
     WORKLOADS,
     BackendFactory,
     Cell,
+    RunRecord,
     System,
     add_run_options,
     begin,
@@ -133,7 +134,8 @@ class Point:
 class Fit:
     """Per-I/O costs of one (disk, workload), and what follows from them.
 
-    c1_us      CPU per I/O of a thread serving one queue (both policies are that at 1 queue)
+    c1_us      CPU per I/O of a thread serving one queue (the lowest measured: shared at 1
+               queue, per-queue at up to `cores` queues)
     shared_a_us, shared_b_us
                a shared thread serving N queues spends shared_a_us + shared_b_us * N per I/O
                (least squares over the measured N; b is what each extra ring costs it)
@@ -208,8 +210,9 @@ def _least_squares(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, flo
     return my - b * mx, b
 
 
-def fit(points: Sequence[Point], device_us: dict[str, float]) -> list[Fit]:
-    """A Fit per (disk, workload) that has 1-queue points.
+def fit(points: Sequence[Point], device_us: dict[str, float], cores: int = 1) -> list[Fit]:
+    """A Fit per (disk, workload) that has 1-queue points; `cores`: the most queues that ran
+    with a core per I/O thread.
 
     Cost of a thread at a queue count: the lower CPU per I/O of the polling settings (a thread
     that spins while not saturated charges the spin to its I/Os; one that sleeps charges its
@@ -223,9 +226,12 @@ def fit(points: Sequence[Point], device_us: dict[str, float]) -> list[Fit]:
         def cost(policy: str, n: int, pts: list[Point] = pts) -> float | None:
             vals = [p.cpu_us for p in pts if p.policy == policy and p.queues == n]
             return min(vals) if vals else None
-        one = [c for c in (cost("per-queue", 1), cost("shared", 1)) if c is not None]
-        if not one:
+        if cost("per-queue", 1) is None and cost("shared", 1) is None:
             continue
+        # A thread serving one queue: per-queue at any N that had a core per thread, or shared
+        # at 1 (a busier thread does more per wake-up: the lowest is the saturated cost).
+        one = [c for c in [cost("shared", 1)] + [cost("per-queue", n) for n in range(1, cores + 1)]
+               if c is not None]
         xs = [n for n in sorted({p.queues for p in pts}) if cost("shared", n) is not None]
         a, b = _least_squares(xs, [cost("shared", n) or 0.0 for n in xs])
         client = [p.client_cpu_us for p in pts if p.queues == 1 and p.client_cpu_us > 0]
@@ -291,14 +297,14 @@ def _rate_name(rate: float | None) -> str:
     return "issuer here" if rate is None else f"vCPU {_k(rate)}"
 
 
-def model_table(fits: Sequence[Fit]) -> list[str]:
+def model_table(fits: Sequence[Fit], rates: Sequence[float | None] = VCPU_RATES) -> list[str]:
     cols = ", ".join(f"N={n}" for n in (8, 16, 32))
     lines = [f"| disk | workload | c1 µs/IO | shared a + b·N µs/IO | queue asks for | shared saturates at N"
              f" | per-queue / shared / threads={MODEL_THREADS} IOPS ({cols}) | per-queue ÷ shared ({cols}) |",
              "|" + "---|" * 8]
     for f in fits:
         # a device that caps everything (the file here) makes the vCPU rate irrelevant
-        for rate in VCPU_RATES if f.ceiling == float("inf") else VCPU_RATES[:1]:
+        for rate in rates if f.ceiling == float("inf") else rates[:1]:
             preds = [(f.predict("per-queue", n, rate), f.predict("shared", n, rate),
                       f.predict("threads", n, rate, MODEL_THREADS)) for n in (8, 16, 32)]
             lines.append(
@@ -357,7 +363,7 @@ def measured_chart(path: Path, points: Sequence[Point]) -> bool:
                 ax.set_xlabel("queues (above the core count: cost cells, oversubscribed)", fontsize=8)
     axes[0][0].legend(fontsize=7)
     fig.suptitle("Per-queue vs shared I/O thread, measured (medians)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=85)
     plt.close(fig)
@@ -409,7 +415,7 @@ def model_chart(path: Path, fits: Sequence[Fit]) -> bool:
     axes[0][0].legend(fontsize=6)
     fig.suptitle("Model: each vCPU and each I/O thread on a core of its own (blue: this "
                  f"benchmark's issuer; orange: a vCPU asking {_k(CHART_RATE)} IOPS)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=85)
     plt.close(fig)
@@ -419,13 +425,14 @@ def model_chart(path: Path, fits: Sequence[Fit]) -> bool:
 def write_report(out: Path, args: argparse.Namespace, summary: Sequence[report.Summary],
                  records: Sequence[Any], machine: dict[str, Any]) -> list[Fit]:
     points = points_from_summary(summary)
-    fits = fit(points, {f"lat{us}": float(us) for us in EMULATED_US})
+    fits = fit(points, {f"lat{us}": float(us) for us in EMULATED_US}, args.max_queues)
     (out / "model.json").write_text(json.dumps({
         "fits": [{k: v for k, v in asdict(f).items() if k != "points"} for f in fits],
         "predictions": {f"{f.disk}/{f.workload}": {_rate_name(rate): {
             str(n): {"per-queue": f.predict("per-queue", n, rate), "shared": f.predict("shared", n, rate),
                      f"threads={MODEL_THREADS}": f.predict("threads", n, rate, MODEL_THREADS)}
-            for n in MODEL_QUEUES} for rate in VCPU_RATES} for f in fits}}, indent=2, default=str) + "\n")
+            for n in MODEL_QUEUES} for rate in [None] + [r * 1e3 for r in args.vcpu_kiops]}
+            for f in fits}}, indent=2, default=str) + "\n")
     with open(out / "placement.csv", "w") as fh:
         fh.write("disk,workload,queues,policy,poll_us,iops,p99_us,lat_mean_us,cpu_us_per_io,"
                  "client_cpu_us_per_io\n")
@@ -447,14 +454,15 @@ def write_report(out: Path, args: argparse.Namespace, summary: Sequence[report.S
               "process's utime+stime per I/O it served.", ""]
     lines += measured_table(points, args.poll)
     lines += ["", "## Model", "",
-              "c1: CPU per I/O of a thread serving one queue; a shared thread serving N queues "
-              "spends a + b·N (fitted to the shared runs). A queue asks for its vCPU's rate (this "
-              "benchmark's issuer: 1e6 / its CPU per I/O; or an assumed guest vCPU rate), no more "
-              "than iodepth / latency on an emulated disk. Each vCPU and each I/O thread on a core "
-              "of its own: per-queue = N·min(ask, 1e6/c1); shared = min(N·ask, 1e6/(a+b·N)); "
+              "c1: CPU per I/O of a thread serving one queue (the lowest measured); a shared thread"
+              " serving N queues spends a + b·N (fitted to the shared runs). A queue asks for its "
+              "vCPU's rate (this benchmark's issuer: 1e6 / its CPU per I/O; or an assumed guest "
+              "vCPU rate), no more than iodepth / latency on an emulated disk. Each vCPU and each "
+              "I/O thread on a core of its own: per-queue = N·min(ask, 1e6/c1); shared = min(N·ask,"
+              " 1e6/(a+b·N)); "
               f"threads={MODEL_THREADS}: {MODEL_THREADS} threads of N/{MODEL_THREADS} queues; "
               "the file disk is capped at the best IOPS measured on it.", ""]
-    lines += model_table(fits)
+    lines += model_table(fits, [None] + [r * 1e3 for r in args.vcpu_kiops])
     lines += ["", f"Mean latency µs, per-queue / shared, vCPUs asking {_k(CHART_RATE)} IOPS (the "
               "1-queue latency while the vCPUs limit; N·iodepth / IOPS once the backend does):",
               ""] + latency_table(fits, CHART_RATE)
@@ -491,6 +499,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "where above --max-queues)")
     p.add_argument("--disks", type=lambda t: [d for d in t.split(",") if d], default=None,
                    help="a subset of null,file,lat10,lat80,lat300 (default all)")
+    p.add_argument("--vcpu-kiops", type=_ints, default=[int(r / 1e3) for r in VCPU_RATES[1:]],
+                   help="guest vCPU rates (kIOPS each) the model predicts for, besides this "
+                        "benchmark's issuer (default 1000,300,100): measure yours with fio in a "
+                        "guest, one queue, against a per-queue backend")
+    p.add_argument("--from-runs", type=Path, default=None, metavar="DIR",
+                   help="run nothing: write DIR's tables, model and charts again from its runs.json")
     args = finish_args(p.parse_args(argv), argv, "python -m bench.placement")
     if args.max_queues < 1:
         p.error("--max-queues must be at least 1")
@@ -504,8 +518,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def rerender(args: argparse.Namespace) -> int:
+    """Tables, model and charts again from a finished run's runs.json (after a model change)."""
+    src: Path = args.from_runs
+    records = [RunRecord(**r) for r in json.loads((src / "runs.json").read_text())]
+    machine = json.loads((src / "machine.json").read_text())
+    args.poll = sorted({split_key(r.system)[1] for r in records})
+    args.max_queues = int(machine.get("settings", {}).get("max_queues", args.max_queues))
+    write_report(src, args, report.summarize(records), records, machine)
+    print(src / "placement.md")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_runs:
+        return rerender(args)
     out = begin(args)
     specs = {d: s for d, s in disks(args.file).items() if d in args.disks}
     if "file" in specs:
@@ -516,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     records, machine = run_matrix(args, out, cells,
                                   backend_factories(specs, args.poll, backend_queues, out / "logs"))
     machine["disks"] = specs
+    machine["settings"]["max_queues"] = args.max_queues
+    machine["settings"]["cost_queues"] = args.cost_queues
     (out / "machine.json").write_text(json.dumps(machine, indent=2) + "\n")
     (out / "runs.json").write_text(json.dumps([asdict(r) for r in records], indent=2) + "\n")
     report.write_runs_csv(records, out / "runs.csv")
