@@ -62,8 +62,11 @@ struct dp_engine *dp_engine_new(const char *name, int cpu, unsigned ring_entries
 /* Stops the thread (every queue must be detached first) and frees the engine. */
 void dp_engine_free(struct dp_engine *engine);
 int dp_engine_thread_id(const struct dp_engine *engine);
-/* Spin up to poll_ns looking for work before sleeping in io_uring_enter (0: never spin). */
+/* Spin up to poll_ns looking for work before sleeping in io_uring_enter (0: never spin); the
+ * window adapts between 0 and poll_ns to how long the thread's sleeps last. */
 void dp_engine_set_poll(struct dp_engine *engine, uint64_t poll_ns);
+/* The spin window now, in ns. */
+uint64_t dp_engine_poll_window(const struct dp_engine *engine);
 
 /* ---- virtqueue (virtqueue.c) ---- */
 #define DP_VQ_F_EVENT_IDX 1

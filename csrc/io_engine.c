@@ -37,7 +37,8 @@ struct dp_engine {
     struct dp_vq *vqs;            /* attached queues (engine thread only) */
     unsigned npolling;            /* attached queues without a kick fd */
     int exiting;
-    uint64_t poll_ns;             /* spin this long before sleeping (0: never) */
+    uint64_t poll_ns;             /* spin at most this long before sleeping (0: never) */
+    uint64_t poll_win_ns;         /* the spin window now, adapted within [0, poll_ns] */
     uint64_t timer_late_ns;       /* wake-up lateness of emulated-latency timeouts (median) */
     struct dp_req **delayq;       /* emulated-latency completions held back: a min-heap on due_ns */
     unsigned ndelayed, delayq_cap;
@@ -616,15 +617,16 @@ static void reap(struct dp_engine *engine)
     io_uring_cq_advance(&engine->ring, n);
 }
 
-/* Before sleeping, spin up to poll_ns for new buffers or completions: with the guest on
- * another CPU this saves a wake-up per batch (and the guest's kick, when EVENT_IDX is on). */
+/* Before sleeping, spin for new buffers or completions: with the guest on another CPU this
+ * saves a wake-up per batch (and the guest's kick, when EVENT_IDX is on). The window adapts
+ * (adapt_poll) between 0 and poll_ns. */
 static int poll_for_work(struct dp_engine *engine)
 {
-    uint64_t poll_ns = __atomic_load_n(&engine->poll_ns, __ATOMIC_RELAXED);
-    if (!poll_ns)
+    uint64_t window = __atomic_load_n(&engine->poll_win_ns, __ATOMIC_RELAXED);
+    if (!window)
         return 0;
     io_uring_submit(&engine->ring);
-    uint64_t now = now_ns(), until = now + poll_ns;
+    uint64_t now = now_ns(), until = now + window;
     do {
         for (struct dp_vq *vq = engine->vqs; vq; vq = vq->next)
             if (!vq->stopping && !vq->starved && vq_has_avail(vq)) {
@@ -642,6 +644,24 @@ static int poll_for_work(struct dp_engine *engine)
             return 1;
     } while (now < until);
     return 0;
+}
+
+#define POLL_MIN_NS 2000u
+
+/* After a sleep of block_ns: a wait the largest window would have covered says spinning pays,
+ * so the window grows toward it (doubling); a longer one says it would have been spun in vain,
+ * so it halves (down to 0). A spin that finds work leaves it as it is. This is the rule QEMU's
+ * iothreads follow: on a fast device or a busy guest it settles at poll_ns, on a slow device
+ * or an idle guest at 0, where a fixed window would burn poll_ns of CPU per request. */
+static void adapt_poll(struct dp_engine *engine, uint64_t block_ns)
+{
+    uint64_t max = __atomic_load_n(&engine->poll_ns, __ATOMIC_RELAXED);
+    uint64_t win = __atomic_load_n(&engine->poll_win_ns, __ATOMIC_RELAXED);
+    if (block_ns > max)
+        win = win / 2 >= POLL_MIN_NS ? win / 2 : 0;
+    else if (block_ns > win)
+        win = win ? win * 2 : POLL_MIN_NS;
+    __atomic_store_n(&engine->poll_win_ns, win < max ? win : max, __ATOMIC_RELAXED);
 }
 
 static int ring_init(struct dp_engine *engine)
@@ -697,6 +717,7 @@ static void *engine_main(void *arg)
             engine->slept_ns = now_ns();
             io_uring_submit_and_wait(&engine->ring, 1);
             engine->woke_ns = now_ns();
+            adapt_poll(engine, engine->woke_ns - engine->slept_ns);
         }
         reap(engine);
         expire_delayed(engine);
@@ -776,7 +797,14 @@ void dp_engine_free(struct dp_engine *engine)
 
 void dp_engine_set_poll(struct dp_engine *engine, uint64_t poll_ns)
 {
+    /* The window starts at the maximum and adapts from there. */
     __atomic_store_n(&engine->poll_ns, poll_ns, __ATOMIC_RELAXED);
+    __atomic_store_n(&engine->poll_win_ns, poll_ns, __ATOMIC_RELAXED);
+}
+
+uint64_t dp_engine_poll_window(const struct dp_engine *engine)
+{
+    return __atomic_load_n(&engine->poll_win_ns, __ATOMIC_RELAXED);   /* for monitoring */
 }
 
 int dp_engine_thread_id(const struct dp_engine *engine)

@@ -151,6 +151,10 @@ class EnginePool:
     def thread_ids(self) -> dict[str, int]:
         return {name: lib.dp_engine_thread_id(e) for name, e in self.engines.items()}
 
+    def poll_windows_ns(self) -> dict[str, int]:
+        """Each I/O thread's current spin window (it adapts between 0 and poll_ns)."""
+        return {name: lib.dp_engine_poll_window(e) for name, e in self.engines.items()}
+
     def close(self) -> None:
         for engine in self.engines.values():
             lib.dp_engine_free(engine)

@@ -34,7 +34,7 @@ def _rebuild_if_stale() -> None:
 _rebuild_if_stale()
 
 from dataplane.disk import open_disk  # noqa: E402
-from dataplane.vhost import ServerOptions, VhostUserBlkServer  # noqa: E402
+from dataplane.vhost import EnginePool, ServerOptions, VhostUserBlkServer  # noqa: E402
 
 
 class RunningBackend:
@@ -60,14 +60,16 @@ class RunningBackend:
 
 @pytest.fixture
 def start_backend(tmp_path: Path) -> Iterator:
-    """Factory: start_backend(disk='null:64M', queues=2, read_only=False, cache='none')."""
+    """Factory: start_backend(disk='null:64M', queues=2, read_only=False, cache='none',
+    poll_us=0)."""
     started: list[RunningBackend] = []
 
     def start(disk: str = "null:64M", queues: int = 2, read_only: bool = False,
-              cache: str = "none", serial: str = "dp-test") -> RunningBackend:
+              cache: str = "none", serial: str = "dp-test", poll_us: int = 0) -> RunningBackend:
         d = open_disk(disk, read_only=read_only, cache=cache, serial=serial)
         sock = tmp_path / f"vhost{len(started)}.sock"
-        server = VhostUserBlkServer(d, ServerOptions(socket_path=sock, num_queues=queues))
+        server = VhostUserBlkServer(d, ServerOptions(socket_path=sock, num_queues=queues),
+                                    EnginePool(poll_ns=poll_us * 1000))
         thread = threading.Thread(target=server.serve_forever, name="vhost-server", daemon=True)
         thread.start()
         backend = RunningBackend(server, thread)

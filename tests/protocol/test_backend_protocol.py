@@ -511,3 +511,27 @@ def test_a_front_end_that_left_with_messages_queued_frees_the_slot(start_backend
         sock.close()
         with Device.connect(backend.socket) as dev:
             assert dev.read(0, 512) == bytes(512)
+
+
+def test_poll_window_shrinks_on_a_slow_device_and_grows_on_a_fast_one(start_backend):
+    """The spin window adapts (like QEMU's iothreads): sleeps longer than poll_us (a 1 ms
+    device) halve it down to 0, so no CPU is spun in vain; short ones (a null disk under load)
+    grow it back."""
+    from dataplane.load import Job, run_load
+
+    slow = start_backend("null:16M,latency=fixed:1ms", queues=1, poll_us=50)
+    with Device.connect(slow.socket, queues=1) as dev:
+        for i in range(20):
+            assert dev.read(i * 4096, 4096) == bytes(4096)
+        assert slow.server.engines.poll_windows_ns() == {"dp-vq0": 0}
+
+    fast = start_backend("null:16M", queues=1, poll_us=50)
+    with Device.connect(fast.socket, queues=1, memory=Job().memory_needed(1)) as dev:
+        for i in range(20):      # a slow front end first: one request at a time, 2 ms apart
+            dev.read(i * 4096, 4096)
+            time.sleep(0.002)
+        assert fast.server.engines.poll_windows_ns()["dp-vq0"] < 50_000
+        result = run_load(dev, Job(rw="randread", iodepth=32, runtime=0.3))
+        assert result.error == 0
+        # read while the thread waits for the next request: its last sleeps were short
+        assert fast.server.engines.poll_windows_ns()["dp-vq0"] > 0
