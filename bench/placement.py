@@ -216,24 +216,44 @@ def fit(points: Sequence[Point], device_us: dict[str, float], cores: int = 1) ->
 
     Cost of a thread at a queue count: the lower CPU per I/O of the polling settings (a thread
     that spins while not saturated charges the spin to its I/Os; one that sleeps charges its
-    wake-ups; a saturated thread does neither, which is the case the model is about)."""
+    wake-ups; a saturated thread does neither, which is the case the model is about).
+
+    The shared thread's slope b (what each more ring costs it) comes from the group measured at
+    the most queue counts (the null disk's cost cells), when it has at least three: two points
+    of a noisy machine make a slope of either sign. Every group then fits only its own a."""
     groups: dict[tuple[str, str], list[Point]] = {}
     for p in points:
         if p.iops > 0 and p.cpu_us > 0:
             groups.setdefault((p.disk, p.workload), []).append(p)
+
+    def cost_in(pts: list[Point], policy: str, n: int) -> float | None:
+        vals = [p.cpu_us for p in pts if p.policy == policy and p.queues == n]
+        return min(vals) if vals else None
+
+    def shared_ns(pts: list[Point]) -> list[int]:
+        return [n for n in sorted({p.queues for p in pts}) if cost_in(pts, "shared", n) is not None]
+
+    widest = max(groups.values(), key=lambda pts: len(shared_ns(pts)), default=[])
+    slope = None
+    if len(shared_ns(widest)) >= 3:
+        xs = shared_ns(widest)
+        slope = _least_squares(xs, [cost_in(widest, "shared", n) or 0.0 for n in xs])[1]
     fits = []
     for (disk, workload), pts in groups.items():
         def cost(policy: str, n: int, pts: list[Point] = pts) -> float | None:
-            vals = [p.cpu_us for p in pts if p.policy == policy and p.queues == n]
-            return min(vals) if vals else None
+            return cost_in(pts, policy, n)
         if cost("per-queue", 1) is None and cost("shared", 1) is None:
             continue
         # A thread serving one queue: per-queue at any N that had a core per thread, or shared
         # at 1 (a busier thread does more per wake-up: the lowest is the saturated cost).
         one = [c for c in [cost("shared", 1)] + [cost("per-queue", n) for n in range(1, cores + 1)]
                if c is not None]
-        xs = [n for n in sorted({p.queues for p in pts}) if cost("shared", n) is not None]
-        a, b = _least_squares(xs, [cost("shared", n) or 0.0 for n in xs])
+        xs = shared_ns(pts)
+        ys = [cost("shared", n) or 0.0 for n in xs]
+        if slope is not None and len(xs) < 3:
+            a, b = (sum(ys) - slope * sum(xs)) / len(xs) if xs else min(one), slope
+        else:
+            a, b = _least_squares(xs, ys) if xs else (min(one), 0.0)
         client = [p.client_cpu_us for p in pts if p.queues == 1 and p.client_cpu_us > 0]
         ceiling = max(p.iops for p in pts) if disk == "file" else float("inf")
         base = min(p.lat_mean_us for p in pts if p.queues == 1)
@@ -455,7 +475,8 @@ def write_report(out: Path, args: argparse.Namespace, summary: Sequence[report.S
     lines += measured_table(points, args.poll)
     lines += ["", "## Model", "",
               "c1: CPU per I/O of a thread serving one queue (the lowest measured); a shared thread"
-              " serving N queues spends a + b·N (fitted to the shared runs). A queue asks for its "
+              " serving N queues spends a + b·N (b fitted where measured at ≥ 3 queue counts, a "
+              "per disk). A queue asks for its "
               "vCPU's rate (this benchmark's issuer: 1e6 / its CPU per I/O; or an assumed guest "
               "vCPU rate), no more than iodepth / latency on an emulated disk. Each vCPU and each "
               "I/O thread on a core of its own: per-queue = N·min(ask, 1e6/c1); shared = min(N·ask,"

@@ -123,3 +123,12 @@ def test_a_tiny_real_run_writes_the_tables_and_the_model(tmp_path: Path) -> None
     threads = machine["backend_threads"]
     assert set(threads["dp-null-shared-poll0"]) >= {"dp-io0"}
     assert set(threads["dp-null-per-queue-poll0"]) >= {"dp-vq0", "dp-vq1"}
+
+
+def test_the_slope_comes_from_the_disk_measured_at_most_queue_counts() -> None:
+    pts = points("null", shared={1: 0.5, 2: 0.6, 4: 0.8, 8: 1.2}) + points(
+        "lat80", c1=1.0, shared={1: 1.2, 2: 1.0})          # two noisy points: a falling line
+    fits = {f.disk: f for f in fit(pts, {"lat80": 80.0})}
+    assert fits["lat80"].shared_b_us == pytest.approx(0.1)
+    # a through the two points' mean: (1.2 + 1.0 - 0.1 * 3) / 2
+    assert fits["lat80"].shared_a_us == pytest.approx(0.95)
