@@ -7,6 +7,9 @@ completion polling off (0) and at its default (50 us). Then a model, from the me
 costs, of both policies at 8, 16 and 32 queues.
 
     python -m bench.placement [--out DIR] [--quick] [--reps N] [--poll 0,50] [--cost-queues 4,8]
+                              [--disks null,file,lat10,lat80,lat300] [--max-queues N]
+                              [--vcpu-kiops 1000,300,100]
+    python -m bench.placement --from-runs DIR      # tables, model and charts again, no runs
 
 The machinery is bench.compare's: every backend (one `dataplane serve` per disk, policy and
 polling setting, all with --queues = the largest queue count) starts once; each run is one
