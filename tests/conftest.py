@@ -33,6 +33,8 @@ def _rebuild_if_stale() -> None:
 
 _rebuild_if_stale()
 
+from serve_process import ServeProcess  # noqa: E402  (tests/ is on sys.path, as for this file)
+
 from dataplane.disk import open_disk  # noqa: E402
 from dataplane.vhost import EnginePool, ServerOptions, VhostUserBlkServer  # noqa: E402
 
@@ -123,6 +125,22 @@ def start_qsd_export(tmp_path: Path) -> Iterator:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture
+def start_serve(tmp_path: Path) -> Iterator:
+    """Factory: start_serve(name, socket, disk, *args) -> ServeProcess (log: tmp_path/name.log);
+    killed at teardown if still running."""
+    started: list[ServeProcess] = []
+
+    def start(name: str, socket: Path, disk: str, *args: str) -> ServeProcess:
+        s = ServeProcess(tmp_path / f"{name}.log", socket, disk, args)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.kill()
 
 
 @pytest.fixture

@@ -21,12 +21,12 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from serve_process import ServeProcess
 
 from dataplane.guest import GuestHandle, GuestImage, start_guest
 
@@ -39,13 +39,10 @@ FIO_RUNTIME = 20             # seconds of write+verify passes (time_based)
 KILLS = 3                    # restarts that must each find requests in flight, out of order
 MAX_KILLS = 5                # a kill that lands between two fio passes finds little in flight
 KILL_GAP = 2.0               # seconds of I/O between a reconnect and the next kill
-START_TIMEOUT = 20.0         # `dataplane serve` listening
 RECONNECT_TIMEOUT = 20.0     # QEMU retries every second (reconnect=1)
 RUNNING_TIMEOUT = 90.0       # boot + fio's first writes
 FINISH_MARGIN = 60.0         # after fio's runtime: final verify pass, power-off
 FAILURE_MARKERS = ("is not a head", "I/O error", "verify:", "DP-FIO-RC ")
-RESUBMIT_RE = re.compile(r"vq(\d+): resubmitted (\d+) request\(s\) in flight at the previous back "
-                         r"end's end \((\d+) of them older than a request that had completed\)")
 
 FIO_JOB = f"""[global]
 filename=/dev/vda
@@ -91,53 +88,18 @@ echo DP-DONE
 """
 
 
-class Serve:
-    """One `dataplane serve` process; its log (stderr) goes to a file."""
-
-    def __init__(self, tmp: Path, n: int, socket: Path, disk: str, flags: tuple[str, ...]) -> None:
-        self.n = n
-        self.log_path = tmp / f"serve{n}.log"
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dataplane", "serve", "--socket", str(socket), "--disk", disk,
-                 "--queues", str(QUEUES), *flags],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
-        self.wait_log("listening on", START_TIMEOUT)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_log(self, text: str, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while text not in self.log():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                return text in self.log()
-            time.sleep(0.05)
-        return True
-
-    def resubmissions(self) -> dict[int, tuple[int, int]]:
-        """vq -> (resubmitted, of them older than a request that had completed)."""
-        return {int(m[1]): (int(m[2]), int(m[3])) for m in RESUBMIT_RE.finditer(self.log())}
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-
-
 @dataclass
 class Run:
-    serves: list[Serve] = field(default_factory=list)
+    serves: list[ServeProcess] = field(default_factory=list)
     kills: int = 0
     output: str = ""
     finished: bool = False           # the guest powered off by itself
     exit_status: int | None = None
 
-    def restarted(self) -> list[Serve]:
+    def restarted(self) -> list[ServeProcess]:
         return self.serves[1: self.kills + 1]
 
-    def out_of_order_restarts(self) -> list[Serve]:
+    def out_of_order_restarts(self) -> list[ServeProcess]:
         """Restarts that resubmitted requests, some older than a completed one."""
         return [s for s in self.restarted()
                 if sum(n for n, _ in s.resubmissions().values()) > 0
@@ -152,7 +114,7 @@ class Run:
                 or bool(rc and rc != ["DP-FIO-RC 0"]))
 
     def diag(self) -> str:
-        logs = "\n".join(f"--- serve{s.n}: " + "\n".join(
+        logs = "\n".join(f"--- {s.name}: " + "\n".join(
             line for line in s.log().splitlines() if "resubmitted" in line or " ERROR " in line
             or "connected" in line or "stopped" in line) for s in self.serves)
         return f"\n--- guest console (tail) ---\n{self.output[-4000:]}\n{logs}"
@@ -164,8 +126,9 @@ def kill_and_restart_under_fio(image: GuestImage, tmp: Path, flags: tuple[str, .
     disk = tmp / "disk.img"
     subprocess.run(["truncate", "-s", str(DISK_SIZE), str(disk)], check=True)
     spec = f"{disk},latency={LATENCY}"
+    args = ("--queues", str(QUEUES), *flags)
     run = Run()
-    run.serves.append(Serve(tmp, 0, sock, spec, flags))
+    run.serves.append(ServeProcess(tmp / "serve0.log", sock, spec, args))
     handle: GuestHandle | None = None
     try:
         handle = start_guest(
@@ -184,10 +147,10 @@ def kill_and_restart_under_fio(image: GuestImage, tmp: Path, flags: tuple[str, .
                 break
             run.serves[-1].kill()
             run.kills += 1
-            new = Serve(tmp, len(run.serves), sock, spec, flags)
+            new = ServeProcess(tmp / f"serve{len(run.serves)}.log", sock, spec, args)
             run.serves.append(new)
             assert new.wait_log(f"vq{QUEUES - 1} started", RECONNECT_TIMEOUT), (
-                f"QEMU did not reconnect to serve{new.n} within {RECONNECT_TIMEOUT}s{run.diag()}")
+                f"QEMU did not reconnect to {new.name} within {RECONNECT_TIMEOUT}s{run.diag()}")
         deadline = fio_started + FIO_RUNTIME + FINISH_MARGIN
         while handle.running() and time.monotonic() < deadline:
             run.output = handle.output
@@ -215,8 +178,8 @@ def stop_last(run: Run) -> None:
         rc = last.proc.wait(20)
     except subprocess.TimeoutExpired:
         last.kill()
-        pytest.fail(f"serve{last.n} did not exit on SIGTERM{run.diag()}")
-    assert rc == 0, f"serve{last.n} exited {rc}{run.diag()}"
+        pytest.fail(f"{last.name} did not exit on SIGTERM{run.diag()}")
+    assert rc == 0, f"{last.name} exited {rc}{run.diag()}"
 
 
 def test_three_backend_kills_under_fio_verify(guest_image: GuestImage, tmp_path: Path) -> None:
@@ -236,8 +199,8 @@ def test_three_backend_kills_under_fio_verify(guest_image: GuestImage, tmp_path:
     assert run.markers("DP-DONE") and run.exit_status == 0, run.diag()
     for s in run.serves:
         assert " ERROR " not in s.log() and "ring broken" not in s.log(), (
-            f"serve{s.n} logged errors:\n{s.log()[-3000:]}")
-        assert s.log().count("front end connected") == 1, f"serve{s.n}{run.diag()}"
+            f"{s.name} logged errors:\n{s.log()[-3000:]}")
+        assert s.log().count("front end connected") == 1, f"{s.name}{run.diag()}"
 
 
 def test_the_same_kills_without_inflight_tracking_fail(guest_image: GuestImage, tmp_path: Path) -> None:

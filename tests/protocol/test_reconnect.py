@@ -17,16 +17,13 @@ twice): that is what shows the test can see the difference.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import struct
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
+from serve_process import ServeProcess
 
 from dataplane import virtio_blk as vb
 from dataplane.errors import DeviceError
@@ -38,75 +35,11 @@ PER_QUEUE = 48               # writes in flight per queue at the kill
 RING = 256                   # 3 descriptors per request: room for PER_QUEUE
 LATENCY = "uniform:50ms-1500ms"
 MAX_LATENCY = 1.5
-START_TIMEOUT = 20.0
-RESUBMIT_RE = re.compile(r"vq(\d+): resubmitted (\d+) request\(s\) in flight at the previous back "
-                         r"end's end \((\d+) of them older than a request that had completed\)")
-
+SERVE_ARGS = ("--queues", str(QUEUES))
 
 def pattern(tag: int, length: int) -> bytes:
     """A block no other request writes: its tag in every 8 bytes."""
     return (struct.pack("<Q", 0x5EC0_0000_0000 | tag) * (length // 8))[:length]
-
-
-class Serve:
-    """One `dataplane serve` process on a socket; its log (stderr) goes to a file."""
-
-    def __init__(self, tmp: Path, name: str, socket: Path, disk: str, *extra: str) -> None:
-        self.log_path = tmp / f"{name}.log"
-        self.socket = socket
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dataplane", "serve", "--socket", str(socket), "--disk", disk,
-                 "--queues", str(QUEUES), *extra],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
-        deadline = time.monotonic() + START_TIMEOUT
-        while "listening on" not in self.log():
-            assert self.proc.poll() is None, f"serve exited {self.proc.returncode}:\n{self.log()}"
-            assert time.monotonic() < deadline, f"serve did not listen in {START_TIMEOUT}s:\n{self.log()}"
-            time.sleep(0.02)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def resubmissions(self) -> dict[int, tuple[int, int]]:
-        """vq -> (requests resubmitted, of them older than a completed one), from the log."""
-        return {int(m[1]): (int(m[2]), int(m[3])) for m in RESUBMIT_RE.finditer(self.log())}
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait(10)
-
-    def terminate(self, timeout: float = 20.0) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
-@pytest.fixture
-def serves(tmp_path: Path):
-    started: list[Serve] = []
-
-    def start(name: str, socket: Path, disk: str, *extra: str) -> Serve:
-        s = Serve(tmp_path, name, socket, disk, *extra)
-        started.append(s)
-        return s
-
-    yield start
-    for s in started:
-        s.close()
-
-
-@pytest.fixture
-def disk(tmp_path: Path) -> Path:
-    path = tmp_path / "disk.img"
-    with open(path, "wb") as f:
-        f.truncate(64 << 20)
-    return path
 
 
 @dataclass
@@ -189,11 +122,12 @@ def wait_mid_flight(dev: Device, batch: Batch, timeout: float = 10.0) -> None:
     assert all(d <= PER_QUEUE * 3 // 4 for d in done), f"too late to kill, completed {done}"
 
 
-def kill_restart_reconnect(tmp_path: Path, serves, disk: Path, *flags: str) -> tuple[Outcome, dict, Serve]:
+def kill_restart_reconnect(tmp_path: Path, start_serve, disk: Path,
+                           *flags: str) -> tuple[Outcome, dict, ServeProcess]:
     """Writes in flight on both queues -> SIGKILL -> new backend -> reconnect -> outcome."""
     sock = tmp_path / "vhost.sock"
     spec = f"{disk},latency={LATENCY}"
-    first = serves("first", sock, spec, *flags)
+    first = start_serve("first", sock, spec, *SERVE_ARGS, *flags)
     with Device.connect(str(sock), queues=QUEUES, queue_size=RING) as dev:
         assert (dev.inflight is not None) == ("--debug-no-inflight" not in flags)
         batch = Batch().submit(dev, 0, PER_QUEUE)
@@ -201,7 +135,7 @@ def kill_restart_reconnect(tmp_path: Path, serves, disk: Path, *flags: str) -> t
         first.kill()
         # The inflight buffer outlives the backend: what it held at its end.
         in_flight = {q: dev.inflight.in_flight(q) for q in range(QUEUES)} if dev.inflight else {}
-        second = serves("second", sock, spec, *flags)
+        second = start_serve("second", sock, spec, *SERVE_ARGS, *flags)
         dev.reconnect()
         outcome = collect(dev, batch, disk, timeout=MAX_LATENCY * 4 + 3)
         if outcome.clean:   # the device keeps working after the restart
@@ -211,11 +145,11 @@ def kill_restart_reconnect(tmp_path: Path, serves, disk: Path, *flags: str) -> t
     return outcome, in_flight, second
 
 
-def test_sigkill_with_requests_in_flight_loses_nothing(tmp_path, serves, disk) -> None:
+def test_sigkill_with_requests_in_flight_loses_nothing(tmp_path, start_serve, disk_file) -> None:
     """The restarted backend resubmits what the killed one had in flight, in pop order, some
     of it older than requests that had already completed; the guest sees each write
     complete exactly once, OK, with its data on the disk."""
-    outcome, in_flight, second = kill_restart_reconnect(tmp_path, serves, disk)
+    outcome, in_flight, second = kill_restart_reconnect(tmp_path, start_serve, disk_file)
     assert outcome.clean, outcome
     assert outcome.completed == PER_QUEUE * QUEUES
     assert all(len(h) >= PER_QUEUE // 8 for h in in_flight.values()), in_flight   # many in flight
@@ -226,24 +160,25 @@ def test_sigkill_with_requests_in_flight_loses_nothing(tmp_path, serves, disk) -
         f"no resubmitted request was older than a completed one: {resubmitted}")
 
 
-def test_sigkill_without_inflight_tracking_goes_wrong(tmp_path, serves, disk) -> None:
+def test_sigkill_without_inflight_tracking_goes_wrong(tmp_path, start_serve, disk_file) -> None:
     """The same restart with the feature off (--debug-no-inflight): the new backend starts
     popping at the used index, so requests that had been overtaken are never completed and
     requests that had completed are executed and completed again. The test above would see
     it: this one asserts that it does."""
-    outcome, in_flight, second = kill_restart_reconnect(tmp_path, serves, disk, "--debug-no-inflight")
+    outcome, in_flight, second = kill_restart_reconnect(tmp_path, start_serve, disk_file,
+                                                        "--debug-no-inflight")
     assert in_flight == {} and second.resubmissions() == {}
     assert not outcome.clean, "without inflight tracking the restart went unnoticed"
     assert outcome.lost > 0 or outcome.unexpected, outcome
 
 
-def test_sigterm_drains_then_a_new_backend_takes_over(tmp_path, serves, disk) -> None:
+def test_sigterm_drains_then_a_new_backend_takes_over(tmp_path, start_serve, disk_file) -> None:
     """Graceful restart: SIGTERM completes what the backend had popped before it exits;
     writes published meanwhile wait in the ring for the next backend. Nothing is resubmitted,
     nothing lost, nothing completed twice."""
     sock = tmp_path / "vhost.sock"
-    spec = f"{disk},latency={LATENCY}"
-    first = serves("first", sock, spec)
+    spec = f"{disk_file},latency={LATENCY}"
+    first = start_serve("first", sock, spec, *SERVE_ARGS)
     with Device.connect(str(sock), queues=QUEUES, queue_size=RING) as dev:
         before = Batch().submit(dev, 0, PER_QUEUE)
         wait_mid_flight(dev, before)
@@ -255,10 +190,10 @@ def test_sigterm_drains_then_a_new_backend_takes_over(tmp_path, serves, disk) ->
         drained = [ring.used_idx() for ring in dev.rings]
         assert sum(drained) >= PER_QUEUE * QUEUES, f"SIGTERM completed only {drained}"
         assert not any(dev.inflight.in_flight(q) for q in range(QUEUES))
-        second = serves("second", sock, spec)
+        second = start_serve("second", sock, spec, *SERVE_ARGS)
         dev.reconnect()
         both = Batch(before.reqs + during.reqs, {**before.writes, **during.writes})
-        outcome = collect(dev, both, disk, timeout=10)
+        outcome = collect(dev, both, disk_file, timeout=10)
         assert outcome.clean and outcome.completed == len(both.reqs), outcome
     assert second.resubmissions() == {}, second.log()
     assert second.terminate() == 0, second.log()
@@ -271,12 +206,12 @@ def popped_counter(dev: Device, head: int, queue: int = 0) -> int:
     return struct.unpack("<B5xHQ", os.pread(buf.fd, 16, offset))[2]
 
 
-def test_a_head_the_ring_broke_on_is_not_resubmitted(tmp_path, serves, disk) -> None:
+def test_a_head_the_ring_broke_on_is_not_resubmitted(tmp_path, start_serve, disk_file) -> None:
     """A chain without a status byte breaks the ring and completes nothing. Regression: its
     head stayed marked in flight, so the next backend (or the same one, after the driver
     reset the ring) resubmitted it and broke the ring again."""
     sock = tmp_path / "vhost.sock"
-    first = serves("first", sock, str(disk))
+    first = start_serve("first", sock, str(disk_file), *SERVE_ARGS)
     with Device.connect(str(sock), queues=1, queue_size=RING) as dev:
         ring = dev.rings[0]
         hdr = dev.mem.alloc(16, 16)
@@ -296,7 +231,7 @@ def test_a_head_the_ring_broke_on_is_not_resubmitted(tmp_path, serves, disk) -> 
         ring.mem.write(ring.used, bytes(6 + 8 * ring.num))
         ring.avail_idx = ring.last_used_idx = 0
         ring.free_desc, ring.chains = list(range(ring.num)), {}
-        second = serves("second", sock, str(disk))
+        second = start_serve("second", sock, str(disk_file), *SERVE_ARGS)
         dev.reconnect()
         dev.write(0, b"\x42" * 4096)
         assert dev.read(0, 4096) == b"\x42" * 4096
