@@ -281,9 +281,8 @@ def points_from_summary(summary: Sequence[report.Summary]) -> list[Point]:
 # ---- the report ----
 
 def _k(v: float) -> str:
-    if v == float("inf"):
-        return "∞"
-    return f"{v / 1e6:.2f} M" if v >= 1e6 else f"{v / 1e3:.0f} k"
+    """IOPS as bench.compare's report writes them; an unbounded rate as ∞."""
+    return "∞" if v == float("inf") else report._fmt_iops(v)
 
 
 def _disk_order(t: tuple[Any, ...]) -> tuple[Any, ...]:
