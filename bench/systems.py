@@ -78,6 +78,7 @@ class Backend:
     socket: Path
     log_path: Path
     cpus: str = ""                  # taskset CPU list for the whole process ("": not pinned)
+    cwd: Path = ROOT                # the tree whose `dataplane` it runs (bench.ab_trees: another)
     proc: subprocess.Popen | None = None
     _log_file: Any = None
 
@@ -89,7 +90,7 @@ class Backend:
         self._log_file.write("$ " + " ".join(argv) + "\n")
         self._log_file.flush()
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log_file,
-                                     stderr=subprocess.STDOUT, cwd=ROOT)
+                                     stderr=subprocess.STDOUT, cwd=self.cwd)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
