@@ -19,12 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.systems import dataplane_backend  # noqa: E402
 from dataplane.disk import parse_size  # noqa: E402
 from dataplane.frontend import Device  # noqa: E402
 from dataplane.load import Job  # noqa: E402
@@ -73,27 +71,6 @@ def make_trace(prefix: Path, n: int, bs: int, rw: str, queues: int, rate: float,
     time_ns = np.cumsum(gaps).astype(np.int64)
     cpu = np.arange(n) % queues
     return write_blktrace(prefix, time_ns, offset, np.full(n, bs, np.int64), write, cpu)
-
-
-class Serve:
-    """`dataplane serve` on a null disk, in its own process."""
-
-    def __init__(self, sock: Path, queues: int) -> None:
-        self.sock = sock
-        self.log = open(sock.with_suffix(".log"), "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dataplane", "serve", "--socket", str(sock), "--disk", DISK,
-             "--queues", str(queues)], stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
-        deadline = time.monotonic() + 20
-        while "listening on" not in sock.with_suffix(".log").read_text(errors="replace"):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"dataplane serve did not start: {sock.with_suffix('.log').read_text()}")
-            time.sleep(0.05)
-
-    def close(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(20)
-        self.log.close()
 
 
 def load_iops(sock: Path, rw: str, bs: int, iodepth: int, queues: int, seconds: float,
@@ -154,7 +131,8 @@ def main() -> None:
     bs = parse_size(args.bs)
     work = Path(tempfile.mkdtemp(prefix="dp-bench-replay-"))
     sock = work / "serve.sock"
-    serve = Serve(sock, args.queues)
+    serve = dataplane_backend("serve", sock, DISK, args.queues, work)
+    serve.start()
     out: dict = {"queues": args.queues, "iodepth": args.iodepth, "bs": bs, "cpus": os.cpu_count(),
                  "pinned": args.cpus}
     try:
@@ -207,7 +185,7 @@ def main() -> None:
             out["timed"].append({"rate": args.rate, "spin_us": spin, "achieved_iops": r["iops"],
                                  "records": n, "lag_ns": lag, "full_waits": r["full_waits"]})
     finally:
-        serve.close()
+        serve.stop()
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
 
