@@ -521,8 +521,11 @@ def test_poll_window_shrinks_on_a_slow_device_and_grows_on_a_fast_one(start_back
 
     slow = start_backend("null:16M,latency=fixed:1ms", queues=1, poll_us=50)
     with Device.connect(slow.socket, queues=1) as dev:
+        # Every wait long: for the 1 ms device, and for the next request 2 ms later (a kick
+        # that came within 50 us of a completion would rightly reopen the window).
         for i in range(20):
             assert dev.read(i * 4096, 4096) == bytes(4096)
+            time.sleep(0.002)
         assert slow.server.engines.poll_windows_ns() == {"dp-vq0": 0}
 
     fast = start_backend("null:16M", queues=1, poll_us=50)
