@@ -1,4 +1,5 @@
-"""cffi builder for dataplane._core: compiles csrc/*.c against the system liburing.
+"""cffi builder for dataplane._core: compiles csrc/**/*.c (one folder per room) against the
+system liburing.
 
 `csrc/core.h` is the whole C surface Python sees; its preprocessor lines are dropped before
 cdef (integer #defines are kept). DATAPLANE_SANITIZE=1 builds with ASan and UBSan.
@@ -28,6 +29,11 @@ def cdef_text(header: Path) -> str:
     return "\n".join(lines)
 
 
+def c_sources() -> list[Path]:
+    """Every .c file under csrc/, whatever room it sits in."""
+    return sorted(CSRC.rglob("*.c"))
+
+
 def compile_flags() -> tuple[list[str], list[str]]:
     cflags = ["-O2", "-g", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
               "-Wno-missing-field-initializers", "-fno-strict-aliasing"]
@@ -48,7 +54,7 @@ def make_builder(base: Path) -> FFI:
     builder.set_source(
         "dataplane._core",
         '#include "core.h"\n',
-        sources=sorted(os.path.relpath(p, base) for p in CSRC.glob("*.c")),
+        sources=sorted(os.path.relpath(p, base) for p in c_sources()),
         include_dirs=[os.path.relpath(CSRC, base)],
         libraries=["uring", "pthread"],
         extra_compile_args=cflags,

@@ -1,4 +1,4 @@
-"""`dataplane load`: a fio-like load generator whose hot path is C (csrc/driver.c).
+"""`dataplane load`: a fio-like load generator whose hot path is C (csrc/driver/load.c).
 
 The Python frontend (`Device.connect`) negotiates and sets up the rings; `run_load` then hands
 each queue's ring to a C thread `dp-load<i>` that issues virtio-blk requests at a fixed

@@ -24,7 +24,7 @@ def _rebuild_if_stale() -> None:
     if os.environ.get("DATAPLANE_SKIP_REBUILD"):
         return
     built = sorted((ROOT / "dataplane").glob("_core*.so"), key=lambda p: p.stat().st_mtime)
-    sources = list((ROOT / "csrc").glob("*.[ch]")) + [ROOT / "dataplane" / "_build.py"]
+    sources = list((ROOT / "csrc").rglob("*.[ch]")) + [ROOT / "dataplane" / "_build.py"]
     newest = max(p.stat().st_mtime for p in sources)
     if not built or built[-1].stat().st_mtime < newest:
         subprocess.run([sys.executable, "-m", "dataplane._build"], cwd=ROOT, check=True,

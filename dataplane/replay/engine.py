@@ -1,5 +1,5 @@
 """Trace replay: the records a TraceReader yields, issued by one C thread per queue
-(csrc/replay.c), in trace order within each queue, on the trace's schedule or as fast as
+(csrc/driver/replay.c), in trace order within each queue, on the trace's schedule or as fast as
 iodepth allows.
 
 Python never touches an I/O: it reads the trace in numpy batches, maps each record to a queue

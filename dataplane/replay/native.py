@@ -1,4 +1,4 @@
-"""`dataplane replay --native FILE`: the same trace, the same scheduling code (csrc/replay.c),
+"""`dataplane replay --native FILE`: the same trace, the same scheduling code (csrc/driver/replay.c),
 but each queue's thread submits straight to the file with its own io_uring (O_DIRECT, buffers
 registered), so a replay through a vhost-user-blk backend can be set against bare metal.
 

@@ -1,6 +1,6 @@
 """Micro-benchmarks of the request hot path: pop a chain, parse a request, push a used element,
 and the three together. Each timed call is one C loop of N iterations over a fake guest
-(csrc/bench_hooks.c), so cffi's call overhead is amortised over N requests.
+(csrc/bench/bench_hooks.c), so cffi's call overhead is amortised over N requests.
 
 They assert only that the loop ran and produced something; timings are for reading, never for
 failing a build (`pytest tests/bench --benchmark-only` shows the table; ns per operation is

@@ -1,4 +1,4 @@
-"""Trace replay (`dataplane replay`, csrc/replay.c) against real backends over a socket, and
+"""Trace replay (`dataplane replay`, csrc/driver/replay.c) against real backends over a socket, and
 `--native` against a file.
 
 Every sample trace replays against this backend; timed replay keeps a trace's gaps; AFAP keeps

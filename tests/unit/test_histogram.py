@@ -1,4 +1,4 @@
-"""The load generator's latency histogram (csrc/stats.c): fio's log-linear buckets, fio's
+"""The load generator's latency histogram (csrc/util/hist.c): fio's log-linear buckets, fio's
 percentile rule, and merging across threads."""
 
 from __future__ import annotations

@@ -164,7 +164,7 @@ def test_fio_without_a_direction_takes_the_reads(fio_result: Path) -> None:
 
 def _synthetic_fio_json(path: Path, samples: list[int]) -> dict:
     """What fio would write for these completion latencies: fio's percentile_list computed
-    with fio's own histogram (csrc/stats.c), exact min/max/mean."""
+    with fio's own histogram (csrc/util/hist.c), exact min/max/mean."""
     hist = ffi.new("struct dp_hist *")
     lib.dp_hist_reset(hist)
     for v in samples:

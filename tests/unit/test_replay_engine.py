@@ -1,4 +1,4 @@
-"""The C replay threads (csrc/replay.c) through the C API directly, on a temporary file with
+"""The C replay threads (csrc/driver/replay.c) through the C API directly, on a temporary file with
 io_uring: parameter checks, the feed's limits and hand-over, stop before start."""
 
 from __future__ import annotations

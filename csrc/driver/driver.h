@@ -1,7 +1,7 @@
 /* driver.h — the driver (guest) side of a split virtqueue, the life of a per-queue thread
- * that drives it (driver_thread.c), and the load generator's state (driver.c); the trace
+ * that drives it (driver_thread.c), and the load generator's state (load.c); the trace
  * replayer (replay.c) uses all but the last. The device side of the same ring is
- * virtqueue.h; barrier names here say which of its barriers each one pairs with. */
+ * vhost/virtqueue.h; barrier names here say which of its barriers each one pairs with. */
 #ifndef DP_DRIVER_H
 #define DP_DRIVER_H
 
@@ -12,9 +12,9 @@
 #include <unistd.h>
 
 #include "core.h"
-#include "stats.h"
-#include "virtio_blk.h"
-#include "virtqueue.h"
+#include "util/hist.h"
+#include "blk/virtio_blk.h"
+#include "vhost/virtqueue.h"
 
 /* Barriers, driver side. */
 /* Publish descriptors, avail ring entries and request headers before the avail->idx that
@@ -53,7 +53,7 @@ struct driver_ring {
     int call_fd;
 };
 
-/* ---- driver side of the split ring: shared by the load generator (driver.c) and the trace
+/* ---- driver side of the split ring: shared by the load generator (load.c) and the trace
  * replayer (replay.c) ---- */
 
 /* -EINVAL unless h is a ring that holds iodepth requests (3 descriptors each, or one

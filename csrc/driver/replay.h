@@ -12,7 +12,7 @@
 
 #include "core.h"
 #include "driver.h"
-#include "stats.h"
+#include "util/hist.h"
 
 /* One request slot: a data buffer and (vring) the request's header, status, discard range
  * and indirect table, reused for every record the slot carries. */

@@ -1,8 +1,8 @@
-/* stats.c — the histogram's exported side: reset, merge, bucket bounds and fio's percentile
- * rule, for Python and for tests. The per-sample path is hist_add() in stats.h. */
+/* hist.c — the histogram's exported side: reset, merge, bucket bounds and fio's percentile
+ * rule, for Python and for tests. The per-sample path is hist_add() in hist.h. */
 #include <string.h>
 
-#include "stats.h"
+#include "util/hist.h"
 
 void dp_hist_reset(struct dp_hist *h)
 {

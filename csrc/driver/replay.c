@@ -1,7 +1,7 @@
 /* replay.c — trace replay: one thread per queue issues the records Python feeds it, in feed
  * order, either on the trace's schedule (timed, open loop: lateness is measured as issue lag)
  * or as fast as iodepth allows (afap, closed loop), through a split virtqueue (playing the
- * guest, like driver.c) or through an io_uring on a file (the bare-metal baseline).
+ * guest, like load.c) or through an io_uring on a file (the bare-metal baseline).
  *
  * Order within a queue: records are issued in feed order; one that overlaps a request in
  * flight waits for it when either writes (a flush waits for every write in flight), and the
@@ -256,7 +256,7 @@ static void uring_prep(struct dp_replay *r, struct replay_slot *s)
         io_uring_prep_fsync(sqe, r->p.fd, IORING_FSYNC_DATASYNC);
         break;
     default:
-        /* what the backend does for DISCARD on a file (backend_file.c) */
+        /* what the backend does for DISCARD on a file (disk/file.c) */
         io_uring_prep_fallocate(sqe, r->p.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                                 s->offset, s->length);
         break;

@@ -1,4 +1,4 @@
-/* backend_file.c — a regular file or block device through io_uring.
+/* file.c — a regular file or block device through io_uring.
  *
  * READ/WRITE are readv/writev straight on guest memory (zero copy); only buffers that
  * O_DIRECT cannot take (misaligned) go through an aligned bounce buffer. FLUSH is
@@ -11,7 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "io_engine.h"
+#include "engine/engine.h"
 
 #define BOUNCE_ALIGN 4096
 

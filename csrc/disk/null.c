@@ -1,9 +1,9 @@
-/* backend_null.c — a disk that does no I/O: reads return zeroes, everything else succeeds.
+/* null.c — a disk that does no I/O: reads return zeroes, everything else succeeds.
  * It measures the data plane alone (ring walk, parsing, completion, notification).
  */
 #include <string.h>
 
-#include "io_engine.h"
+#include "engine/engine.h"
 
 void null_submit(struct dp_engine *engine, struct dp_req *req)
 {

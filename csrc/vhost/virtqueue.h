@@ -6,7 +6,7 @@
 #include <sys/uio.h>
 
 #include "core.h"
-#include "guest_mem.h"
+#include "vhost/guest_mem.h"
 
 #define VRING_DESC_F_NEXT 1
 #define VRING_DESC_F_WRITE 2
@@ -108,7 +108,7 @@ struct dp_vq {
     int call_fd;
     int err_fd;
 
-    /* serving state (io_engine.c) */
+    /* serving state (engine/engine.c) */
     struct dp_disk *disk;
     struct dp_engine *engine;     /* non-NULL while attached */
     struct dp_vq *next;           /* engine's list of attached queues */

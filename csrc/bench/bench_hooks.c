@@ -14,9 +14,9 @@
 #include <time.h>
 
 #include "core.h"
-#include "guest_mem.h"
-#include "virtio_blk.h"
-#include "virtqueue.h"
+#include "vhost/guest_mem.h"
+#include "blk/virtio_blk.h"
+#include "vhost/virtqueue.h"
 
 #define BENCH_HDR_BYTES 16u      /* struct virtio_blk_outhdr */
 #define BENCH_CHAIN_DESCS 3u     /* header, data, status */

@@ -1,4 +1,4 @@
-/* stats.h — log-linear latency histogram (fio's bucket scheme) for the load generator.
+/* hist.h — log-linear latency histogram (fio's bucket scheme) for the load generator.
  *
  * Values are nanoseconds. Values below 128 get a bucket each; above, every power of two is
  * split into 64 buckets, so a bucket's midpoint is within 1/128 of any value in it and its

@@ -1,4 +1,4 @@
-/* driver.c — a load generator that plays the guest: one thread per virtqueue fills the ring
+/* load.c — a load generator that plays the guest: one thread per virtqueue fills the ring
  * with virtio-blk requests (closed loop at a fixed iodepth, or open loop on a schedule),
  * reaps the used ring, and records latency histograms, errors and verify results.
  *

@@ -1,4 +1,4 @@
-/* io_engine.c — an I/O thread with its own io_uring, serving one queue (the per-queue design)
+/* engine.c — an I/O thread with its own io_uring, serving one queue (the per-queue design)
  * or several (the shared-thread baseline).
  *
  * The loop: kick CQE -> pop the avail ring -> parse -> SQEs that point into guest memory;
@@ -18,8 +18,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "io_engine.h"
-#include "stats.h"
+#include "engine/engine.h"
+#include "util/hist.h"
 
 enum { CMD_ATTACH, CMD_DETACH, CMD_SET_CALL, CMD_EXIT };
 

@@ -7,7 +7,7 @@
 #include <sys/uio.h>
 
 #include "core.h"
-#include "virtqueue.h"
+#include "vhost/virtqueue.h"
 
 #define VIRTIO_BLK_T_IN 0
 #define VIRTIO_BLK_T_OUT 1

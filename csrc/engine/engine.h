@@ -1,10 +1,10 @@
-/* io_engine.h — what the backends need from the engine: SQEs, tags, completion. */
+/* engine.h — what the backends need from the engine: SQEs, tags, completion. */
 #ifndef DP_IO_ENGINE_H
 #define DP_IO_ENGINE_H
 
 #include <liburing.h>
 
-#include "virtio_blk.h"
+#include "blk/virtio_blk.h"
 
 /* user_data = pointer | tag; every tagged object is at least 8-byte aligned. */
 enum {

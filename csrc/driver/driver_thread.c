@@ -1,5 +1,5 @@
 /* driver_thread.c — the life of a per-queue driver thread, shared by the load generator
- * (driver.c) and the trace replayer (replay.c): start and the tid hand-off, naming, pinning,
+ * (load.c) and the trace replayer (replay.c): start and the tid hand-off, naming, pinning,
  * stop, waiting with a timeout, join. Nothing here runs per request.
  */
 #define _GNU_SOURCE
