@@ -1,8 +1,9 @@
 """cffi builder for dataplane._core: compiles csrc/**/*.c (one folder per room) against the
 system liburing.
 
-`csrc/core.h` is the whole C surface Python sees; its preprocessor lines are dropped before
-cdef (integer #defines are kept). DATAPLANE_SANITIZE=1 builds with ASan and UBSan.
+`csrc/core.h` is the whole C surface Python sees: it includes one public header per room
+(`csrc/<room>/dp_<room>.h`), which cdef_text expands in place; other preprocessor lines are
+dropped before cdef (integer #defines are kept). DATAPLANE_SANITIZE=1 builds with ASan and UBSan.
 """
 
 from __future__ import annotations
@@ -17,12 +18,24 @@ ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 
 
-def cdef_text(header: Path) -> str:
+INCLUDE = re.compile(r'#include\s+"([^"]+)"')
+
+
+def cdef_text(header: Path, seen: set[Path] | None = None) -> str:
+    """header as cffi's cdef wants it: quoted includes (paths from csrc/) expanded in place,
+    each file once; other preprocessor lines dropped, except integer #defines."""
+    seen = set() if seen is None else seen
+    seen.add(header)
     lines = []
     for line in header.read_text().splitlines():
         stripped = line.strip()
         if stripped.startswith("#"):
-            if re.match(r"#define\s+\w+\s+-?\d+\s*$", stripped):
+            include = INCLUDE.match(stripped)
+            if include:
+                target = CSRC / include.group(1)
+                if target not in seen:
+                    lines.append(cdef_text(target, seen))
+            elif re.match(r"#define\s+\w+\s+-?\d+\s*$", stripped):
                 lines.append(stripped)
             continue
         lines.append(line)

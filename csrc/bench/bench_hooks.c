@@ -13,9 +13,11 @@
 #include <string.h>
 #include <time.h>
 
-#include "core.h"
+#include "bench/dp_bench.h"
+#include "engine/dp_engine.h"
 #include "vhost/guest_mem.h"
-#include "blk/virtio_blk.h"
+#include "blk/blk.h"
+#include "util/clock.h"
 #include "vhost/virtqueue.h"
 
 #define BENCH_HDR_BYTES 16u      /* struct virtio_blk_outhdr */
@@ -37,13 +39,6 @@ struct dp_bench_ring {
     struct iovec *chain_segs;    /* num * REQ_MAX_SEGS */
     struct iovec *req_segs;      /* the request slot's segment array */
 };
-
-static uint64_t bench_now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
 
 static uint64_t align_up(uint64_t v, uint64_t a)
 {
@@ -189,7 +184,7 @@ int dp_bench_pop(struct dp_bench_ring *r, uint64_t n, struct dp_bench_result *ou
     struct iovec iov[REQ_MAX_SEGS];
     struct vq_chain chain;
     uint64_t sum = 0;
-    uint64_t t0 = bench_now_ns();
+    uint64_t t0 = now_ns();
     for (uint64_t i = 0; i < n; i++) {
         int rc = vq_pop(r->vq, &chain, iov, REQ_MAX_SEGS);
         if (rc != 1 || chain.err)
@@ -197,7 +192,7 @@ int dp_bench_pop(struct dp_bench_ring *r, uint64_t n, struct dp_bench_result *ou
         sum += chain.nseg + (uintptr_t)iov[0].iov_base + (uintptr_t)chain.last_byte;
         driver_publish(r, chain.head);
     }
-    *out = (struct dp_bench_result){ .iterations = n, .ns = bench_now_ns() - t0, .checksum = sum };
+    *out = (struct dp_bench_result){ .iterations = n, .ns = now_ns() - t0, .checksum = sum };
     return 0;
 }
 
@@ -211,7 +206,7 @@ int dp_bench_parse(struct dp_bench_ring *r, uint64_t n, struct dp_bench_result *
     unsigned nreq = dp_bench_ring_requests(r);
     uint64_t sum = 0;
     unsigned k = 0;
-    uint64_t t0 = bench_now_ns();
+    uint64_t t0 = now_ns();
     for (uint64_t i = 0; i < n; i++, k = k + 1 == nreq ? 0 : k + 1) {
         const struct vq_chain *chain = &r->chains[k];
         memcpy(req.seg, r->chain_segs + (size_t)k * REQ_MAX_SEGS, chain->nseg * sizeof(struct iovec));
@@ -220,7 +215,7 @@ int dp_bench_parse(struct dp_bench_ring *r, uint64_t n, struct dp_bench_result *
             return status < 0 ? status : -EIO;
         sum += req.offset + req.nbytes + req.iovcnt;
     }
-    *out = (struct dp_bench_result){ .iterations = n, .ns = bench_now_ns() - t0, .checksum = sum };
+    *out = (struct dp_bench_result){ .iterations = n, .ns = now_ns() - t0, .checksum = sum };
     return 0;
 }
 
@@ -232,7 +227,7 @@ int dp_bench_push_used(struct dp_bench_ring *r, uint64_t n, unsigned batch,
     unsigned nreq = dp_bench_ring_requests(r);
     uint64_t sum = 0;
     unsigned head = 0, in_batch = 0;
-    uint64_t t0 = bench_now_ns();
+    uint64_t t0 = now_ns();
     for (uint64_t i = 0; i < n; i++) {
         vq_push_used(r->vq, (uint16_t)head, r->data_len + 1);
         head = head + 1 == nreq ? 0 : head + 1;
@@ -242,7 +237,7 @@ int dp_bench_push_used(struct dp_bench_ring *r, uint64_t n, unsigned batch,
         }
     }
     sum += r->vq->used_idx;
-    *out = (struct dp_bench_result){ .iterations = n, .ns = bench_now_ns() - t0, .checksum = sum };
+    *out = (struct dp_bench_result){ .iterations = n, .ns = now_ns() - t0, .checksum = sum };
     return 0;
 }
 
@@ -257,7 +252,7 @@ int dp_bench_request(struct dp_bench_ring *r, uint64_t n, unsigned batch,
     struct vq_chain chain;
     unsigned in_batch = 0;
     uint64_t sum = 0;
-    uint64_t t0 = bench_now_ns();
+    uint64_t t0 = now_ns();
     for (uint64_t i = 0; i < n; i++) {
         int rc = vq_pop(r->vq, &chain, req.seg, REQ_MAX_SEGS);
         if (rc != 1 || chain.err)
@@ -274,6 +269,6 @@ int dp_bench_request(struct dp_bench_ring *r, uint64_t n, unsigned batch,
         sum += req.offset;
         driver_publish(r, chain.head);
     }
-    *out = (struct dp_bench_result){ .iterations = n, .ns = bench_now_ns() - t0, .checksum = sum };
+    *out = (struct dp_bench_result){ .iterations = n, .ns = now_ns() - t0, .checksum = sum };
     return 0;
 }

@@ -11,10 +11,11 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "core.h"
+#include "driver/dp_driver.h"
+#include "util/clock.h"
 #include "util/hist.h"
 #include "blk/virtio_blk.h"
-#include "vhost/virtqueue.h"
+#include "vhost/vring.h"
 
 /* Barriers, driver side. */
 /* Publish descriptors, avail ring entries and request headers before the avail->idx that
@@ -87,22 +88,6 @@ static inline struct driver_ring driver_ring_of(const struct dp_ring_handover *h
         .kick_fd = h->kick_fd,
         .call_fd = h->call_fd,
     };
-}
-
-static inline uint64_t driver_now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-static inline void driver_cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
 }
 
 static inline uint16_t *driver_used_event(struct driver_ring *r)

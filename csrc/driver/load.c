@@ -235,7 +235,7 @@ static int issue_batch(struct dp_load *l, uint64_t now, int *issuing)
     }
     if (!added)
         return 0;
-    uint64_t t_submit = driver_now_ns();
+    uint64_t t_submit = now_ns();
     for (uint16_t i = l->ring.published_idx; i != l->ring.avail_idx; i++) {
         uint16_t head = l->ring.avail->ring[i & (l->ring.num - 1)];
         struct load_slot *s = &l->slots[l->head_to_slot[head]];
@@ -314,7 +314,7 @@ static int reap(struct dp_load *l, uint64_t *now)
         l->stats.bad_used++;   /* more completions than requests outstanding */
         return -EPROTO;
     }
-    uint64_t t = driver_now_ns();
+    uint64_t t = now_ns();
     for (uint16_t i = 0; i < n; i++) {
         uint32_t len;
         uint16_t slot = driver_ring_next_used(r, l->head_to_slot, &len);
@@ -342,8 +342,8 @@ static int wait_idle(struct dp_load *l, uint64_t now, uint64_t deadline)
         if (l->p.poll_ns) {
             uint64_t until = now + l->p.poll_ns < deadline ? now + l->p.poll_ns : deadline;
             while (!driver_ring_used_pending(r)) {
-                driver_cpu_relax();
-                if (driver_now_ns() >= until)
+                cpu_relax();
+                if (now_ns() >= until)
                     break;
             }
             if (driver_ring_used_pending(r))
@@ -354,8 +354,8 @@ static int wait_idle(struct dp_load *l, uint64_t now, uint64_t deadline)
             return 0;
         }
     } else if (deadline - now < SPIN_BELOW_NS) {
-        while (driver_now_ns() < deadline && !driver_thread_stopping(&l->t))
-            driver_cpu_relax();
+        while (now_ns() < deadline && !driver_thread_stopping(&l->t))
+            cpu_relax();
         return 0;
     }
 
@@ -393,7 +393,7 @@ static int load_run(struct dp_load *l)
 {
     struct dp_load_stats *st = &l->stats;
     uint64_t usr0 = 0, sys0 = 0, ctx0 = 0, usr1 = 0, sys1 = 0, ctx1 = 0;
-    uint64_t now = driver_now_ns(), last_progress = now;
+    uint64_t now = now_ns(), last_progress = now;
     int issuing = 1, rc = 0;
 
     l->t_start = now;
@@ -438,7 +438,7 @@ static int load_run(struct dp_load *l)
             if (rc < 0)
                 break;
         }
-        now = driver_now_ns();
+        now = now_ns();
         if (l->inflight && now - last_progress >= l->p.timeout_ns) {
             rc = -ETIMEDOUT;
             break;

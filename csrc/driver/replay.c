@@ -410,7 +410,7 @@ static int issue(struct dp_replay *r, uint64_t now, int *ended)
     if (!r->nbatch)
         return 0;
 
-    uint64_t t_submit = driver_now_ns();
+    uint64_t t_submit = now_ns();
     for (unsigned i = 0; i < r->nbatch; i++) {
         struct replay_slot *s = &r->slots[r->batch[i]];
         s->t_submit = t_submit;
@@ -567,8 +567,8 @@ static int wait_idle(struct dp_replay *r, uint64_t now, uint64_t deadline, int w
     if (r->inflight) {
         if (r->p.poll_ns) {
             uint64_t until = now + r->p.poll_ns < deadline ? now + r->p.poll_ns : deadline;
-            while (!completions_pending(r) && driver_now_ns() < until)
-                driver_cpu_relax();
+            while (!completions_pending(r) && now_ns() < until)
+                cpu_relax();
             if (completions_pending(r))
                 return 0;
         }
@@ -593,9 +593,9 @@ static int wait_idle(struct dp_replay *r, uint64_t now, uint64_t deadline, int w
     }
     if (deadline - now < r->p.spin_ns) {
         /* The schedule is close: a sleep would overshoot it by the timer's wake-up latency. */
-        while (driver_now_ns() < deadline && !stopping(r) &&
+        while (now_ns() < deadline && !stopping(r) &&
                !(r->inflight && completions_pending(r)) && !(want_feed && feed_peek(r)))
-            driver_cpu_relax();
+            cpu_relax();
     } else {
         int cfd = r->p.kind == DP_REPLAY_VRING ? r->ring.call_fd : r->uring.ring_fd;
         struct pollfd fds[2] = { { .fd = r->t.wake_fd, .events = POLLIN },
@@ -633,7 +633,7 @@ static int wait_begin(struct dp_replay *r)
     if (stopped)
         return 1;
     for (;;) {
-        uint64_t now = driver_now_ns();
+        uint64_t now = now_ns();
         if (now >= r->start_ns || stopping(r))
             return 0;
         wait_idle(r, now, r->start_ns, 0, 1);
@@ -650,7 +650,7 @@ static int replay_run(struct dp_replay *r)
     if (wait_begin(r))
         issuing = 0;
     driver_take_rusage(&usr0, &sys0, &ctx0);
-    uint64_t now = driver_now_ns(), last_progress = now;
+    uint64_t now = now_ns(), last_progress = now;
     r->last_completion = r->start_ns;
     r->cur_end_ns = 0;
     series_at(r, now);
@@ -668,7 +668,7 @@ static int replay_run(struct dp_replay *r)
             if (ended)
                 issuing = 0;
         }
-        now = driver_now_ns();
+        now = now_ns();
         series_at(r, now);
         int n = r->p.kind == DP_REPLAY_VRING ? vring_reap(r, now) : uring_reap(r, now);
         if (n < 0) {
@@ -710,7 +710,7 @@ static int replay_run(struct dp_replay *r)
             rc = wait_idle(r, now, deadline, want_feed, precise);
             if (rc < 0)
                 break;
-            now = driver_now_ns();
+            now = now_ns();
         }
         series_at(r, now);
         if (r->inflight && now - last_progress >= r->p.timeout_ns) {

@@ -10,7 +10,7 @@
 #include <pthread.h>
 #include <stdint.h>
 
-#include "core.h"
+#include "driver/dp_replay.h"
 #include "driver.h"
 #include "util/hist.h"
 

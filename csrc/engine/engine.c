@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "engine/engine.h"
+#include "util/clock.h"
 #include "util/hist.h"
 
 enum { CMD_ATTACH, CMD_DETACH, CMD_SET_CALL, CMD_EXIT };
@@ -73,13 +74,6 @@ struct io_uring_sqe *engine_get_sqe(struct dp_engine *engine)
     while (!(sqe = io_uring_get_sqe(&engine->ring)))
         io_uring_submit(&engine->ring);
     return sqe;
-}
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
 /* ---- requests ---- */
@@ -326,14 +320,6 @@ static void count_request(struct dp_vq *vq, uint32_t type)
     }
 }
 
-/* A head the ring broke on is consumed without a used element: it must not stay marked in
- * flight, or the next start (a reconnect, or the driver resetting the ring) resubmits it. */
-static void inflight_drop(struct dp_vq *vq, uint16_t head)
-{
-    if (vq->inflight && head < vq->num)
-        vq->inflight->desc[head].inflight = 0;
-}
-
 static void start_request(struct dp_engine *engine, struct dp_req *req,
                           const struct vq_chain *chain)
 {
@@ -350,7 +336,7 @@ static void start_request(struct dp_engine *engine, struct dp_req *req,
     if (status < 0) {
         /* No status byte to answer with: the driver broke the ring's contract. */
         STAT_ADD(vq, errors, 1);
-        inflight_drop(vq, req->head);
+        vq_inflight_drop(vq, req->head);
         release_req(vq, req);
         vq_set_broken(vq);
         return;
@@ -471,7 +457,7 @@ static void resubmit_inflight(struct dp_engine *engine, struct dp_vq *vq)
         struct vq_chain chain;
         if (!req || vq_read_chain(vq, vq->resubmit[i], &chain, req->seg, REQ_MAX_SEGS) < 0) {
             for (unsigned j = i; j < vq->nresubmit; j++)
-                inflight_drop(vq, vq->resubmit[j]);
+                vq_inflight_drop(vq, vq->resubmit[j]);
             vq_set_broken(vq);
             break;
         }
@@ -638,7 +624,7 @@ static int poll_for_work(struct dp_engine *engine)
         io_uring_get_events(&engine->ring);   /* run deferred completions */
         if (io_uring_cq_ready(&engine->ring))
             return 1;
-        __builtin_ia32_pause();
+        cpu_relax();
         now = now_ns();
         if (engine->ndelayed && engine->delayq[0]->due_ns <= now)
             return 1;
@@ -883,33 +869,6 @@ int dp_vq_set_call_fd(struct dp_vq *vq, int call_fd)
         return engine_call(vq->engine, CMD_SET_CALL, vq, call_fd);
     vq->call_fd = call_fd;
     return 0;
-}
-
-int dp_vq_set_inflight(struct dp_vq *vq, void *region, int restored)
-{
-    if (vq->engine)
-        return -EBUSY;
-    vq->inflight = region;
-    vq->inflight_restored = region && restored;
-    if (region && !restored) {
-        struct inflight_region *r = region;
-        r->version = 1;
-        r->desc_num = (uint16_t)vq->num;
-    }
-    if (region)
-        vq->inflight_counter = 1;
-    return 0;
-}
-
-uint64_t dp_inflight_queue_size(uint16_t queue_size)
-{
-    uint64_t n = sizeof(struct inflight_region) + (uint64_t)queue_size * sizeof(struct inflight_desc);
-    return (n + 63) & ~(uint64_t)63;
-}
-
-void dp_vq_get_latency(const struct dp_vq *vq, struct dp_hist *out)
-{
-    memcpy(out, &vq->latency, sizeof(*out));   /* racy while it runs: fine for monitoring */
 }
 
 void dp_vq_free(struct dp_vq *vq)

@@ -4,7 +4,8 @@
 
 #include <liburing.h>
 
-#include "blk/virtio_blk.h"
+#include "blk/blk.h"
+#include "engine/dp_engine.h"
 
 /* user_data = pointer | tag; every tagged object is at least 8-byte aligned. */
 enum {

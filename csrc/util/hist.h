@@ -10,7 +10,7 @@
 
 #include <stdint.h>
 
-#include "core.h"
+#include "util/dp_hist.h"
 
 static inline unsigned hist_index(uint64_t value)
 {

@@ -4,7 +4,7 @@
 
 #include <stdint.h>
 #include <sys/uio.h>
-#include "core.h"
+#include "vhost/dp_vhost.h"
 
 struct mem_region {
     uint64_t guest_phys_addr;

@@ -147,57 +147,6 @@ int vq_pop(struct dp_vq *vq, struct vq_chain *chain, struct iovec *iov, unsigned
     return rc;
 }
 
-/* Order the resubmission by the counter each head got when it was popped. */
-static int cmp_counter(const void *a, const void *b, void *arg)
-{
-    const struct inflight_region *r = arg;
-    uint64_t ca = r->desc[*(const uint16_t *)a].counter, cb = r->desc[*(const uint16_t *)b].counter;
-    return ca < cb ? -1 : ca > cb;
-}
-
-int vq_inflight_recover(struct dp_vq *vq)
-{
-    struct inflight_region *r = vq->inflight;
-    vq->nresubmit = 0;
-    vq->recovered_out_of_order = 0;
-    if (!r)
-        return 0;
-    uint16_t used_idx = __atomic_load_n(&vq->used->idx, __ATOMIC_ACQUIRE);
-    if (r->used_idx != used_idx) {
-        /* Killed between publishing used entries and clearing their inflight flags: the
-         * last batch (a list from last_batch_head) did complete. */
-        uint16_t batch = (uint16_t)(used_idx - r->used_idx), head = r->last_batch_head;
-        for (unsigned n = 0; n < batch && n < vq->num && head < vq->num; n++) {
-            r->desc[head].inflight = 0;
-            head = r->desc[head].next;
-        }
-        r->used_idx = used_idx;
-    }
-    free(vq->resubmit);
-    vq->resubmit = calloc(vq->num, sizeof(uint16_t));
-    if (!vq->resubmit)
-        return -ENOMEM;
-    uint64_t max_counter = 0, max_done_counter = 0;
-    for (unsigned i = 0; i < vq->num; i++) {
-        if (r->desc[i].counter > max_counter)
-            max_counter = r->desc[i].counter;
-        if (r->desc[i].inflight)
-            vq->resubmit[vq->nresubmit++] = (uint16_t)i;
-        else if (r->desc[i].counter > max_done_counter)
-            max_done_counter = r->desc[i].counter;
-    }
-    qsort_r(vq->resubmit, vq->nresubmit, sizeof(uint16_t), cmp_counter, r);
-    /* In flight at the kill although a later request had completed: out of order. */
-    for (unsigned i = 0; i < vq->nresubmit; i++)
-        if (r->desc[vq->resubmit[i]].counter < max_done_counter)
-            vq->recovered_out_of_order++;
-    vq->inflight_counter = max_counter + 1;
-    /* Everything popped is either in the used ring or in flight (libvhost-user's rule);
-     * the front end may have rewound its base to the used index. */
-    vq->last_avail_idx = vq->shadow_avail_idx = (uint16_t)(used_idx + vq->nresubmit);
-    return (int)vq->nresubmit;
-}
-
 void vq_push_used(struct dp_vq *vq, uint16_t head, uint32_t len)
 {
     struct inflight_region *r = vq->inflight;
@@ -425,4 +374,9 @@ int dp_vq_enable_notify(struct dp_vq *vq)
 {
     int rc = vq_ready_for_test(vq);
     return rc ? rc : vq_enable_notify(vq);
+}
+
+void dp_vq_get_latency(const struct dp_vq *vq, struct dp_hist *out)
+{
+    memcpy(out, &vq->latency, sizeof(*out));   /* racy while it runs: fine for monitoring */
 }

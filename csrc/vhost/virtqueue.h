@@ -1,54 +1,14 @@
-/* virtqueue.h — split virtqueue layout and the device-side ring walker. */
+/* virtqueue.h — the device side of a split virtqueue: the queue object and the ring walker. */
 #ifndef DP_VIRTQUEUE_H
 #define DP_VIRTQUEUE_H
 
 #include <stdint.h>
 #include <sys/uio.h>
 
-#include "core.h"
+#include "vhost/dp_vhost.h"
 #include "vhost/guest_mem.h"
-
-#define VRING_DESC_F_NEXT 1
-#define VRING_DESC_F_WRITE 2
-#define VRING_DESC_F_INDIRECT 4
-#define VRING_USED_F_NO_NOTIFY 1
-#define VRING_AVAIL_F_NO_INTERRUPT 1
-
-struct vring_desc {
-    uint64_t addr;
-    uint32_t len;
-    uint16_t flags;
-    uint16_t next;
-};
-
-struct vring_avail {
-    uint16_t flags;
-    uint16_t idx;
-    uint16_t ring[];   /* num entries, then used_event */
-};
-
-struct vring_used_elem {
-    uint32_t id;
-    uint32_t len;
-};
-
-struct vring_used {
-    uint16_t flags;
-    uint16_t idx;
-    struct vring_used_elem ring[];   /* num entries, then avail_event */
-};
-
-/* Barriers. Each names what it orders; the driver side has the matching one. */
-/* Read avail->idx before the ring entries and descriptors it publishes
- * (pairs with the driver's write barrier between filling descriptors and bumping idx). */
-#define virtio_load_acquire_u16(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
-/* Make used ring entries visible before the idx that publishes them
- * (pairs with the driver's read barrier after reading used->idx). */
-#define virtio_store_release_u16(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
-/* Order a store (used->idx, avail_event) before a later load (used_event, avail->idx):
- * pairs with the driver's full barrier between its own store and load, so neither side
- * can miss the other's update and skip a notification that was needed. */
-#define virtio_store_mb() __atomic_thread_fence(__ATOMIC_SEQ_CST)
+#include "vhost/inflight.h"
+#include "vhost/vring.h"
 
 /* One popped descriptor chain, translated. Device-readable segments come first. */
 struct vq_chain {
@@ -58,29 +18,6 @@ struct vq_chain {
     int err;              /* 0, or why the buffers are unusable (-EFAULT, -E2BIG, -EINVAL) */
     uint8_t *last_byte;   /* last byte of the chain when it is device-writable, else NULL */
 };
-
-/* Inflight tracking region of one split queue (vhost-user spec, "Inflight I/O tracking").
- * It lives in a memfd the front end keeps across back-end restarts. */
-struct inflight_desc {
-    uint8_t inflight;
-    uint8_t padding[5];
-    uint16_t next;
-    uint64_t counter;
-};
-
-struct inflight_region {
-    uint64_t features;
-    uint16_t version;
-    uint16_t desc_num;
-    uint16_t last_batch_head;
-    uint16_t used_idx;
-    struct inflight_desc desc[];
-};
-
-/* Keep the inflight bookkeeping in program order: only a process kill interrupts it, and
- * the memory (a shared memfd) outlives the process, so ordering the compiler's stores is
- * what makes the region consistent at any instruction boundary. */
-#define inflight_order() __atomic_signal_fence(__ATOMIC_SEQ_CST)
 
 struct dp_engine;
 struct dp_req;
@@ -153,8 +90,10 @@ int vq_has_avail(struct dp_vq *vq);
 /* Walk the chain starting at head (the inflight resubmission path). */
 int vq_read_chain(struct dp_vq *vq, uint16_t head, struct vq_chain *chain, struct iovec *iov,
                   unsigned max_iov);
-/* Reconcile the inflight region with the used ring and list the heads to resubmit. */
+/* Reconcile the inflight region with the used ring and list the heads to resubmit (inflight.c). */
 int vq_inflight_recover(struct dp_vq *vq);
+/* A head consumed without a used element (the ring broke on it) is no longer in flight. */
+void vq_inflight_drop(struct dp_vq *vq, uint16_t head);
 /* Translate the ring addresses through vq->mem (after SET_VRING_ADDR or a new table). */
 int vq_map_rings(struct dp_vq *vq);
 /* Mark the ring broken (NEEDS_RESET) and tell the front end through the error fd. */

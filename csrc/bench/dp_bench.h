@@ -1,0 +1,34 @@
+/* dp_bench.h — public (cffi): micro-benchmark hooks for tests/bench (bench_hooks.c). */
+#ifndef DP_BENCH_H
+#define DP_BENCH_H
+
+#include <stdint.h>
+
+/* ==== benchmark hooks (bench_hooks.c) — for tests/bench only, not part of the data path ====
+ * A fake guest (one memory region, a split ring of num entries, read requests of data_len
+ * bytes, direct or indirect chains) and loops that run a hot-path function n times in C. */
+struct dp_bench_result {
+    uint64_t iterations;
+    uint64_t ns;                 /* wall time of the whole loop (CLOCK_MONOTONIC) */
+    uint64_t checksum;           /* folds each iteration's output, so nothing is optimised away */
+};
+struct dp_bench_ring;
+/* num: a power of two (4 .. DP_MAX_QUEUE_SIZE); data_len: a multiple of 512, at most 1 MiB.
+ * On failure returns NULL and stores -errno in *err. */
+struct dp_bench_ring *dp_bench_ring_new(unsigned num, int indirect, uint32_t data_len, int *err);
+void dp_bench_ring_free(struct dp_bench_ring *ring);
+/* Requests in the ring: num with indirect chains, num / 3 with direct ones. */
+unsigned dp_bench_ring_requests(const struct dp_bench_ring *ring);
+/* vq_pop n times (the driver re-publishes each head). */
+int dp_bench_pop(struct dp_bench_ring *ring, uint64_t n, struct dp_bench_result *out);
+/* blk_req_parse n times over the ring's requests. */
+int dp_bench_parse(struct dp_bench_ring *ring, uint64_t n, struct dp_bench_result *out);
+/* vq_push_used n times, vq_need_notify once per batch used elements (batch 0: never). */
+int dp_bench_push_used(struct dp_bench_ring *ring, uint64_t n, unsigned batch,
+                       struct dp_bench_result *out);
+/* pop + parse + status + push used (+ notify decision per batch) for n requests. */
+int dp_bench_request(struct dp_bench_ring *ring, uint64_t n, unsigned batch,
+                     struct dp_bench_result *out);
+/* ==== end of benchmark hooks ==== */
+
+#endif

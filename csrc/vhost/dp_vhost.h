@@ -1,0 +1,104 @@
+/* dp_vhost.h — public (cffi): guest memory, the device side of a split virtqueue and its
+ * inflight region. Serving a queue (start, stop, call fd) is engine/dp_engine.h. */
+#ifndef DP_VHOST_H
+#define DP_VHOST_H
+
+#include <stdint.h>
+#include "util/dp_hist.h"
+
+#define DP_MAX_MEM_REGIONS 8
+#define DP_MAX_QUEUE_SIZE 1024
+
+/* ---- guest memory: regions and address translation (guest_mem.c) ---- */
+struct dp_mem;
+struct dp_mem *dp_mem_new(void);
+void dp_mem_free(struct dp_mem *mem);
+/* mmap fd (size + mmap_offset bytes from 0, shared) and publish the region. */
+int dp_mem_map_region(struct dp_mem *mem, int fd, uint64_t guest_phys_addr, uint64_t size,
+                      uint64_t user_addr, uint64_t mmap_offset);
+/* Publish memory the caller owns and keeps mapped (tests, the frontend). */
+int dp_mem_add_region(struct dp_mem *mem, uint64_t guest_phys_addr, uint64_t size,
+                      uint64_t user_addr, void *host_addr);
+int dp_mem_region_count(const struct dp_mem *mem);
+/* Host address of [gpa, gpa+len) when it lies in one region, else NULL. */
+void *dp_mem_gpa_to_host(const struct dp_mem *mem, uint64_t gpa, uint64_t len);
+/* Same for a front-end user (virtual) address, as used for vring addresses. */
+void *dp_mem_uva_to_host(const struct dp_mem *mem, uint64_t uva, uint64_t len);
+
+/* ---- virtqueue (virtqueue.c) ---- */
+#define DP_VQ_F_EVENT_IDX 1
+#define DP_VQ_F_INDIRECT 2
+
+struct dp_vq_stats {
+    uint64_t requests;
+    uint64_t reads;
+    uint64_t writes;
+    uint64_t flushes;
+    uint64_t discards;
+    uint64_t write_zeroes;
+    uint64_t get_ids;
+    uint64_t unsupported;
+    uint64_t errors;
+    uint64_t bytes_read;
+    uint64_t bytes_written;
+    uint64_t kicks;
+    uint64_t notifies;
+    uint64_t bounced;
+    uint64_t inflight;
+    uint64_t broken;
+    uint64_t out_of_order;       /* completions that left after a later-submitted request */
+    uint64_t resubmitted;        /* in-flight requests resubmitted after a reconnect */
+    uint64_t recovered_out_of_order;  /* of those, older than a request already completed */
+    uint64_t delayed;            /* completions held back by emulated latency */
+};
+
+struct dp_vq;
+/* disk: the virtio-blk device the queue serves, opaque here (engine/ uses it). */
+struct dp_disk;
+struct dp_vq *dp_vq_new(struct dp_disk *disk, unsigned index);
+int dp_vq_set_num(struct dp_vq *vq, unsigned num);
+int dp_vq_set_flags(struct dp_vq *vq, unsigned flags);
+int dp_vq_set_base(struct dp_vq *vq, uint16_t last_avail_idx);
+/* Ring addresses are front-end user addresses, translated through mem. */
+int dp_vq_set_addr(struct dp_vq *vq, struct dp_mem *mem, uint64_t desc_user_addr,
+                   uint64_t avail_user_addr, uint64_t used_user_addr);
+/* Point a stopped queue at a new memory table; re-translates its ring addresses. */
+int dp_vq_set_mem(struct dp_vq *vq, struct dp_mem *mem);
+/* kick_fd < 0: the front end does not kick, the engine polls the ring. */
+int dp_vq_set_kick_fd(struct dp_vq *vq, int kick_fd);
+int dp_vq_set_err_fd(struct dp_vq *vq, int err_fd);
+int dp_vq_running(const struct dp_vq *vq);
+int dp_vq_broken(const struct dp_vq *vq);
+uint16_t dp_vq_last_avail_idx(const struct dp_vq *vq);
+void dp_vq_get_stats(const struct dp_vq *vq, struct dp_vq_stats *out);
+/* Observed service time (pop to completion) of a queue's requests, in nanoseconds. */
+void dp_vq_get_latency(const struct dp_vq *vq, struct dp_hist *out);
+
+/* Ring primitives, exposed for unit tests on a fake guest memory (queue not running). */
+struct dp_seg {
+    uint64_t host_addr;
+    uint32_t len;
+    uint32_t writable;
+};
+/* Pops one chain: returns the number of segments (>= 0) and stores the head index,
+ * -EAGAIN when the ring is empty, -EIO when the ring is broken (queue marked broken),
+ * -EFAULT / -EINVAL for a chain whose buffers are bad (head still stored, consumed). */
+int dp_vq_pop_chain(struct dp_vq *vq, uint16_t *head, struct dp_seg *segs, unsigned max_segs);
+void dp_vq_push_used(struct dp_vq *vq, uint16_t head, uint32_t len);
+/* Would the driver want an interrupt for what was pushed since the last notification? */
+int dp_vq_need_notify(struct dp_vq *vq);
+/* Re-enable kicks after draining; returns 1 if new buffers arrived meanwhile. */
+int dp_vq_enable_notify(struct dp_vq *vq);
+
+/* ---- inflight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, split rings) ---- */
+/* Bytes of one queue's region in the shared inflight buffer (64-byte aligned). */
+uint64_t dp_inflight_queue_size(uint16_t queue_size);
+/* Give a stopped queue its region (host address, NULL to turn tracking off). When the region
+ * comes from a previous back end (restored != 0), the next dp_vq_start reconciles it with
+ * the used ring and resubmits what was in flight, in the order it was popped. */
+int dp_vq_set_inflight(struct dp_vq *vq, void *region, int restored);
+/* Map / unmap the shared inflight buffer a front end hands over. NULL on failure. */
+void *dp_map_shared(int fd, uint64_t size, uint64_t offset);
+void dp_unmap_shared(void *addr, uint64_t size);
+
+#endif
