@@ -19,6 +19,7 @@ CSRC = ROOT / "csrc"
 
 
 INCLUDE = re.compile(r'#include\s+"([^"]+)"')
+INT_DEFINE = re.compile(r"#define\s+(\w+)\s+(-?\d+)\s*(?:/\*.*\*/)?\s*$")   # a trailing comment is fine
 
 
 def cdef_text(header: Path, seen: set[Path] | None = None) -> str:
@@ -35,8 +36,8 @@ def cdef_text(header: Path, seen: set[Path] | None = None) -> str:
                 target = CSRC / include.group(1)
                 if target not in seen:
                     lines.append(cdef_text(target, seen))
-            elif re.match(r"#define\s+\w+\s+-?\d+\s*$", stripped):
-                lines.append(stripped)
+            elif define := INT_DEFINE.match(stripped):
+                lines.append(f"#define {define.group(1)} {define.group(2)}")
             continue
         lines.append(line)
     return "\n".join(lines)

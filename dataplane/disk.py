@@ -1,7 +1,9 @@
-"""The backing disk: a regular file, a block device, or `null:SIZE` (no I/O at all).
+"""The backing disk: a regular file, a block device, or `null:SIZE` (no I/O at all), with the
+emulated-latency layer stacked on it when the spec asks for one, and the virtio-blk device a
+guest sees over it.
 
-Python opens the file and reads its geometry; the C core only ever sees the resulting
-`struct dp_disk_params` (C never parses configuration).
+Python opens the file and reads its geometry; the C core only ever sees the result
+(`struct dp_disk_info`, `struct dp_blk_params`: C never parses configuration).
 """
 
 from __future__ import annotations
@@ -67,42 +69,64 @@ class Disk:
     opt_io_size: int = 0
     serial: str = "dataplane"
     fd: int = -1
-    handle: object = field(default=None, repr=False)
+    handle: object = field(default=None, repr=False)   # struct dp_disk *: the top of the stack
+    blk: object = field(default=None, repr=False)      # struct dp_blk_dev *: what queues serve
     latency: LatencySpec | None = None
 
     def apply_latency(self, num_queues: int) -> None:
-        """Hand the emulated latency to the C core; IOPS/bandwidth caps are split evenly
+        """Give the latency layer its queues' shares: IOPS/bandwidth caps are split evenly
         between the queues, so the queues still share nothing on the I/O path."""
         if self.latency is None:
             return
-        params = ffi.new("struct dp_latency_params *")
-        table = self.latency.quantiles_ns
-        params.npoints = len(table)
-        for i, value in enumerate(table):
-            params.quantile_ns[i] = value
-        params.iops = -(-self.latency.iops // num_queues) if self.latency.iops else 0
-        params.bw = -(-self.latency.bw // num_queues) if self.latency.bw else 0
-        if lib.dp_disk_set_latency(self.handle, params) < 0:
+        params = _latency_params(self.latency, num_queues)
+        if lib.dp_delay_disk_set_params(self.handle, params) < 0:
             raise ConfigError(f"latency {self.latency.text!r}: rejected by the core")
 
     @property
     def capacity_sectors(self) -> int:
         return self.size // SECTOR
 
+    @property
+    def capabilities(self) -> int:
+        """The disk's DP_DISK_F_* flags, as the C core reports them."""
+        info = ffi.new("struct dp_disk_info *")
+        lib.dp_disk_get_info(self.handle, info)
+        return int(info.flags)
+
     def close(self) -> None:
+        if self.blk is not None:
+            lib.dp_blk_dev_free(self.blk)
+            self.blk = None
         if self.handle is not None:
-            lib.dp_disk_free(self.handle)
+            lib.dp_disk_free(self.handle)   # and the disks it stacks on
             self.handle = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
     def set_writeback(self, enabled: bool) -> None:
-        lib.dp_disk_set_writeback(self.handle, int(enabled))
+        lib.dp_blk_set_writeback(self.blk, int(enabled))
 
     @property
     def writeback(self) -> bool:
-        return bool(lib.dp_disk_get_writeback(self.handle))
+        return bool(lib.dp_blk_get_writeback(self.blk))
+
+
+def _latency_params(spec: LatencySpec, num_queues: int) -> object:
+    params = ffi.new("struct dp_latency_params *")
+    table = spec.quantiles_ns
+    params.npoints = len(table)
+    for i, value in enumerate(table):
+        params.quantile_ns[i] = value
+    params.iops = -(-spec.iops // num_queues) if spec.iops else 0
+    params.bw = -(-spec.bw // num_queues) if spec.bw else 0
+    return params
+
+
+def _new_handle(made: object, err: object, what: str) -> object:
+    if made == ffi.NULL:
+        raise ConfigError(f"cannot set up {what}: {os.strerror(-err[0])}")
+    return made
 
 
 def _block_queue_attr(st_dev: int, name: str) -> int | None:
@@ -177,27 +201,43 @@ def open_disk(spec: str, *, read_only: bool = False, cache: str = "none",
     else:
         disk = _open_file(spec, read_only=read_only, direct=(cache == "none"), serial=serial)
 
-    params = ffi.new("struct dp_disk_params *")
-    params.fd = disk.fd
-    params.null_disk = int(disk.null)
-    params.read_only = int(read_only)
-    params.direct = int(disk.direct)
-    params.size_bytes = disk.size
-    params.logical_block_size = disk.logical_block_size
-    params.dio_align = disk.logical_block_size if disk.direct else 0
-    params.max_discard_sectors = MAX_DISCARD_SECTORS
-    params.max_write_zeroes_sectors = MAX_DISCARD_SECTORS
-    params.max_discard_seg = MAX_DISCARD_SEG
-    params.max_write_zeroes_seg = MAX_DISCARD_SEG
-    ffi.memmove(params.serial, serial_bytes.ljust(20, b"\0"), 20)
-    disk.handle = lib.dp_disk_new(params)
-    if disk.handle == ffi.NULL:
+    try:
+        _make_handles(disk, latency, serial_bytes)
+    except BaseException:
         disk.close()
-        raise ConfigError(f"cannot set up disk {spec!r}")
+        raise
     disk.latency = latency
     if latency is not None:
         disk.description += f" ({latency.text})"
     return disk
+
+
+def _make_handles(disk: Disk, latency: LatencySpec | None, serial: bytes) -> None:
+    """The C side of an open disk: the disk itself, the latency layer on it (caps set later by
+    apply_latency, when the queue count is known), and the virtio-blk device over both."""
+    info = ffi.new("struct dp_disk_info *")
+    info.size_bytes = disk.size
+    info.block_size = disk.logical_block_size
+    info.dio_align = disk.logical_block_size if disk.direct else 0
+    info.flags = lib.DP_DISK_F_READ_ONLY if disk.read_only else 0
+    err = ffi.new("int *")
+    if disk.null:
+        disk.handle = _new_handle(lib.dp_null_disk_new(info, err), err, disk.description)
+    else:
+        disk.handle = _new_handle(lib.dp_file_disk_new(disk.fd, info, err), err, disk.description)
+    if latency is not None:
+        delayed = lib.dp_delay_disk_new(disk.handle, _latency_params(latency, 1), err)
+        if delayed == ffi.NULL:
+            raise ConfigError(f"latency {latency.text!r}: rejected by the core")
+        disk.handle = delayed   # it owns the disk under it now
+    params = ffi.new("struct dp_blk_params *")
+    params.read_only = int(disk.read_only)
+    params.max_discard_sectors = MAX_DISCARD_SECTORS
+    params.max_write_zeroes_sectors = MAX_DISCARD_SECTORS
+    params.max_discard_seg = MAX_DISCARD_SEG
+    params.max_write_zeroes_seg = MAX_DISCARD_SEG
+    ffi.memmove(params.serial, serial.ljust(20, b"\0"), 20)
+    disk.blk = _new_handle(lib.dp_blk_dev_new(disk.handle, params, err), err, disk.description)
 
 
 def _open_file(path: str, *, read_only: bool, direct: bool, serial: str) -> Disk:

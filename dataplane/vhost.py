@@ -67,15 +67,20 @@ PROTOCOL_FEATURES = (
 
 
 def device_features(disk: Disk) -> int:
-    """Virtio features this backend offers for a disk."""
+    """Virtio features this backend offers for a disk (from what the disk can do)."""
+    caps = disk.capabilities
     f = [vb.VIRTIO_F_VERSION_1, vb.VIRTIO_RING_F_INDIRECT_DESC, vb.VIRTIO_RING_F_EVENT_IDX,
          vb.VIRTIO_F_ANY_LAYOUT, vb.VIRTIO_BLK_F_SEG_MAX, vb.VIRTIO_BLK_F_BLK_SIZE,
-         vb.VIRTIO_BLK_F_FLUSH, vb.VIRTIO_BLK_F_TOPOLOGY, vb.VIRTIO_BLK_F_MQ,
-         vb.VIRTIO_BLK_F_CONFIG_WCE, VHOST_USER_F_PROTOCOL_FEATURES]
-    if disk.read_only:
+         vb.VIRTIO_BLK_F_TOPOLOGY, vb.VIRTIO_BLK_F_MQ, VHOST_USER_F_PROTOCOL_FEATURES]
+    if caps & lib.DP_DISK_F_FLUSH:
+        f += [vb.VIRTIO_BLK_F_FLUSH, vb.VIRTIO_BLK_F_CONFIG_WCE]
+    if disk.read_only or caps & lib.DP_DISK_F_READ_ONLY:
         f.append(vb.VIRTIO_BLK_F_RO)
     else:
-        f += [vb.VIRTIO_BLK_F_DISCARD, vb.VIRTIO_BLK_F_WRITE_ZEROES]
+        if caps & lib.DP_DISK_F_DISCARD:
+            f.append(vb.VIRTIO_BLK_F_DISCARD)
+        if caps & lib.DP_DISK_F_WRITE_ZEROES:
+            f.append(vb.VIRTIO_BLK_F_WRITE_ZEROES)
     return sum(1 << b for b in f)
 
 
@@ -222,7 +227,7 @@ class VhostUserBlkDevice:
     # ---- lifecycle ----
 
     def _new_vq(self, index: int) -> object:
-        vq = lib.dp_vq_new(self.disk.handle, index)
+        vq = lib.dp_vq_new(self.disk.blk, index)
         if vq == ffi.NULL:
             raise DeviceError(f"cannot allocate virtqueue {index}")
         return vq

@@ -31,6 +31,7 @@ struct dp_bench_ring {
     size_t guest_len;
     struct dp_mem *mem;
     struct dp_disk *disk;
+    struct dp_blk_dev *dev;
     struct dp_vq *vq;
     struct vring_avail *avail;   /* the driver's view of its avail ring */
     uint16_t avail_idx;          /* the driver's next avail index */
@@ -67,6 +68,7 @@ void dp_bench_ring_free(struct dp_bench_ring *r)
     if (r->vq)
         dp_vq_free(r->vq);
     dp_mem_free(r->mem);
+    dp_blk_dev_free(r->dev);
     dp_disk_free(r->disk);
     free(r->guest);
     free(r->chains);
@@ -106,11 +108,13 @@ struct dp_bench_ring *dp_bench_ring_new(unsigned num, int indirect, uint32_t dat
     r->chain_segs = calloc((size_t)num * REQ_MAX_SEGS, sizeof(struct iovec));
     r->req_segs = calloc(REQ_MAX_SEGS, sizeof(struct iovec));
     r->mem = dp_mem_new();
-    struct dp_disk_params params = {
-        .fd = -1, .null_disk = 1, .size_bytes = 1ull << 30, .logical_block_size = 512,
-    };
-    r->disk = dp_disk_new(&params);
-    if (!r->guest || !r->chains || !r->chain_segs || !r->req_segs || !r->mem || !r->disk)
+    struct dp_disk_info info = { .size_bytes = 1ull << 30, .block_size = 512 };
+    struct dp_blk_params blk = { .max_discard_seg = 1, .max_write_zeroes_seg = 1 };
+    int disk_err = 0;
+    r->disk = dp_null_disk_new(&info, &disk_err);
+    if (r->disk)
+        r->dev = dp_blk_dev_new(r->disk, &blk, &disk_err);
+    if (!r->guest || !r->chains || !r->chain_segs || !r->req_segs || !r->mem || !r->dev)
         goto fail;
     memset(r->guest, 0, r->guest_len);
     uint64_t uva = (uint64_t)(uintptr_t)r->guest;   /* front-end address == host address */
@@ -120,7 +124,7 @@ struct dp_bench_ring *dp_bench_ring_new(unsigned num, int indirect, uint32_t dat
 
     /* Requests: a read of data_len bytes at a sector that differs per request. */
     unsigned nreq = r->indirect ? num : num / BENCH_CHAIN_DESCS;
-    uint64_t max_sector = (params.size_bytes - data_len) >> SECTOR_SHIFT;
+    uint64_t max_sector = (info.size_bytes - data_len) >> SECTOR_SHIFT;
     struct vring_desc *desc = (struct vring_desc *)(r->guest + desc_off);
     r->avail = (struct vring_avail *)(r->guest + avail_off);
     for (unsigned i = 0; i < nreq; i++) {
@@ -147,7 +151,7 @@ struct dp_bench_ring *dp_bench_ring_new(unsigned num, int indirect, uint32_t dat
         driver_publish(r, r->indirect ? (uint16_t)i : first);
     }
 
-    r->vq = dp_vq_new(r->disk, 0);
+    r->vq = dp_vq_new(r->dev, 0);
     if (!r->vq)
         goto fail;
     unsigned flags = DP_VQ_F_EVENT_IDX | (r->indirect ? DP_VQ_F_INDIRECT : 0);
@@ -210,10 +214,11 @@ int dp_bench_parse(struct dp_bench_ring *r, uint64_t n, struct dp_bench_result *
     for (uint64_t i = 0; i < n; i++, k = k + 1 == nreq ? 0 : k + 1) {
         const struct vq_chain *chain = &r->chains[k];
         memcpy(req.seg, r->chain_segs + (size_t)k * REQ_MAX_SEGS, chain->nseg * sizeof(struct iovec));
-        int status = blk_req_parse(&req, chain, r->disk);
+        int status = blk_req_parse(&req, chain->nseg, chain->nreadable, chain->err,
+                                   chain->last_byte, r->dev);
         if (status != VIRTIO_BLK_S_OK)
             return status < 0 ? status : -EIO;
-        sum += req.offset + req.nbytes + req.iovcnt;
+        sum += req.io.offset + req.io.nbytes + req.io.iovcnt;
     }
     *out = (struct dp_bench_result){ .iterations = n, .ns = now_ns() - t0, .checksum = sum };
     return 0;
@@ -257,16 +262,17 @@ int dp_bench_request(struct dp_bench_ring *r, uint64_t n, unsigned batch,
         int rc = vq_pop(r->vq, &chain, req.seg, REQ_MAX_SEGS);
         if (rc != 1 || chain.err)
             return rc < 0 ? rc : -EIO;
-        int status = blk_req_parse(&req, &chain, r->disk);
+        int status = blk_req_parse(&req, chain.nseg, chain.nreadable, chain.err, chain.last_byte,
+                                   r->dev);
         if (status != VIRTIO_BLK_S_OK)
             return status < 0 ? status : -EIO;
         *req.status = VIRTIO_BLK_S_OK;
-        vq_push_used(r->vq, chain.head, (uint32_t)req.nbytes + 1);
+        vq_push_used(r->vq, chain.head, (uint32_t)req.io.nbytes + 1);
         if (batch && ++in_batch == batch) {
             in_batch = 0;
             sum += (uint64_t)vq_need_notify(r->vq);
         }
-        sum += req.offset;
+        sum += req.io.offset;
         driver_publish(r, chain.head);
     }
     *out = (struct dp_bench_result){ .iterations = n, .ns = now_ns() - t0, .checksum = sum };

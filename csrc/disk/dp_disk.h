@@ -1,36 +1,38 @@
-/* dp_disk.h — public (cffi): backing disks and emulated device latency. */
+/* dp_disk.h — public (cffi): backing disks (null, file) and the latency layer that stacks on any
+ * of them. Python opens and measures the backing store; C only sees the result. */
 #ifndef DP_DISK_PUBLIC_H
 #define DP_DISK_PUBLIC_H
 
 #include <stdint.h>
 
-#define DP_SEG_MAX 254
+/* Ranges in one DISCARD / WRITE_ZEROES request, at most. */
 #define DP_MAX_DISCARD_SEG 32
-#define DP_SERIAL_LEN 20
 
-/* ---- backing disk (backend_file.c, backend_null.c) ---- */
-struct dp_disk_params {
-    int fd;                      /* -1 for the null disk */
-    int null_disk;
-    int read_only;
-    int direct;                  /* fd was opened O_DIRECT: buffers must be aligned */
+/* What a disk can do (dp_disk_info.flags); the virtio-blk device offers features from these. */
+#define DP_DISK_F_READ_ONLY 1        /* no writes, discards or write-zeroes */
+#define DP_DISK_F_FLUSH 2            /* takes FLUSH: writes it completed are durable after one */
+#define DP_DISK_F_DISCARD 4
+#define DP_DISK_F_WRITE_ZEROES 8
+
+struct dp_disk_info {
     uint64_t size_bytes;
-    uint32_t logical_block_size;
-    uint32_t dio_align;          /* memory alignment O_DIRECT needs (0: none) */
-    uint32_t max_discard_sectors;
-    uint32_t max_write_zeroes_sectors;
-    uint32_t max_discard_seg;
-    uint32_t max_write_zeroes_seg;
-    char serial[20];
+    uint32_t block_size;         /* logical block size */
+    uint32_t dio_align;          /* buffers must be aligned to this (an O_DIRECT fd; 0: any) */
+    uint32_t flags;              /* DP_DISK_F_* */
 };
-struct dp_disk;
-struct dp_disk *dp_disk_new(const struct dp_disk_params *params);
-void dp_disk_free(struct dp_disk *disk);
-/* Writeback cache enabled (1) or write-through (0, every write is FUA). */
-void dp_disk_set_writeback(struct dp_disk *disk, int writeback);
-int dp_disk_get_writeback(const struct dp_disk *disk);
 
-/* ---- emulated device latency (backend_file.c / backend_null.c completions) ---- */
+struct dp_disk;
+/* No I/O at all: reads return zeroes, everything else succeeds at once (the data path alone).
+ * On failure these return NULL and store -errno in *err. */
+struct dp_disk *dp_null_disk_new(const struct dp_disk_info *info, int *err);
+/* A regular file or block device, read and written through the serving engine's io_uring. The
+ * fd stays the caller's; it is O_DIRECT exactly when info->dio_align is not 0. */
+struct dp_disk *dp_file_disk_new(int fd, const struct dp_disk_info *info, int *err);
+/* Frees the disk (and, for a stacking disk, the disk under it). No queue may still use it. */
+void dp_disk_free(struct dp_disk *disk);
+void dp_disk_get_info(const struct dp_disk *disk, struct dp_disk_info *out);
+
+/* ---- emulated device latency: a disk that stacks on another (delay.c) ---- */
 #define DP_LATENCY_POINTS 1025
 struct dp_latency_params {
     uint32_t npoints;                         /* 0: no emulated latency */
@@ -38,9 +40,15 @@ struct dp_latency_params {
     uint64_t iops;                            /* each queue's share of an IOPS cap (0: none) */
     uint64_t bw;                              /* each queue's share of a bytes/s cap (0: none) */
 };
-/* Set before queues start. Null disks complete after the sampled delay; file disks after the
- * real I/O plus the sampled delay. Delays are io_uring timeouts on the queue's own ring. */
-int dp_disk_set_latency(struct dp_disk *disk, const struct dp_latency_params *params);
+/* A disk that completes each request of inner no earlier than a latency drawn per request,
+ * and no earlier than its queue's share of the caps allows. The latency counts from the pop
+ * when inner answers at once (the null disk), else from inner's completion (after the real
+ * I/O). It owns inner from here on. NULL and -errno in *err on failure (-EINVAL: a table that
+ * is not an inverse CDF). */
+struct dp_disk *dp_delay_disk_new(struct dp_disk *inner, const struct dp_latency_params *params,
+                                  int *err);
+/* New parameters for a delay disk, before any queue of it starts. */
+int dp_delay_disk_set_params(struct dp_disk *disk, const struct dp_latency_params *params);
 /* Draw n samples the way the queues do (for tests and for `dataplane latency` previews). */
 void dp_latency_sample(const struct dp_latency_params *params, uint64_t seed, uint64_t *out,
                        unsigned n);

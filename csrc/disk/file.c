@@ -1,4 +1,4 @@
-/* file.c — a regular file or block device through io_uring.
+/* file.c — a regular file or block device through the serving engine's io_uring.
  *
  * READ/WRITE are readv/writev straight on guest memory (zero copy); only buffers that
  * O_DIRECT cannot take (misaligned) go through an aligned bounce buffer. FLUSH is
@@ -11,9 +11,21 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "engine/engine.h"
+#include "disk/disk.h"
+#include "util/iov.h"
 
 #define BOUNCE_ALIGN 4096
+
+struct file_disk {
+    struct dp_disk base;
+    int fd;
+};
+
+/* The file on one engine: where its SQEs go and where its completions are reported. */
+struct file_engine {
+    const struct file_disk *disk;
+    const struct dp_disk_env *env;
+};
 
 static int iov_aligned(const struct iovec *iov, unsigned cnt, uint32_t align)
 {
@@ -25,138 +37,195 @@ static int iov_aligned(const struct iovec *iov, unsigned cnt, uint32_t align)
     return 1;
 }
 
-static int setup_bounce(struct dp_req *req)
+static int setup_bounce(struct dp_disk_io *io)
 {
-    size_t len = (req->nbytes + BOUNCE_ALIGN - 1) & ~(size_t)(BOUNCE_ALIGN - 1);
-    req->bounce = aligned_alloc(BOUNCE_ALIGN, len);
-    if (!req->bounce)
+    size_t len = (io->nbytes + BOUNCE_ALIGN - 1) & ~(size_t)(BOUNCE_ALIGN - 1);
+    io->bounce = aligned_alloc(BOUNCE_ALIGN, len);
+    if (!io->bounce)
         return -ENOMEM;
-    if (req->type == VIRTIO_BLK_T_OUT)
-        iov_to_buf(req->iov, req->iovcnt, 0, req->bounce, req->nbytes);
-    req->bounce_iov = (struct iovec){ .iov_base = req->bounce, .iov_len = req->nbytes };
-    req->xfer_iov = &req->bounce_iov;
-    req->xfer_cnt = 1;
-    __atomic_store_n(&req->vq->stats.bounced, req->vq->stats.bounced + 1, __ATOMIC_RELAXED);
+    if (io->op == DP_DISK_WRITE)
+        iov_to_buf(io->iov, io->iovcnt, 0, io->bounce, io->nbytes);
+    io->bounce_iov = (struct iovec){ .iov_base = io->bounce, .iov_len = io->nbytes };
+    io->xfer_iov = &io->bounce_iov;
+    io->xfer_cnt = 1;
+    io->flags |= DP_IO_F_BOUNCED;
     return 0;
 }
 
-static void submit_rw(struct dp_engine *engine, struct dp_req *req)
+/* The bounce buffer is the disk's: it goes before the request is reported. */
+static void file_finish(const struct file_engine *fe, struct dp_disk_io *io, int result)
 {
-    const struct dp_disk *disk = req->vq->disk;
-    struct io_uring_sqe *sqe = engine_get_sqe(engine);
-    uint64_t offset = req->offset + req->done;
-    if (req->type == VIRTIO_BLK_T_IN) {
-        io_uring_prep_readv(sqe, disk->p.fd, req->xfer_iov, req->xfer_cnt, offset);
+    free(io->bounce);
+    io->bounce = NULL;
+    disk_complete(fe->env, io, result);
+}
+
+static void submit_rw(const struct file_engine *fe, struct dp_disk_io *io)
+{
+    struct io_uring_sqe *sqe = disk_get_sqe(fe->env->ring);
+    uint64_t offset = io->offset + io->done;
+    if (io->op == DP_DISK_READ) {
+        io_uring_prep_readv(sqe, fe->disk->fd, io->xfer_iov, io->xfer_cnt, offset);
     } else {
-        io_uring_prep_writev(sqe, disk->p.fd, req->xfer_iov, req->xfer_cnt, offset);
-        if (!dp_disk_get_writeback(disk))
+        io_uring_prep_writev(sqe, fe->disk->fd, io->xfer_iov, io->xfer_cnt, offset);
+        if (io->flags & DP_IO_F_FUA)
             sqe->rw_flags = RWF_DSYNC;   /* write-through: durable before completion */
     }
-    io_uring_sqe_set_data64(sqe, (uintptr_t)req | TAG_REQ);
+    disk_set_cqe(sqe, &io->cqe);
 }
 
-static void submit_range(struct dp_engine *engine, struct range_op *r)
+static void submit_range(const struct file_engine *fe, struct dp_disk_range *r)
 {
-    struct io_uring_sqe *sqe = engine_get_sqe(engine);
-    io_uring_prep_fallocate(sqe, r->req->vq->disk->p.fd, r->mode, r->offset, r->len);
-    io_uring_sqe_set_data64(sqe, (uintptr_t)r | TAG_RANGE);
+    struct io_uring_sqe *sqe = disk_get_sqe(fe->env->ring);
+    io_uring_prep_fallocate(sqe, fe->disk->fd, r->disk_op, r->offset, r->len);
+    disk_set_cqe(sqe, &r->cqe);
 }
 
-void file_submit(struct dp_engine *engine, struct dp_req *req)
+static void rw_done(struct dp_disk_cqe *cqe, int res)
 {
-    const struct dp_disk *disk = req->vq->disk;
-    switch (req->type) {
-    case VIRTIO_BLK_T_IN:
-    case VIRTIO_BLK_T_OUT:
-        req->xfer_iov = req->iov;
-        req->xfer_cnt = req->iovcnt;
-        if (disk->p.direct && !iov_aligned(req->iov, req->iovcnt, disk->p.dio_align) &&
-            setup_bounce(req)) {
-            req_complete(req, VIRTIO_BLK_S_IOERR);
-            return;
-        }
-        req->pending = 1;
-        submit_rw(engine, req);
-        break;
-    case VIRTIO_BLK_T_FLUSH: {
-        struct io_uring_sqe *sqe = engine_get_sqe(engine);
-        io_uring_prep_fsync(sqe, disk->p.fd, IORING_FSYNC_DATASYNC);
-        io_uring_sqe_set_data64(sqe, (uintptr_t)req | TAG_REQ);
-        req->pending = 1;
-        break;
-    }
-    case VIRTIO_BLK_T_DISCARD:
-    case VIRTIO_BLK_T_WRITE_ZEROES:
-        req->pending = req->nranges;
-        for (unsigned i = 0; i < req->nranges; i++) {
-            struct range_op *r = &req->ranges[i];
-            int unmap = req->type == VIRTIO_BLK_T_DISCARD || r->unmap;
-            r->mode = FALLOC_FL_KEEP_SIZE | (unmap ? FALLOC_FL_PUNCH_HOLE : FALLOC_FL_ZERO_RANGE);
-            submit_range(engine, r);
-        }
-        break;
-    default:
-        req_complete(req, VIRTIO_BLK_S_UNSUPP);
-        break;
-    }
-}
-
-static void range_done(struct dp_engine *engine, struct range_op *r, int res)
-{
-    struct dp_req *req = r->req;
-    if (res == -EOPNOTSUPP && (r->mode & FALLOC_FL_ZERO_RANGE)) {
-        /* No ZERO_RANGE here (tmpfs, some block devices): a hole reads back zeroes too. */
-        r->mode = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE;
-        submit_range(engine, r);
-        return;
-    }
-    if (res == -EOPNOTSUPP && req->type == VIRTIO_BLK_T_DISCARD)
-        res = 0;   /* discard is a hint; a disk that cannot may ignore it */
-    if (res < 0)
-        req->result = VIRTIO_BLK_S_IOERR;
-    if (--req->pending == 0)
-        req_complete(req, req->result);
-}
-
-static void rw_done(struct dp_engine *engine, struct dp_req *req, int res)
-{
-    const struct dp_disk *disk = req->vq->disk;
+    struct dp_disk_io *io = container_of(cqe, struct dp_disk_io, cqe);
+    const struct file_engine *fe = io->io_state;
     if (res == -EAGAIN || res == -EINTR) {
-        submit_rw(engine, req);
+        submit_rw(fe, io);
         return;
     }
-    if (res == -EINVAL && disk->p.direct && !req->bounce && req->done == 0) {
+    if (res == -EINVAL && fe->disk->base.info.dio_align && !io->bounce && io->done == 0) {
         /* O_DIRECT refused the guest's buffers: retry once through an aligned copy. */
-        if (setup_bounce(req) == 0) {
-            submit_rw(engine, req);
+        if (setup_bounce(io) == 0) {
+            submit_rw(fe, io);
             return;
         }
     }
     if (res <= 0) {   /* an error, or end of file inside the disk (it shrank under us) */
-        req_complete(req, VIRTIO_BLK_S_IOERR);
+        file_finish(fe, io, -EIO);
         return;
     }
-    req->done += (uint64_t)res;
-    if (req->done < req->nbytes) {
-        iov_advance(&req->xfer_iov, &req->xfer_cnt, (size_t)res);
-        submit_rw(engine, req);
+    io->done += (uint64_t)res;
+    if (io->done < io->nbytes) {
+        iov_advance(&io->xfer_iov, &io->xfer_cnt, (size_t)res);
+        submit_rw(fe, io);
         return;
     }
-    if (req->type == VIRTIO_BLK_T_IN && req->bounce)
-        iov_from_buf(req->iov, req->iovcnt, 0, req->bounce, req->nbytes);
-    req_complete(req, VIRTIO_BLK_S_OK);
+    if (io->op == DP_DISK_READ && io->bounce)
+        iov_from_buf(io->iov, io->iovcnt, 0, io->bounce, io->nbytes);
+    file_finish(fe, io, 0);
 }
 
-void file_complete(struct dp_engine *engine, uint64_t user_data, int res)
+static void flush_done(struct dp_disk_cqe *cqe, int res)
 {
-    void *ptr = (void *)(uintptr_t)(user_data & ~(uint64_t)TAG_MASK);
-    if ((user_data & TAG_MASK) == TAG_RANGE) {
-        range_done(engine, ptr, res);
+    struct dp_disk_io *io = container_of(cqe, struct dp_disk_io, cqe);
+    file_finish(io->io_state, io, res < 0 ? -EIO : 0);
+}
+
+static void range_done(struct dp_disk_cqe *cqe, int res)
+{
+    struct dp_disk_range *r = container_of(cqe, struct dp_disk_range, cqe);
+    struct dp_disk_io *io = r->io;
+    const struct file_engine *fe = io->io_state;
+    if (res == -EOPNOTSUPP && (r->disk_op & FALLOC_FL_ZERO_RANGE)) {
+        /* No ZERO_RANGE here (tmpfs, some block devices): a hole reads back zeroes too. */
+        r->disk_op = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE;
+        submit_range(fe, r);
         return;
     }
-    struct dp_req *req = ptr;
-    if (req->type == VIRTIO_BLK_T_FLUSH)
-        req_complete(req, res < 0 ? VIRTIO_BLK_S_IOERR : VIRTIO_BLK_S_OK);
-    else
-        rw_done(engine, req, res);
+    if (res == -EOPNOTSUPP && io->op == DP_DISK_DISCARD)
+        res = 0;   /* discard is a hint; a disk that cannot may ignore it */
+    if (res < 0)
+        io->result = -EIO;
+    if (--io->pending == 0)
+        file_finish(fe, io, io->result);
+}
+
+static void file_submit(void *state, void *qstate, struct dp_disk_io *io)
+{
+    const struct file_engine *fe = state;
+    io->io_state = (void *)fe;
+    io->done = 0;
+    io->result = 0;
+    io->bounce = NULL;
+    switch (io->op) {
+    case DP_DISK_READ:
+    case DP_DISK_WRITE:
+        io->xfer_iov = io->iov;
+        io->xfer_cnt = io->iovcnt;
+        io->cqe.done = rw_done;
+        if (!iov_aligned(io->iov, io->iovcnt, fe->disk->base.info.dio_align) && setup_bounce(io)) {
+            file_finish(fe, io, -EIO);
+            return;
+        }
+        io->pending = 1;
+        submit_rw(fe, io);
+        break;
+    case DP_DISK_FLUSH: {
+        struct io_uring_sqe *sqe = disk_get_sqe(fe->env->ring);
+        io_uring_prep_fsync(sqe, fe->disk->fd, IORING_FSYNC_DATASYNC);
+        io->cqe.done = flush_done;
+        disk_set_cqe(sqe, &io->cqe);
+        io->pending = 1;
+        break;
+    }
+    case DP_DISK_DISCARD:
+    case DP_DISK_WRITE_ZEROES:
+        io->pending = io->nranges;
+        for (unsigned i = 0; i < io->nranges; i++) {
+            struct dp_disk_range *r = &io->ranges[i];
+            int unmap = io->op == DP_DISK_DISCARD || r->unmap;
+            r->disk_op = FALLOC_FL_KEEP_SIZE | (unmap ? FALLOC_FL_PUNCH_HOLE : FALLOC_FL_ZERO_RANGE);
+            r->cqe.done = range_done;
+            submit_range(fe, r);
+        }
+        break;
+    default:
+        file_finish(fe, io, -EOPNOTSUPP);
+        break;
+    }
+}
+
+static int file_open(struct dp_disk *disk, const struct dp_disk_env *env, void **state)
+{
+    struct file_engine *fe = malloc(sizeof(*fe));
+    if (!fe)
+        return -ENOMEM;
+    *fe = (struct file_engine){ .disk = (const struct file_disk *)disk, .env = env };
+    *state = fe;
+    return 0;
+}
+
+/* Every request completed before this is called, so none of its SQEs is left on the ring. */
+static int file_close(void *state)
+{
+    free(state);
+    return 0;
+}
+
+static void file_free(struct dp_disk *disk)
+{
+    free(disk);   /* the fd is the caller's */
+}
+
+static const struct dp_disk_ops file_ops = {
+    .name = "file",
+    .open = file_open,
+    .close = file_close,
+    .submit = file_submit,
+    .free = file_free,
+};
+
+struct dp_disk *dp_file_disk_new(int fd, const struct dp_disk_info *info, int *err)
+{
+    if (fd < 0) {
+        *err = -EBADF;
+        return NULL;
+    }
+    struct file_disk *f = calloc(1, sizeof(*f));
+    if (!f) {
+        *err = -ENOMEM;
+        return NULL;
+    }
+    f->base.ops = &file_ops;
+    f->base.info = *info;
+    f->base.info.flags |= DP_DISK_F_FLUSH | DP_DISK_F_DISCARD | DP_DISK_F_WRITE_ZEROES;
+    f->fd = fd;
+    *err = 0;
+    return &f->base;
 }

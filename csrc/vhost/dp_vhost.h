@@ -53,9 +53,9 @@ struct dp_vq_stats {
 };
 
 struct dp_vq;
-/* disk: the virtio-blk device the queue serves, opaque here (engine/ uses it). */
-struct dp_disk;
-struct dp_vq *dp_vq_new(struct dp_disk *disk, unsigned index);
+/* dev: the virtio-blk device the queue serves (blk/dp_blk.h), opaque to this room. */
+struct dp_blk_dev;
+struct dp_vq *dp_vq_new(struct dp_blk_dev *dev, unsigned index);
 int dp_vq_set_num(struct dp_vq *vq, unsigned num);
 int dp_vq_set_flags(struct dp_vq *vq, unsigned flags);
 int dp_vq_set_base(struct dp_vq *vq, uint16_t last_avail_idx);

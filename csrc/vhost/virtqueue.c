@@ -197,13 +197,13 @@ int vq_enable_notify(struct dp_vq *vq)
 
 /* ---- queue object and configuration (control plane, queue stopped) ---- */
 
-struct dp_vq *dp_vq_new(struct dp_disk *disk, unsigned index)
+struct dp_vq *dp_vq_new(struct dp_blk_dev *dev, unsigned index)
 {
     struct dp_vq *vq = calloc(1, sizeof(*vq));
     if (!vq)
         return NULL;
     vq->index = index;
-    vq->disk = disk;
+    vq->dev = dev;
     vq->kick_fd = vq->call_fd = vq->err_fd = -1;
     return vq;
 }

@@ -19,7 +19,10 @@ struct vq_chain {
     uint8_t *last_byte;   /* last byte of the chain when it is device-writable, else NULL */
 };
 
+/* The engine's, opaque here. */
+struct dp_blk_dev;
 struct dp_engine;
+struct engine_disk;
 struct dp_req;
 
 struct dp_vq {
@@ -45,9 +48,12 @@ struct dp_vq {
     int call_fd;
     int err_fd;
 
-    /* serving state (engine/engine.c) */
-    struct dp_disk *disk;
+    /* serving state: the engine's (engine/queue.c); this room never reads it */
+    struct dp_blk_dev *dev;       /* the virtio-blk device the queue serves */
     struct dp_engine *engine;     /* non-NULL while attached */
+    struct engine_disk *disk;     /* dev's disk as that engine serves it */
+    void *disk_queue;             /* the disk's state for this queue */
+    int disk_queue_open;
     struct dp_vq *next;           /* engine's list of attached queues */
     int stopping;
     int starved;                  /* ran out of request slots: pop again on a completion */
@@ -65,9 +71,6 @@ struct dp_vq {
     unsigned nresubmit;
     unsigned recovered_out_of_order;
 
-    /* emulated latency (see dp_disk_set_latency): per-queue sampler and throughput budget */
-    uint64_t rng;
-    uint64_t budget_ns;           /* when the queue's share of the iops/bw cap is next free */
     uint64_t submit_seq;
     uint64_t max_completed_seq;
 

@@ -29,7 +29,7 @@ class Harness:
                                      ffi.cast("void *", self.gmem.user_addr)) == 0
         self.disk = open_disk("null:1M")
         self.ring = Vring(self.gmem, 0, num, event_idx=event_idx)
-        self.vq = lib.dp_vq_new(self.disk.handle, 0)
+        self.vq = lib.dp_vq_new(self.disk.blk, 0)
         assert lib.dp_vq_set_num(self.vq, num) == 0
         assert lib.dp_vq_set_flags(self.vq, flags) == 0
         assert lib.dp_vq_set_addr(self.vq, self.mem, self.gmem.uva(self.ring.desc),
@@ -268,7 +268,7 @@ def test_buffer_straddling_two_adjacent_regions_is_split():
         assert host == ffi.NULL   # not contiguous in host memory
         assert int(ffi.cast("uintptr_t", lib.dp_mem_gpa_to_host(mem, a.size + 8, 8))) == b.user_addr + 8
         ring = Vring(a, 0, 8, event_idx=False)
-        vq = lib.dp_vq_new(disk.handle, 0)
+        vq = lib.dp_vq_new(disk.blk, 0)
         lib.dp_vq_set_num(vq, 8)
         assert lib.dp_vq_set_addr(vq, mem, a.uva(ring.desc), a.uva(ring.avail), a.uva(ring.used)) == 0
         head = ring.add_chain([(a.size - 100, 200, True)])
@@ -304,7 +304,7 @@ def test_memory_table_rejects_overlap_overflow_and_empty_regions():
 
 
 def test_ring_addresses_outside_memory_are_refused(h):
-    vq = lib.dp_vq_new(h.disk.handle, 1)
+    vq = lib.dp_vq_new(h.disk.blk, 1)
     try:
         lib.dp_vq_set_num(vq, 8)
         end = h.gmem.uva(h.gmem.size)
@@ -317,7 +317,7 @@ def test_ring_addresses_outside_memory_are_refused(h):
 
 
 def test_ring_size_must_be_a_power_of_two_within_limit(h):
-    vq = lib.dp_vq_new(h.disk.handle, 1)
+    vq = lib.dp_vq_new(h.disk.blk, 1)
     try:
         for bad in (0, 3, 100, 2048):
             assert lib.dp_vq_set_num(vq, bad) == -errno.EINVAL

@@ -1,0 +1,422 @@
+/* queue.c — how an engine serves a virtqueue: pop the avail ring, parse each chain into a
+ * request, hand it to the queue's disk through its ops table, and publish what the disk
+ * completes (status byte, used ring, one interrupt per batch). Also the queue's life on the
+ * engine: attach (binding its disk to the engine), drain and detach, and the control plane's
+ * side of it (dp_vq_start / dp_vq_stop).
+ *
+ * Nothing here knows which disk it serves: a request goes out through disk->ops->submit and
+ * comes back through queue_io_done, the completion callback every disk on this engine is lent.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "engine/engine.h"
+#include "util/clock.h"
+#include "util/hist.h"
+
+/* ---- requests ---- */
+
+static void release_req(struct dp_vq *vq, struct dp_req *req)
+{
+    req->next_free = vq->free_reqs;
+    vq->free_reqs = req;
+    STAT_ADD(vq, inflight, -1);
+    if (vq->starved) {
+        vq->starved = 0;
+        vq->need_pop = 1;
+    }
+}
+
+/* Publish a finished request: status byte, used ring, statistics. */
+static void req_finish(struct dp_req *req, uint8_t status)
+{
+    struct dp_vq *vq = req->vq;
+    if (status == VIRTIO_BLK_S_OK) {
+        if (req->type == VIRTIO_BLK_T_IN) {
+            req->used_len = (uint32_t)req->io.nbytes + 1;
+            STAT_ADD(vq, bytes_read, req->io.nbytes);
+        } else if (req->type == VIRTIO_BLK_T_OUT) {
+            STAT_ADD(vq, bytes_written, req->io.nbytes);
+        }
+    } else {
+        req->used_len = 1;
+        STAT_ADD(vq, errors, 1);
+    }
+    if (req->io.flags & (DP_IO_F_BOUNCED | DP_IO_F_DELAYED)) {
+        if (req->io.flags & DP_IO_F_BOUNCED)
+            STAT_ADD(vq, bounced, 1);
+        if (req->io.flags & DP_IO_F_DELAYED)
+            STAT_ADD(vq, delayed, 1);
+    }
+    if (req->seq < vq->max_completed_seq)
+        STAT_ADD(vq, out_of_order, 1);
+    else
+        vq->max_completed_seq = req->seq;
+    hist_add(&vq->latency, now_ns() - req->io.start_ns);
+    /* The status byte is ordered before used->idx by the release in vq_push_used. */
+    *req->status = status;
+    vq_push_used(vq, req->head, req->used_len);
+    vq->need_notify = 1;
+    release_req(vq, req);
+}
+
+void queue_io_done(void *arg, struct dp_disk_io *io, int result)
+{
+    req_finish(container_of(io, struct dp_req, io), blk_status(result));
+}
+
+static void count_request(struct dp_vq *vq, uint32_t type)
+{
+    STAT_ADD(vq, requests, 1);
+    switch (type) {
+    case VIRTIO_BLK_T_IN: STAT_ADD(vq, reads, 1); break;
+    case VIRTIO_BLK_T_OUT: STAT_ADD(vq, writes, 1); break;
+    case VIRTIO_BLK_T_FLUSH: STAT_ADD(vq, flushes, 1); break;
+    case VIRTIO_BLK_T_GET_ID: STAT_ADD(vq, get_ids, 1); break;
+    case VIRTIO_BLK_T_DISCARD: STAT_ADD(vq, discards, 1); break;
+    case VIRTIO_BLK_T_WRITE_ZEROES: STAT_ADD(vq, write_zeroes, 1); break;
+    default: STAT_ADD(vq, unsupported, 1); break;
+    }
+}
+
+static void start_request(struct dp_req *req, const struct vq_chain *chain)
+{
+    struct dp_vq *vq = req->vq;
+    req->head = chain->head;
+    req->io.start_ns = now_ns();
+    req->seq = vq->submit_seq++;
+
+    int status = blk_req_parse(req, chain->nseg, chain->nreadable, chain->err, chain->last_byte,
+                               vq->dev);
+    if (status < 0) {
+        /* No status byte to answer with: the driver broke the ring's contract. */
+        STAT_ADD(vq, errors, 1);
+        vq_inflight_drop(vq, req->head);
+        release_req(vq, req);
+        vq_set_broken(vq);
+        return;
+    }
+    count_request(vq, req->type);
+    if (status == VIRTIO_BLK_S_OK)
+        status = blk_req_answer(req, vq->dev);
+    if (status >= 0) {
+        req_finish(req, (uint8_t)status);
+        return;
+    }
+    struct engine_disk *d = vq->disk;
+    d->disk->ops->submit(d->state, vq->disk_queue, &req->io);
+}
+
+/* Pop everything the driver made available, re-enabling kicks before going idle. */
+void queue_process_avail(struct dp_engine *engine, struct dp_vq *vq)
+{
+    vq->need_pop = 0;
+    if (vq->stopping || vq->broken)
+        return;
+    do {
+        struct dp_req *req;
+        while ((req = vq->free_reqs)) {
+            struct vq_chain chain;
+            int rc = vq_pop(vq, &chain, req->seg, REQ_MAX_SEGS);
+            if (rc <= 0)
+                break;
+            vq->free_reqs = req->next_free;
+            STAT_ADD(vq, inflight, 1);
+            start_request(req, &chain);
+            if (vq->broken)
+                return;
+        }
+        if (vq->broken)
+            return;
+        if (!vq->free_reqs) {
+            /* Only a driver that re-posts heads still in flight gets here. */
+            vq->starved = 1;
+            return;
+        }
+    } while (vq_enable_notify(vq));
+}
+
+void queue_notify(struct dp_vq *vq)
+{
+    vq->need_notify = 0;
+    if (vq_need_notify(vq) && vq->call_fd >= 0) {
+        uint64_t one = 1;
+        ssize_t rc = write(vq->call_fd, &one, sizeof(one));
+        (void)rc;   /* a full counter still wakes the driver; nothing else to do */
+        STAT_ADD(vq, notifies, 1);
+    }
+}
+
+static void arm_kick(struct dp_engine *engine, struct dp_vq *vq)
+{
+    struct io_uring_sqe *sqe = disk_get_sqe(&engine->ring);
+    io_uring_prep_read(sqe, vq->kick_fd, &vq->kick_buf, sizeof(vq->kick_buf), (uint64_t)-1);
+    io_uring_sqe_set_data64(sqe, (uintptr_t)vq | TAG_KICK);
+    vq->kick_armed = 1;
+}
+
+void queue_kicked(struct dp_engine *engine, struct dp_vq *vq, int res)
+{
+    vq->kick_armed = 0;
+    if (vq->stopping)
+        return;
+    if (res == 0 || (res < 0 && res != -EINTR && res != -EAGAIN))
+        return;   /* not an eventfd any more, or gone: nothing more will come from it */
+    STAT_ADD(vq, kicks, 1);
+    vq->need_pop = 1;
+    arm_kick(engine, vq);
+}
+
+/* After a back-end restart: what the previous process had popped but not completed. */
+static void resubmit_inflight(struct dp_vq *vq)
+{
+    for (unsigned i = 0; i < vq->nresubmit; i++) {
+        struct dp_req *req = vq->free_reqs;
+        struct vq_chain chain;
+        if (!req || vq_read_chain(vq, vq->resubmit[i], &chain, req->seg, REQ_MAX_SEGS) < 0) {
+            for (unsigned j = i; j < vq->nresubmit; j++)
+                vq_inflight_drop(vq, vq->resubmit[j]);
+            vq_set_broken(vq);
+            break;
+        }
+        vq->free_reqs = req->next_free;
+        STAT_ADD(vq, inflight, 1);
+        STAT_ADD(vq, resubmitted, 1);
+        start_request(req, &chain);
+        if (vq->broken)
+            break;
+    }
+    vq->nresubmit = 0;
+}
+
+/* ---- the queue's disk on this engine ---- */
+
+static void unlink_disk(struct dp_engine *engine, struct engine_disk *d)
+{
+    struct engine_disk **link = &engine->disks;
+    while (*link != d)
+        link = &(*link)->next;
+    *link = d->next;
+    if (d->disk->ops->poll)
+        engine->ndisk_polls--;
+}
+
+/* Undo open for a disk state no queue ever used: open queues nothing on the ring, so close
+ * has nothing to wait for (a disk that broke that rule keeps its state: leaked, not freed
+ * under an SQE). */
+static void drop_unused_disk(struct dp_engine *engine, struct engine_disk *d)
+{
+    unlink_disk(engine, d);
+    if (d->disk->ops->close(d->state) == 0)
+        free(d);
+}
+
+/* The disk's state on this engine: the one its other queues here use, or a new one. */
+static int bind_disk(struct dp_engine *engine, struct dp_vq *vq)
+{
+    struct dp_disk *disk = vq->dev->disk;
+    struct engine_disk *d = engine->disks;
+    while (d && (d->disk != disk || d->closing))
+        d = d->next;
+    if (!d) {
+        d = calloc(1, sizeof(*d));
+        if (!d)
+            return -ENOMEM;
+        d->disk = disk;
+        int rc = disk->ops->open(disk, &engine->disk_env, &d->state);
+        if (rc) {
+            free(d);
+            return rc;
+        }
+        d->next = engine->disks;
+        engine->disks = d;
+        if (disk->ops->poll)
+            engine->ndisk_polls++;
+    }
+    vq->disk_queue = NULL;
+    if (disk->ops->queue_open) {
+        int rc = disk->ops->queue_open(d->state, vq->index, &vq->disk_queue);
+        if (rc) {
+            if (!d->queues)
+                drop_unused_disk(engine, d);
+            return rc;
+        }
+    }
+    d->queues++;
+    vq->disk = d;
+    vq->disk_queue_open = 1;
+    return 0;
+}
+
+/* The queue lets go of its disk; the last queue of it here releases the disk's state, which
+ * may have to wait for SQEs of the disk to come back from the ring (-EBUSY: try again). */
+static int unbind_disk(struct dp_engine *engine, struct dp_vq *vq)
+{
+    struct engine_disk *d = vq->disk;
+    const struct dp_disk_ops *ops = d->disk->ops;
+    if (vq->disk_queue_open) {
+        if (ops->queue_close)
+            ops->queue_close(d->state, vq->disk_queue);
+        vq->disk_queue = NULL;
+        vq->disk_queue_open = 0;
+        if (--d->queues == 0)
+            d->closing = 1;
+    }
+    if (!d->closing) {
+        vq->disk = NULL;
+        return 0;
+    }
+    if (ops->close(d->state) == -EBUSY)
+        return -EBUSY;
+    unlink_disk(engine, d);
+    free(d);
+    vq->disk = NULL;
+    return 0;
+}
+
+/* ---- attach and detach (on the engine thread, from the mailbox) ---- */
+
+int queue_attach(struct dp_engine *engine, struct dp_vq *vq)
+{
+    int rc = bind_disk(engine, vq);
+    if (rc)
+        return rc;
+    vq->used_idx = __atomic_load_n(&vq->used->idx, __ATOMIC_ACQUIRE);
+    vq->shadow_avail_idx = vq->last_avail_idx;
+    vq->signalled_used_valid = 0;
+    vq->stopping = 0;
+    vq->starved = 0;
+    vq->need_notify = 0;
+    vq->need_pop = 1;   /* buffers may have been posted before we listened */
+    vq->next = engine->vqs;
+    engine->vqs = vq;
+    if (vq->kick_fd >= 0)
+        arm_kick(engine, vq);
+    else
+        engine->npolling++;
+    resubmit_inflight(vq);
+    return 0;
+}
+
+void queue_begin_detach(struct dp_engine *engine, struct dp_vq *vq, struct engine_cmd *cmd)
+{
+    vq->stopping = 1;
+    vq->detach_cmd = cmd;
+    if (vq->kick_armed) {
+        struct io_uring_sqe *sqe = disk_get_sqe(&engine->ring);
+        io_uring_prep_cancel64(sqe, (uintptr_t)vq | TAG_KICK, 0);
+        io_uring_sqe_set_data64(sqe, TAG_IGNORE);
+    }
+}
+
+/* A stopping queue leaves once its in-flight requests and its kick read are done, and its
+ * disk has let go of it. */
+void queue_finish_detaches(struct dp_engine *engine)
+{
+    struct dp_vq **link = &engine->vqs;
+    while (*link) {
+        struct dp_vq *vq = *link;
+        if (!vq->stopping || vq->stats.inflight || vq->kick_armed ||
+            (vq->disk && unbind_disk(engine, vq) == -EBUSY)) {
+            link = &vq->next;
+            continue;
+        }
+        *link = vq->next;
+        vq->next = NULL;
+        if (vq->kick_fd < 0)
+            engine->npolling--;
+        if (vq->need_notify)
+            queue_notify(vq);
+        /* Last touch of vq: once acknowledged, the control plane may free it. */
+        struct engine_cmd *cmd = vq->detach_cmd;
+        int last_avail_idx = vq->last_avail_idx;
+        vq->detach_cmd = NULL;
+        engine_cmd_done(engine, cmd, last_avail_idx);
+    }
+}
+
+/* ---- queue lifecycle (control plane side) ---- */
+
+static int vq_alloc_reqs(struct dp_vq *vq)
+{
+    if (vq->nreqs != vq->num) {
+        free(vq->reqs);
+        free(vq->iov_pool);
+        vq->nreqs = 0;
+        vq->reqs = calloc(vq->num, sizeof(*vq->reqs));
+        vq->iov_pool = calloc((size_t)vq->num * REQ_MAX_SEGS, sizeof(struct iovec));
+        if (!vq->reqs || !vq->iov_pool)
+            return -ENOMEM;
+        vq->nreqs = vq->num;
+    }
+    vq->free_reqs = NULL;
+    for (unsigned i = vq->nreqs; i-- > 0;) {
+        struct dp_req *req = &vq->reqs[i];
+        req->vq = vq;
+        req->seg = &vq->iov_pool[(size_t)i * REQ_MAX_SEGS];
+        req->next_free = vq->free_reqs;
+        vq->free_reqs = req;
+    }
+    return 0;
+}
+
+int dp_vq_start(struct dp_vq *vq, struct dp_engine *engine)
+{
+    if (vq->engine)
+        return -EBUSY;
+    if (!vq->dev)
+        return -EINVAL;
+    int rc = vq_map_rings(vq);
+    if (rc)
+        return rc;
+    rc = vq_alloc_reqs(vq);
+    if (rc)
+        return rc;
+    if (vq->inflight_restored) {
+        rc = vq_inflight_recover(vq);
+        if (rc < 0)
+            return rc;
+        vq->inflight_restored = 0;
+        __atomic_store_n(&vq->stats.recovered_out_of_order, vq->recovered_out_of_order,
+                         __ATOMIC_RELAXED);
+    }
+    vq->broken = 0;
+    __atomic_store_n(&vq->stats.broken, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&vq->stats.inflight, 0, __ATOMIC_RELAXED);
+    vq->engine = engine;
+    rc = engine_call(engine, CMD_ATTACH, vq, 0);
+    if (rc)
+        vq->engine = NULL;
+    return rc;
+}
+
+int dp_vq_stop(struct dp_vq *vq)
+{
+    if (!vq->engine)
+        return vq->last_avail_idx;
+    int rc = engine_call(vq->engine, CMD_DETACH, vq, 0);
+    vq->engine = NULL;
+    return rc;
+}
+
+int dp_vq_set_call_fd(struct dp_vq *vq, int call_fd)
+{
+    if (vq->engine)
+        return engine_call(vq->engine, CMD_SET_CALL, vq, call_fd);
+    vq->call_fd = call_fd;
+    return 0;
+}
+
+void dp_vq_free(struct dp_vq *vq)
+{
+    if (!vq)
+        return;
+    dp_vq_stop(vq);
+    free(vq->resubmit);
+    free(vq->reqs);
+    free(vq->iov_pool);
+    free(vq);
+}
