@@ -30,12 +30,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.systems import dataplane_backend  # noqa: E402
-from dataplane.disk import parse_size  # noqa: E402
-from dataplane.frontend import Device  # noqa: E402
-from dataplane.load import Job  # noqa: E402
+from dataplane.driver import Device  # noqa: E402
+from dataplane.driver.load import Job  # noqa: E402
 from dataplane.replay import open_trace  # noqa: E402
 from dataplane.replay.blktrace import TRACE_DTYPES  # noqa: E402
 from dataplane.replay.engine import ReplayOptions, replay_device, replay_memory, ring_size  # noqa: E402
+from dataplane.units import parse_size  # noqa: E402
 
 DISK = "null:64G"
 MAX_PRELOADED = 7_500_000      # records: fits the default --feed-mb (256 MiB, 8 Mi records)

@@ -80,7 +80,7 @@ def _completion_irq_cpus(path: Path) -> str:
     """CPUs that take the disk's queue interrupts (effective affinity), as the planner reads
     them: where a thread waiting for its completions is woken without an IPI."""
     from dataplane.errors import ConfigError
-    from dataplane.topology import BlockDevice
+    from dataplane.placement import BlockDevice
     try:
         dev = BlockDevice.resolve(path)
     except (ConfigError, OSError):

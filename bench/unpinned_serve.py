@@ -13,8 +13,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from dataplane.disk import open_disk
-from dataplane.vhost import EnginePool, ServerOptions, VhostUserBlkServer, install_signal_handlers
+from dataplane.backend import EnginePool, ServerOptions, VhostUserBlkServer, install_signal_handlers
+from dataplane.disks import open_disk
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,8 @@ import signal
 import sys
 from pathlib import Path
 
-from .errors import ConfigError, DataplaneError
+from .cli_common import count_arg, parse_cpus, positive_int, render_report, run_command, size_arg, time_arg
+from .errors import DataplaneError
 
 log = logging.getLogger("dataplane")
 
@@ -41,55 +42,6 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
     root.setLevel(getattr(logging, level.upper()))
 
 
-def int_at_least(minimum: int):
-    """An argparse type: a whole number >= minimum, with a message naming the value."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} cannot be negative" if minimum == 0 else f"{text!r} must be at least {minimum}")
-        return value
-
-    return parse
-
-
-_positive_int = int_at_least(1)
-_count_arg = int_at_least(0)
-
-
-def parse_cpus(text: str) -> list[int]:
-    """--cpus: a comma-separated list of CPU numbers (empty: none)."""
-    try:
-        return [int(c) for c in text.split(",") if c.strip()]
-    except ValueError:
-        raise ConfigError(f"--cpus {text!r}: expected a comma-separated list of CPU numbers") from None
-
-
-def render_report(result, output_format: str, group_reporting: bool) -> str:
-    """A load or replay result as --output-format asks: fio's JSON or its normal text."""
-    if output_format == "json":
-        return json.dumps(result.to_json(group_reporting), indent=2) + "\n"
-    return result.to_text(group_reporting)
-
-
-def run_command(args: argparse.Namespace, handler) -> int:
-    """Run a command's handler: a DataplaneError is one line on stderr and status 2 (with
-    --debug, its traceback), Ctrl-C status 130."""
-    try:
-        return handler(args)
-    except DataplaneError as exc:
-        if args.debug:
-            raise
-        print(f"dataplane {args.command}: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
 def add_disk_options(p: argparse.ArgumentParser) -> None:
     """Disk flags shared by serve and plan. Defaults are None: "not given", so that a config
     file's value is not silently overridden (config.merge applies the real defaults)."""
@@ -98,7 +50,7 @@ def add_disk_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disk", default=None,
                    help="backing file or block device, or null:SIZE (no I/O, reads return zeroes);"
                         " append ,latency=DIST[,iops=N][,bw=N] to emulate a device")
-    p.add_argument("--queues", type=_positive_int, default=None,
+    p.add_argument("--queues", type=positive_int, default=None,
                    help="maximum number of virtqueues offered (default: online CPUs)")
     p.add_argument("--policy", default=None,
                    help="I/O thread placement: per-queue (default), shared, threads=K")
@@ -148,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="serve a default disk and run a QEMU guest against it")
     demo.add_argument("--disk", default=None,
                       help="backing file (default: a 256 MiB file in the cache directory)")
-    demo.add_argument("--queues", type=_positive_int, default=2)
-    demo.add_argument("--runtime", type=_positive_int, default=5, help="fio seconds per job")
+    demo.add_argument("--queues", type=positive_int, default=2)
+    demo.add_argument("--runtime", type=positive_int, default=5, help="fio seconds per job")
 
     add_load_parser(sub)
     from .replay.cli import add_replay_command, add_trace_commands
@@ -159,52 +111,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _size_arg(text: str) -> int:
-    from .disk import parse_size
-
-    try:
-        return parse_size(text)
-    except DataplaneError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _time_arg(text: str) -> float:
-    from .load import parse_time
-
-    try:
-        return parse_time(text)
-    except DataplaneError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def add_load_parser(sub: argparse._SubParsersAction) -> None:
     load = sub.add_parser(
         "load", help="drive a vhost-user-blk backend with a C load generator (fio-like output)",
         description="One C thread per queue plays the guest: fio's options and fio's output.")
     load.add_argument("--socket", required=True, help="vhost-user socket of the backend")
-    load.add_argument("--queues", type=_positive_int, default=1, help="queues to drive (one job each)")
+    load.add_argument("--queues", type=positive_int, default=1, help="queues to drive (one job each)")
     load.add_argument("--rw", "--readwrite", dest="rw", default="randread",
                       choices=["read", "write", "randread", "randwrite", "randrw", "rw", "readwrite"])
     load.add_argument("--rwmixread", type=int, default=50, help="percent reads for randrw / rw")
-    load.add_argument("--bs", type=_size_arg, default=4096, help="block size (4k, 64k, 1m ...)")
-    load.add_argument("--iodepth", type=_positive_int, default=32, help="requests in flight per queue")
-    load.add_argument("--runtime", type=_time_arg, default=10.0,
+    load.add_argument("--bs", type=size_arg, default=4096, help="block size (4k, 64k, 1m ...)")
+    load.add_argument("--iodepth", type=positive_int, default=32, help="requests in flight per queue")
+    load.add_argument("--runtime", type=time_arg, default=10.0,
                       help="seconds (10, 10s, 500ms, 2m); 0 with --number-ios: no time limit")
-    load.add_argument("--ramp", "--ramp_time", "--ramp-time", dest="ramp", type=_time_arg,
+    load.add_argument("--ramp", "--ramp_time", "--ramp-time", dest="ramp", type=time_arg,
                       default=0.0, help="time before runtime that is not counted")
-    load.add_argument("--size", type=_size_arg, default=0, help="bytes from --offset (default: to the end)")
-    load.add_argument("--offset", type=_size_arg, default=0, help="start of the region")
-    load.add_argument("--number-ios", "--number_ios", dest="number_ios", type=_count_arg, default=0,
+    load.add_argument("--size", type=size_arg, default=0, help="bytes from --offset (default: to the end)")
+    load.add_argument("--offset", type=size_arg, default=0, help="start of the region")
+    load.add_argument("--number-ios", "--number_ios", dest="number_ios", type=count_arg, default=0,
                       help="stop each queue after exactly this many I/Os")
-    load.add_argument("--rate-iops", "--rate_iops", dest="rate_iops", type=_count_arg, default=0,
+    load.add_argument("--rate-iops", "--rate_iops", dest="rate_iops", type=count_arg, default=0,
                       help="open loop: this many I/Os per second per queue, latency from the schedule")
     load.add_argument("--verify", action="store_true",
                       help="stamp writes and check reads (queues get disjoint regions; "
                            "write-only jobs are read back at the end)")
-    load.add_argument("--randseed", type=_count_arg, default=0x89)
+    load.add_argument("--randseed", type=count_arg, default=0x89)
     load.add_argument("--indirect", action=argparse.BooleanOptionalAction, default=None,
                       help="one indirect descriptor per request (default: the faster layout)")
-    load.add_argument("--poll-us", dest="poll_us", type=_count_arg, default=0,
+    load.add_argument("--poll-us", dest="poll_us", type=count_arg, default=0,
                       help="spin on the used ring this long before sleeping on the call eventfd")
     load.add_argument("--cpus", default="", help="pin queue i's thread to the i-th CPU of this list")
     load.add_argument("--group-reporting", "--group_reporting", dest="group_reporting",
@@ -223,8 +157,8 @@ def _config(args: argparse.Namespace):
 
 def make_plan(cfg):
     """The placement plan for a config: topology from sysfs, the disk's hardware queues."""
-    from .disk import split_disk_options
-    from .topology import BlockDevice, Topology, plan
+    from .disks import split_disk_options
+    from .placement import BlockDevice, Topology, plan
 
     topology = Topology.from_sysfs(allowed=os.sched_getaffinity(0))
     device = BlockDevice.resolve(split_disk_options(cfg.disk)[0])
@@ -251,7 +185,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from .metrics import fetch_stats, format_table
+    from .backend import fetch_stats
+    from .observe import format_table
 
     snap = fetch_stats(str(args.socket))
     print(json.dumps(snap, indent=2) if args.json else format_table(snap))
@@ -277,8 +212,8 @@ def _install_sighup(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .disk import open_disk
-    from .vhost import EnginePool, ServerOptions, VhostUserBlkServer, install_signal_handlers
+    from .backend import EnginePool, ServerOptions, VhostUserBlkServer, install_signal_handlers
+    from .disks import open_disk
 
     cfg = _config(args)
     logging.getLogger().setLevel(getattr(logging, (args.log_level or cfg.log_level).upper()))
@@ -310,14 +245,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .guest.demo import run_demo
 
     return run_demo(disk=args.disk, queues=args.queues, runtime=args.runtime)
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    from .frontend import Device
-    from .load import Job
+    from .driver import Device, Job
 
     cpus = parse_cpus(args.cpus)
     job = Job(rw=args.rw, rwmixread=args.rwmixread, bs=args.bs, iodepth=args.iodepth,

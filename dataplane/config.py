@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .topology import MAX_CPUS, PER_QUEUE, Policy, parse_cpulist, parse_policy
+from .placement import MAX_CPUS, PER_QUEUE, Policy, parse_cpulist, parse_policy
 
 MAX_QUEUES = 256   # a vhost-user vring index is 8 bits (VHOST_USER_VRING_IDX_MASK)
 CACHE_MODES = ("none", "writeback")

@@ -35,8 +35,8 @@ _rebuild_if_stale()
 
 from serve_process import ServeProcess  # noqa: E402  (tests/ is on sys.path, as for this file)
 
-from dataplane.disk import open_disk  # noqa: E402
-from dataplane.vhost import EnginePool, ServerOptions, VhostUserBlkServer  # noqa: E402
+from dataplane.backend import EnginePool, ServerOptions, VhostUserBlkServer  # noqa: E402
+from dataplane.disks import open_disk  # noqa: E402
 
 
 class RunningBackend:

@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ..cli import int_at_least, parse_cpus, render_report, run_command
+from ..cli_common import int_at_least, parse_cpus, render_report, run_command, size_arg
 from ..errors import ConfigError
 
 TARGETS = ("fio-v3",)
@@ -107,16 +107,6 @@ def _speed(text: str) -> float:
     return value
 
 
-def _size(text: str) -> int:
-    from ..disk import parse_size
-    from ..errors import DataplaneError
-
-    try:
-        return parse_size(text)
-    except DataplaneError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def add_replay_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from .detect import FORMATS
     from .engine import FEED_MEMORY, FITS, MAX_REQUEST, MODES, QUEUE_MAPS
@@ -151,7 +141,7 @@ def add_replay_command(subparsers: argparse._SubParsersAction) -> argparse.Argum
                         "capacity / footprint) or fail")
     p.add_argument("--on-error", choices=("stop", "skip"), default="stop",
                    help="malformed trace lines: stop at the first (default) or skip and count them")
-    p.add_argument("--max-request", type=_size, default=MAX_REQUEST,
+    p.add_argument("--max-request", type=size_arg, default=MAX_REQUEST,
                    help="longer reads and writes are split (default 1m)")
     p.add_argument("--spin-us", type=_count, default=50,
                    help="timed: spin this close to a record's time instead of sleeping (default 50)")
@@ -219,7 +209,7 @@ def run_replay(args: argparse.Namespace) -> int:
 
 
 def _replay_socket(socket: Path, reader, options, queues: int):
-    from ..frontend import Device
+    from ..driver import Device
     from .engine import Geometry, buffer_size, replay_device, replay_memory, ring_size, scan_trace
 
     scan = scan_trace(reader, options.max_request)

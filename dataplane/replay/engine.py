@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from .. import virtio_blk as vb
 from ..core import check, ffi, lib
+from ..driver.load import hand_over, take_back
 from ..errors import ConfigError, DeviceError
-from ..load import hand_over, take_back
+from ..protocol import virtio_blk as vb
 from .base import TraceReader
 from .records import OP_NAMES, RECORD_DTYPE, Op, mix64
 

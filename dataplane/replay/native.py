@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..disk import _open_file
+from ..disks import open_file
 from .base import TraceReader
 from .engine import (
     MAX_DISCARD,
@@ -30,7 +30,7 @@ def replay_native(path: str | Path, reader: TraceReader, options: ReplayOptions,
     queue (queues play the role of virtqueues for --queue-map)."""
     from ..core import lib
 
-    disk = _open_file(str(path), read_only=read_only, direct=True, serial="native")
+    disk = open_file(str(path), read_only=read_only, direct=True, serial="native")
     try:
         geometry = Geometry(capacity=disk.size, block_size=disk.logical_block_size,
                             discard=not read_only, flush=True, max_discard=MAX_DISCARD,

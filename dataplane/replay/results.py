@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core import ffi, lib
-from ..errors import ConfigError
-from ..load import (
+from ..driver.load import (
     FIO_LAYOUT,
     _fio_size,
     _hist_summary,
@@ -40,6 +39,7 @@ from ..load import (
     run_status_lines,
     with_bw_agg,
 )
+from ..errors import ConfigError
 from .engine import EngineRun, Geometry, MapCounters, QueueRun, RecordMapper, ReplayOptions, TraceScan
 from .records import Op
 

@@ -23,10 +23,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dataplane.disk import open_disk
-from dataplane.frontend import Device
-from dataplane.vhost import EnginePool, VhostUserBlkDevice
-from dataplane.vhost_proto import (
+from dataplane.backend import EnginePool, VhostUserBlkDevice
+from dataplane.disks import open_disk
+from dataplane.driver import Device
+from dataplane.protocol.vhost_user import (
     CONFIG_HEADER,
     MEMORY_HEADER,
     MEMORY_REGION,
@@ -231,7 +231,7 @@ def test_random_byte_streams_on_the_socket(socket_backend, chunks, header):
 def socket_backend(tmp_path_factory):
     import threading
 
-    from dataplane.vhost import ServerOptions, VhostUserBlkServer
+    from dataplane.backend import ServerOptions, VhostUserBlkServer
 
     disk = open_disk("null:16M")
     path = tmp_path_factory.mktemp("fuzz") / "vhost.sock"

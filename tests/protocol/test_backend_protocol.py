@@ -16,10 +16,11 @@ import time
 
 import pytest
 
-from dataplane import virtio_blk as vb
+from dataplane.driver import Device, GuestMemory, VhostUserClient
+from dataplane.driver.device import OUTHDR
 from dataplane.errors import DeviceError, ProtocolError
-from dataplane.frontend import OUTHDR, Device, GuestMemory, VhostUserClient
-from dataplane.vhost_proto import (
+from dataplane.protocol import virtio_blk as vb
+from dataplane.protocol.vhost_user import (
     CONFIG_HEADER,
     HEADER,
     MEMORY_HEADER,
@@ -344,7 +345,7 @@ def test_overlapping_or_unmappable_memory_regions_are_refused(start_backend):
 def test_ring_addresses_outside_the_memory_table_are_refused(start_backend):
     backend = start_backend("null:16M", queues=1)
     with Device.connect(backend.socket) as dev:
-        from dataplane.vhost_proto import VRING_ADDR
+        from dataplane.protocol.vhost_user import VRING_ADDR
         dev.client.get_vring_base(0)
         with pytest.raises(DeviceError):
             dev.client.call(Request.SET_VRING_ADDR, VRING_ADDR.pack(
@@ -487,9 +488,9 @@ def test_reset_owner_disables_rings_and_reset_device_starts_afresh(start_backend
 def test_a_message_cut_off_mid_way_does_not_hold_the_server(start_backend, monkeypatch):
     """Half a header and then silence: the peer is dropped after the message timeout, and a
     queued second front end is served once the first is gone."""
-    import dataplane.vhost as vhost
+    import dataplane.backend.server as server
 
-    monkeypatch.setattr(vhost, "MESSAGE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(server, "MESSAGE_TIMEOUT_S", 0.5)
     backend = start_backend("null:16M", queues=1)
     stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stalled.connect(backend.socket)
@@ -517,7 +518,7 @@ def test_poll_window_shrinks_on_a_slow_device_and_grows_on_a_fast_one(start_back
     """The spin window adapts (like QEMU's iothreads): sleeps longer than poll_us (a 1 ms
     device) halve it down to 0, so no CPU is spun in vain; short ones (a null disk under load)
     grow it back."""
-    from dataplane.load import Job, run_load
+    from dataplane.driver.load import Job, run_load
 
     slow = start_backend("null:16M,latency=fixed:1ms", queues=1, poll_us=50)
     with Device.connect(slow.socket, queues=1) as dev:

@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from dataplane import virtio_blk as vb
-from dataplane.frontend import Device
+from dataplane.driver import Device
+from dataplane.protocol import virtio_blk as vb
 
 
 def start(tmp_path, *args: str) -> tuple[subprocess.Popen, str]:

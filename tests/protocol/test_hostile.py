@@ -15,9 +15,11 @@ import struct
 
 import pytest
 
-from dataplane import virtio_blk as vb
-from dataplane.frontend import OUTHDR, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, Device
-from dataplane.vhost_proto import Request
+from dataplane.driver import Device
+from dataplane.driver.device import OUTHDR
+from dataplane.driver.vring import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
+from dataplane.protocol import virtio_blk as vb
+from dataplane.protocol.vhost_user import Request
 
 R, W = 0, VRING_DESC_F_WRITE
 MiB = 1 << 20

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from dataplane.core import ffi, lib
-from dataplane.frontend import Device
-from dataplane.load import Job, LoadResult
+from dataplane.driver import Device
+from dataplane.driver.load import Job, LoadResult
 
 US = 1000
 PERCENTILES = (10.0, 50.0, 90.0, 99.0)
@@ -237,8 +237,8 @@ def draw_chart(out: Path, tmp: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dataplane.disk import open_disk
-    from dataplane.vhost import ServerOptions, VhostUserBlkServer
+    from dataplane.backend import ServerOptions, VhostUserBlkServer
+    from dataplane.disks import open_disk
 
     pcts = (1.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.9)
     fig, axes = plt.subplots(1, len(CHART_SPECS), figsize=(13, 4))

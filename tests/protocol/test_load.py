@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from dataplane import virtio_blk as vb
+from dataplane.driver import Device, GuestMemory, Vring
+from dataplane.driver.load import Job, VerifyState, run_load, verify_regions
 from dataplane.errors import ConfigError
-from dataplane.frontend import Device, GuestMemory, Vring
-from dataplane.load import Job, VerifyState, run_load, verify_regions
+from dataplane.protocol import virtio_blk as vb
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parent.parent.parent

@@ -25,9 +25,9 @@ from pathlib import Path
 
 from serve_process import ServeProcess
 
-from dataplane import virtio_blk as vb
+from dataplane.driver import BlkRequest, Device
 from dataplane.errors import DeviceError
-from dataplane.frontend import BlkRequest, Device
+from dataplane.protocol import virtio_blk as vb
 
 SECTOR = 512
 QUEUES = 2

@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dataplane import virtio_blk as vb
+from dataplane.driver import Device
+from dataplane.driver.device import DRIVER_FEATURES
+from dataplane.driver.load import Job
 from dataplane.errors import ConfigError
-from dataplane.frontend import DRIVER_FEATURES, Device
-from dataplane.load import Job
+from dataplane.protocol import virtio_blk as vb
 from dataplane.replay import Op, open_trace
 from dataplane.replay.cli import main as replay_main
 from dataplane.replay.engine import (

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from dataplane import virtio_blk as vb
-from dataplane.frontend import Device
+from dataplane.driver import Device
+from dataplane.protocol import virtio_blk as vb
 
 
 def serve(*args: str) -> subprocess.Popen:

@@ -15,8 +15,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from dataplane.frontend import Device
+from dataplane.driver import Device
 
 
 def free_port() -> int:
@@ -112,6 +113,13 @@ def test_thread_names_and_affinities_match_the_printed_plan(serve, disk_file, po
         assert f"vq{row['virtqueue']} -> {row['thread']} on cpu {row['host_cpu']}" in s.text()
 
 
+def prometheus_samples(body: str) -> dict[tuple[str, tuple], float]:
+    """(name, sorted labels) -> value of every sample in a text exposition, read by
+    prometheus_client's own parser (label order in the text does not matter)."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body) for s in family.samples}
+
+
 def test_stats_command_and_prometheus_metrics(serve, disk_file):
     port = free_port()
     s = serve("--disk", f"{disk_file},latency=fixed:50us", "--queues", "2", "--metrics", f"127.0.0.1:{port}")
@@ -132,12 +140,18 @@ def test_stats_command_and_prometheus_metrics(serve, disk_file):
         assert "dp-vq1" in table and "configured latency=fixed:50us: p50 50.0 us" in table
 
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        assert 'dataplane_writes_total{queue="0",thread="dp-vq0"} 5' in body
-        assert 'dataplane_reads_total{queue="1",thread="dp-vq1"} 6' in body
+        samples = prometheus_samples(body)
+        assert samples[("dataplane_writes_total", (("queue", "0"), ("thread", "dp-vq0")))] == 5
+        assert samples[("dataplane_reads_total", (("queue", "1"), ("thread", "dp-vq1")))] == 6
         assert "# TYPE dataplane_request_latency_seconds histogram" in body
-        buckets = [int(v) for v in re.findall(
-            r'dataplane_request_latency_seconds_bucket\{queue="1",thread="dp-vq1",le="[^"]+"\} (\d+)', body)]
-        assert buckets == sorted(buckets) and buckets[-1] == 11   # cumulative, +Inf = count
+        q1 = (("queue", "1"), ("thread", "dp-vq1"))
+        buckets = [(le, v) for (name, labels), v in samples.items()
+                   if name == "dataplane_request_latency_seconds_bucket" and labels[1:] == q1
+                   for le in [labels[0][1]]]
+        assert [le for le, _ in buckets][-2:] == ["1", "+Inf"] and len(buckets) == 16
+        counts = [v for _, v in buckets]
+        assert counts == sorted(counts) and counts[-1] == 11   # cumulative, +Inf = count
+        assert samples[("dataplane_request_latency_seconds_count", q1)] == 11
     # Counters survive the front end leaving (folded into totals).
     snap = json.loads(cli("stats", "--socket", str(s.sock), "--json").stdout)
     assert snap["queues"][1]["reads"] == 6 and snap["sessions"] == 1

@@ -9,7 +9,7 @@ import pytest
 
 from dataplane.config import ServeConfig, default_queues, load_config, merge
 from dataplane.errors import ConfigError
-from dataplane.topology import Policy
+from dataplane.placement import Policy
 
 
 def write(tmp_path: Path, text: str, name: str = "config.toml") -> Path:

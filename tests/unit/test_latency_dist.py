@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from dataplane.core import ffi, lib
-from dataplane.disk import split_disk_options
+from dataplane.disks import split_disk_options
+from dataplane.disks.latency import LatencySpec, parse_latency
 from dataplane.errors import ConfigError
-from dataplane.latency import LatencySpec, parse_latency
 
 POINTS = int(lib.DP_LATENCY_POINTS)
 DRAWS = 100_000

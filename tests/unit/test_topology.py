@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dataplane.errors import ConfigError
-from dataplane.topology import (
+from dataplane.placement import (
     BlockDevice,
     DeviceInfo,
     Plan,

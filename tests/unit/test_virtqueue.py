@@ -1,6 +1,6 @@
 """The C split-ring walker against a fake guest memory (no threads, no sockets).
 
-The driver side is dataplane.frontend.Vring writing into a memfd; the device side is the C
+The driver side is dataplane.driver.Vring writing into a memfd; the device side is the C
 core's dp_vq_pop_chain / dp_vq_push_used / dp_vq_need_notify / dp_vq_enable_notify.
 """
 
@@ -12,8 +12,8 @@ import struct
 import pytest
 
 from dataplane.core import ffi, lib
-from dataplane.disk import open_disk
-from dataplane.frontend import (
+from dataplane.disks import open_disk
+from dataplane.driver.vring import (
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
     GuestMemory,

@@ -17,23 +17,14 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import NormalDist
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from ..units import parse_duration_ns
 
-_DURATION_UNITS = {"ns": 1, "us": 1_000, "ms": 1_000_000, "s": 1_000_000_000}
 TAIL_CUT = 1e-6
-
-
-def parse_duration_ns(text: str) -> int:
-    """'80us', '1.5ms', '250ns', '2s' (a bare number is microseconds, as in fio's clat)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ns|us|ms|s)?\s*", text)
-    if not m:
-        raise ConfigError(f"bad duration {text!r}: expected e.g. 80us, 1.5ms")
-    return round(float(m.group(1)) * _DURATION_UNITS[m.group(2) or "us"])
 
 
 @dataclass

@@ -8,7 +8,7 @@ import socket
 import struct
 from enum import IntEnum
 
-from .errors import ProtocolError
+from ..errors import ProtocolError
 
 VHOST_USER_VERSION = 0x1
 VHOST_USER_VERSION_MASK = 0x3

@@ -15,8 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import ConfigError
-from .guest import GuestTimeout, build_guest, default_cache_dir, run_guest
+from ..errors import ConfigError
+from .kit import GuestTimeout, build_guest, default_cache_dir, run_guest
 
 log = logging.getLogger("dataplane.demo")
 

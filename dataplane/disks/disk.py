@@ -11,17 +11,18 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import re
 import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .core import ffi, lib
-from .errors import ConfigError
-from .latency import LatencySpec, parse_latency
+from ..core import ffi, lib
+from ..errors import ConfigError
+from ..units import parse_size
+from .latency import LatencySpec
+from .spec import split_disk_options
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dataplane.disk")
 
 SECTOR = 512
 BLKGETSIZE64 = 0x80081272
@@ -33,26 +34,6 @@ BLKIOOPT = 0x1279
 # Limits advertised in the config space (and enforced by the C core).
 MAX_DISCARD_SECTORS = 0x400000  # 2 GiB per range
 MAX_DISCARD_SEG = 32
-
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10,
-    "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
-    "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30,
-    "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40,
-}
-
-
-def parse_size(text: str) -> int:
-    """A byte count with fio's suffixes (k, m, g, t; powers of 1024), e.g. '4G', '512k'."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ConfigError(f"bad size {text!r}: expected a number with an optional k/m/g/t suffix")
-    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    if value != int(value):
-        raise ConfigError(f"bad size {text!r}: not a whole number of bytes")
-    return int(value)
-
 
 @dataclass
 class Disk:
@@ -145,41 +126,6 @@ def _ioctl_int(fd: int, request: int, fmt: str) -> int:
     return struct.unpack(fmt, buf)[0]
 
 
-_DISK_OPTIONS = ("latency", "iops", "bw")
-
-
-def split_disk_options(spec: str) -> tuple[str, LatencySpec | None]:
-    """`null:4G,latency=fixed:80us,iops=50000,bw=1g` -> ('null:4G', LatencySpec).
-    Options start at the first comma followed by a known key."""
-    option_start = r",(?=(?:{})=)".format("|".join(_DISK_OPTIONS))
-    m = re.search(option_start, spec)
-    if not m:
-        return spec, None
-    base, opts = spec[: m.start()], spec[m.start() + 1:]
-    # latency values contain commas (lognormal:p50=..,p99=..): split on ",key=" only
-    parts = re.split(option_start, opts)
-    spec_obj = LatencySpec(text=opts)
-    for part in parts:
-        key, _, value = part.partition("=")
-        if key == "latency":
-            spec_obj.quantiles_ns = parse_latency(value, int(lib.DP_LATENCY_POINTS))
-        elif key == "iops":
-            spec_obj.iops = _positive(value, "iops", parse=int)
-        elif key == "bw":
-            spec_obj.bw = _positive(value, "bw", parse=parse_size)
-    return base, spec_obj
-
-
-def _positive(text: str, key: str, parse) -> int:
-    try:
-        value = parse(text)
-    except (ValueError, ConfigError):
-        raise ConfigError(f"bad {key}={text!r}: expected a positive number") from None
-    if value <= 0:
-        raise ConfigError(f"bad {key}={text!r}: expected a positive number")
-    return value
-
-
 def open_disk(spec: str, *, read_only: bool = False, cache: str = "none",
               serial: str = "dataplane") -> Disk:
     """Open `PATH` or `null:SIZE` (optionally followed by `,latency=...,iops=N,bw=N`) and
@@ -199,7 +145,7 @@ def open_disk(spec: str, *, read_only: bool = False, cache: str = "none",
         disk = Disk(description=f"null:{size_text}", size=size - size % SECTOR, null=True,
                     read_only=read_only, direct=False, serial=serial)
     else:
-        disk = _open_file(spec, read_only=read_only, direct=(cache == "none"), serial=serial)
+        disk = open_file(spec, read_only=read_only, direct=(cache == "none"), serial=serial)
 
     try:
         _make_handles(disk, latency, serial_bytes)
@@ -240,7 +186,9 @@ def _make_handles(disk: Disk, latency: LatencySpec | None, serial: bytes) -> Non
     disk.blk = _new_handle(lib.dp_blk_dev_new(disk.handle, params, err), err, disk.description)
 
 
-def _open_file(path: str, *, read_only: bool, direct: bool, serial: str) -> Disk:
+def open_file(path: str, *, read_only: bool, direct: bool, serial: str) -> Disk:
+    """Open a regular file or block device (O_DIRECT when direct) and read its geometry;
+    no C handle yet (open_disk makes them)."""
     flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
     if direct:
         flags |= os.O_DIRECT

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Required, Self, TextIO, TypedDict, Unpack
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dataplane.guest")
 
 BUILDER_VERSION = "1"
 KERNEL_META_PACKAGE = "linux-image-amd64"

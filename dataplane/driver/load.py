@@ -17,18 +17,17 @@ import errno
 import logging
 import math
 import os
-import re
 import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import virtio_blk as vb
-from .core import check, ffi, lib
-from .errors import ConfigError, DeviceError
+from ..core import check, ffi, lib
+from ..errors import ConfigError, DeviceError
+from ..protocol import virtio_blk as vb
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dataplane.load")
 
 FIO_LAYOUT = "fio-3.33"
 VERSION = f"dataplane-load-0.1.0 ({FIO_LAYOUT} json layout)"
@@ -47,22 +46,6 @@ MAX_QUEUE_SIZE = 1024
 # as 3-descriptor chains or slightly faster (4k randread QD32, null disks, both backends), and
 # iodepth can then go up to the ring size.
 PREFER_INDIRECT = True
-
-_TIME_UNITS = {
-    "": 1.0, "s": 1.0, "sec": 1.0, "us": 1e-6, "usec": 1e-6, "ms": 1e-3, "msec": 1e-3,
-    "m": 60.0, "min": 60.0, "h": 3600.0, "hr": 3600.0, "d": 86400.0, "day": 86400.0,
-}
-
-
-def parse_time(text: str | float | int) -> float:
-    """Seconds from fio's time syntax: '10' (seconds), '10s', '500ms', '2m', '250us'."""
-    if isinstance(text, int | float):
-        return float(text)
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _TIME_UNITS:
-        raise ConfigError(f"bad time {text!r}: expected a number with an optional us/ms/s/m/h suffix")
-    return float(m.group(1)) * _TIME_UNITS[m.group(2).lower()]
-
 
 def _fio_size(n: int) -> str:
     for suffix, unit in (("g", 1 << 30), ("m", 1 << 20), ("k", 1 << 10)):

@@ -1,0 +1,55 @@
+"""The backend's I/O threads: one C engine (a pthread with its own io_uring) per name, made
+when the first virtqueue placed on it starts, and kept for the server's life."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..core import check, ffi, lib
+
+
+@dataclass
+class EnginePool:
+    """I/O threads by name, created on first use. `placement` maps a vring index to its
+    thread name and host CPU (-1: not pinned); by default vring i gets its own unpinned
+    thread `dp-vq<i>`. Several vrings naming one thread share it (the shared-thread baseline).
+    """
+
+    ring_entries: int = 1024
+    placement: dict[int, tuple[str, int]] = field(default_factory=dict)
+    poll_ns: int = 0
+    engines: dict[str, object] = field(default_factory=dict)
+
+    @classmethod
+    def from_plan(cls, plan: Any, ring_entries: int = 1024, poll_ns: int = 0) -> EnginePool:
+        return cls(ring_entries=ring_entries, poll_ns=poll_ns,
+                   placement={row.virtqueue: (row.thread_name, row.host_cpu) for row in plan.rows})
+
+    def name_for(self, index: int) -> str:
+        return self.placement.get(index, (f"dp-vq{index}", -1))[0]
+
+    def engine_for(self, index: int) -> object:
+        name, cpu = self.placement.get(index, (f"dp-vq{index}", -1))
+        engine = self.engines.get(name)
+        if engine is None:
+            sharing = sum(1 for n, _ in self.placement.values() if n == name) or 1
+            err = ffi.new("int *")
+            engine = lib.dp_engine_new(name.encode(), cpu, self.ring_entries * sharing, err)
+            if engine == ffi.NULL:
+                check(err[0], f"starting I/O thread {name}")
+            lib.dp_engine_set_poll(engine, self.poll_ns)
+            self.engines[name] = engine
+        return engine
+
+    def thread_ids(self) -> dict[str, int]:
+        return {name: lib.dp_engine_thread_id(e) for name, e in self.engines.items()}
+
+    def poll_windows_ns(self) -> dict[str, int]:
+        """Each I/O thread's current spin window (it adapts between 0 and poll_ns)."""
+        return {name: lib.dp_engine_poll_window(e) for name, e in self.engines.items()}
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            lib.dp_engine_free(engine)
+        self.engines.clear()

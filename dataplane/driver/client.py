@@ -1,0 +1,166 @@
+"""The vhost-user front end's side of the socket (what QEMU sends): one method per message,
+REPLY_ACK checking, and the inflight buffer a backend hands out, which the front end keeps
+across backend restarts."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from ..errors import DeviceError, ProtocolError
+from ..protocol import vhost_user as proto
+from ..protocol.vhost_user import (
+    CONFIG_HEADER,
+    INFLIGHT,
+    MEMORY_HEADER,
+    MEMORY_REGION,
+    U64,
+    VHOST_USER_NEED_REPLY_MASK,
+    VHOST_USER_REPLY_MASK,
+    VHOST_USER_VERSION,
+    VRING_ADDR,
+    VRING_STATE,
+    Message,
+    Request,
+)
+from .vring import Vring
+
+# The inflight buffer's per-queue layout (vhost-user spec, QueueRegionSplit): a 16-byte header
+# (features, version, desc_num, last_batch_head, used_idx), then one DescStateSplit per
+# descriptor (inflight u8, padding, next u16, counter u64). The front end never needs to read
+# it; tests do, to see what the backend has in flight.
+INFLIGHT_REGION_HEADER = struct.Struct("<QHHHH")
+INFLIGHT_DESC = struct.Struct("<B5xHQ")
+
+
+class VhostUserClient:
+    """The vhost-user front-end side of the socket: one method per message it sends."""
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(str(path))
+        except OSError as exc:
+            self.sock.close()
+            raise DeviceError(f"cannot connect to {path}: {exc.strerror}") from None
+        self.reply_ack = False
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def call(self, request: int, payload: bytes = b"", fds: Iterable[int] = (),
+             reply: bool = False, flags: int | None = None, keep_fds: bool = False) -> Message | None:
+        """Send a message; return its reply (GET_*), or check the REPLY_ACK status. The fds a
+        reply carries are closed unless keep_fds (then they are the caller's)."""
+        want_ack = self.reply_ack and not reply
+        if flags is None:
+            flags = VHOST_USER_VERSION | (VHOST_USER_NEED_REPLY_MASK if want_ack else 0)
+        proto.send_message(self.sock, Message(request, flags, payload, list(fds)))
+        if not (reply or want_ack):
+            return None
+        msg = proto.recv_message(self.sock)
+        if msg is None:
+            raise ProtocolError(f"{proto.request_name(request)}: backend closed the connection")
+        if not keep_fds or msg.request != request or not msg.flags & VHOST_USER_REPLY_MASK:
+            proto.close_fds(msg.fds)
+        if msg.request != request or not msg.flags & VHOST_USER_REPLY_MASK:
+            raise ProtocolError(f"{proto.request_name(request)}: unexpected reply {msg!r}")
+        if want_ack:
+            (status,) = U64.unpack_from(msg.payload) if len(msg.payload) >= 8 else (1,)
+            if status:
+                raise DeviceError(f"{proto.request_name(request)} failed (REPLY_ACK status {status})")
+            return None
+        return msg
+
+    def get_u64(self, request: int) -> int:
+        msg = self.call(request, reply=True)
+        assert msg is not None
+        if len(msg.payload) != 8:
+            raise ProtocolError(f"{proto.request_name(request)}: reply of {len(msg.payload)} bytes")
+        return U64.unpack(msg.payload)[0]
+
+    def set_u64(self, request: int, value: int, fds: Iterable[int] = ()) -> None:
+        self.call(request, U64.pack(value), fds)
+
+    def get_config(self, size: int = 60) -> bytes:
+        msg = self.call(Request.GET_CONFIG, CONFIG_HEADER.pack(0, size, 0) + bytes(size), reply=True)
+        assert msg is not None
+        if len(msg.payload) != CONFIG_HEADER.size + size:
+            raise ProtocolError(f"GET_CONFIG: reply of {len(msg.payload)} bytes")
+        return msg.payload[CONFIG_HEADER.size:]
+
+    def set_mem_table(self, regions: Sequence[tuple[int, int, int, int, int]]) -> None:
+        """regions: (gpa, size, user_addr, mmap_offset, fd)."""
+        payload = MEMORY_HEADER.pack(len(regions), 0) + b"".join(
+            MEMORY_REGION.pack(gpa, size, uva, off) for gpa, size, uva, off, _ in regions)
+        self.call(Request.SET_MEM_TABLE, payload, [r[4] for r in regions])
+
+    def get_inflight_fd(self, num_queues: int, queue_size: int) -> InflightBuffer:
+        """GET_INFLIGHT_FD: the backend allocates a buffer for num_queues rings of queue_size."""
+        msg = self.call(Request.GET_INFLIGHT_FD, INFLIGHT.pack(0, 0, num_queues, queue_size),
+                        reply=True, keep_fds=True)
+        assert msg is not None
+        if len(msg.payload) < INFLIGHT.size - 4 or len(msg.fds) != 1:
+            proto.close_fds(msg.fds)
+            raise ProtocolError(f"GET_INFLIGHT_FD: reply of {len(msg.payload)} bytes with "
+                                f"{len(msg.fds)} fd(s)")
+        size, offset, nq, qs = struct.unpack_from("<QQHH", msg.payload)
+        if size == 0 or nq != num_queues or qs != queue_size:
+            proto.close_fds(msg.fds)
+            raise ProtocolError(f"GET_INFLIGHT_FD: buffer of {size} bytes for {nq} queue(s) of "
+                                f"{qs}, asked for {num_queues} of {queue_size}")
+        return InflightBuffer(msg.fds[0], size, offset, nq, qs)
+
+    def set_inflight_fd(self, buf: InflightBuffer) -> None:
+        self.call(Request.SET_INFLIGHT_FD,
+                  INFLIGHT.pack(buf.size, buf.offset, buf.num_queues, buf.queue_size), [buf.fd])
+
+    def setup_vring(self, ring: Vring, base: int = 0) -> None:
+        i = ring.index
+        self.call(Request.SET_VRING_NUM, VRING_STATE.pack(i, ring.num))
+        self.call(Request.SET_VRING_BASE, VRING_STATE.pack(i, base))
+        self.call(Request.SET_VRING_ADDR, VRING_ADDR.pack(
+            i, 0, ring.mem.uva(ring.desc), ring.mem.uva(ring.used), ring.mem.uva(ring.avail), 0))
+        self.set_u64(Request.SET_VRING_KICK, i, [ring.kick_fd])
+        self.set_u64(Request.SET_VRING_CALL, i, [ring.call_fd])
+
+    def get_vring_base(self, index: int) -> int:
+        msg = self.call(Request.GET_VRING_BASE, VRING_STATE.pack(index, 0), reply=True)
+        assert msg is not None
+        if len(msg.payload) != VRING_STATE.size:
+            raise ProtocolError("GET_VRING_BASE failed")
+        return VRING_STATE.unpack(msg.payload)[1]
+
+
+@dataclass
+class InflightBuffer:
+    """The inflight-tracking buffer a backend handed out (GET_INFLIGHT_FD). The front end keeps
+    the fd for as long as the device lives and hands it to every later backend."""
+
+    fd: int
+    size: int
+    offset: int
+    num_queues: int
+    queue_size: int
+
+    def in_flight(self, queue: int) -> list[int]:
+        """Heads the backend has marked in flight on a queue, oldest first (by counter)."""
+        region = self.size // self.num_queues
+        base = self.offset + queue * region
+        data = os.pread(self.fd, region, base)
+        heads = []
+        for head in range(self.queue_size):
+            flag, _next, counter = INFLIGHT_DESC.unpack_from(
+                data, INFLIGHT_REGION_HEADER.size + head * INFLIGHT_DESC.size)
+            if flag:
+                heads.append((counter, head))
+        return [head for _, head in sorted(heads)]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

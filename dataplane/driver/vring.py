@@ -1,0 +1,216 @@
+"""The guest's side of the data path in Python: guest memory (a memfd shared with the
+backend) and a split virtqueue producer that writes descriptors into it. Protocol and
+hostile-chain tests reach for `Vring.add_chain` / raw descriptors directly; measurements hand
+the same rings over to the C driver threads (driver.load, replay)."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import select
+import struct
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..errors import DeviceError
+
+VRING_DESC_F_NEXT = 1
+VRING_DESC_F_WRITE = 2
+VRING_DESC_F_INDIRECT = 4
+DESC = struct.Struct("<QIHH")
+
+
+def _need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """vring_need_event() from the virtio spec, on 16-bit indices."""
+    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
+
+
+class GuestMemory:
+    """A memfd shared with the backend as guest physical memory starting at `gpa_base`."""
+
+    def __init__(self, size: int, gpa_base: int = 0) -> None:
+        self.size = size
+        self.gpa_base = gpa_base
+        self.fd = os.memfd_create("dataplane-guest", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, size)
+        self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.view = memoryview(self.map)
+        # Front-end "user address" of the region: where it is mapped in this process.
+        self.user_addr = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
+        self._free: list[tuple[int, int]] = [(0, size)]   # (offset, length), sorted
+        self._allocated: dict[int, int] = {}
+
+    def alloc(self, length: int, align: int = 64) -> int:
+        """First-fit allocation; returns a guest physical address."""
+        length = max(length, 1)
+        for i, (off, n) in enumerate(self._free):
+            start = (off + align - 1) // align * align
+            end = start + length
+            if end <= off + n:
+                pieces = [(off, start - off), (end, off + n - end)]
+                self._free[i: i + 1] = [p for p in pieces if p[1] > 0]
+                self._allocated[start] = length
+                return self.gpa_base + start
+        raise DeviceError(f"guest memory exhausted ({length} bytes wanted)")
+
+    def free(self, gpa: int) -> None:
+        start = gpa - self.gpa_base
+        length = self._allocated.pop(start)
+        self._free.append((start, length))
+        self._free.sort()
+        merged: list[tuple[int, int]] = []
+        for off, n in self._free:
+            if merged and merged[-1][0] + merged[-1][1] == off:
+                merged[-1] = (merged[-1][0], merged[-1][1] + n)
+            else:
+                merged.append((off, n))
+        self._free = merged
+
+    def uva(self, gpa: int) -> int:
+        return self.user_addr + gpa - self.gpa_base
+
+    def write(self, gpa: int, data: bytes) -> None:
+        off = gpa - self.gpa_base
+        self.view[off: off + len(data)] = data
+
+    def read(self, gpa: int, length: int) -> bytes:
+        off = gpa - self.gpa_base
+        return bytes(self.view[off: off + length])
+
+    def close(self) -> None:
+        self.view.release()
+        self.map.close()
+        os.close(self.fd)
+
+
+@dataclass
+class Vring:
+    """Driver side of a split virtqueue living in GuestMemory."""
+
+    mem: GuestMemory
+    index: int
+    num: int
+    event_idx: bool = True
+    desc: int = 0
+    avail: int = 0
+    used: int = 0
+    kick_fd: int = -1
+    call_fd: int = -1
+    avail_idx: int = 0
+    last_used_idx: int = 0
+    free_desc: list[int] = field(default_factory=list)
+    chains: dict[int, list[int]] = field(default_factory=dict)   # head -> descriptors used
+    # used elements whose head was not in flight: a backend completed something twice, or
+    # something it was never given (what a reconnect without inflight tracking can do)
+    unexpected_used: list[tuple[int, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.desc = self.mem.alloc(16 * self.num, 16)
+        self.avail = self.mem.alloc(6 + 2 * self.num, 2)
+        self.used = self.mem.alloc(6 + 8 * self.num, 4096)
+        self.mem.write(self.desc, bytes(16 * self.num))
+        self.mem.write(self.avail, bytes(6 + 2 * self.num))
+        self.mem.write(self.used, bytes(6 + 8 * self.num))
+        self.free_desc = list(range(self.num))
+        self.kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+
+    # -- raw access (tests of hostile chains write whatever they like) --
+
+    def write_desc(self, i: int, addr: int, length: int, flags: int, next_: int = 0) -> None:
+        self.mem.write(self.desc + 16 * i, DESC.pack(addr, length, flags, next_))
+
+    def publish(self, head: int) -> None:
+        """Put a head in the avail ring and bump avail->idx (x86: stores are ordered)."""
+        slot = self.avail + 4 + 2 * (self.avail_idx % self.num)
+        self.mem.write(slot, struct.pack("<H", head))
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self.mem.write(self.avail + 2, struct.pack("<H", self.avail_idx))
+
+    def set_avail_idx(self, value: int) -> None:
+        self.avail_idx = value & 0xFFFF
+        self.mem.write(self.avail + 2, struct.pack("<H", self.avail_idx))
+
+    def kick(self, old_avail_idx: int | None = None) -> bool:
+        """Notify the device unless EVENT_IDX says it does not want to hear about it."""
+        if self.event_idx and old_avail_idx is not None:
+            avail_event = struct.unpack("<H", self.mem.read(self.used + 4 + 8 * self.num, 2))[0]
+            if not _need_event(avail_event, self.avail_idx, old_avail_idx):
+                return False
+        os.eventfd_write(self.kick_fd, 1)
+        return True
+
+    # -- chains --
+
+    def add_chain(self, bufs: Sequence[tuple[int, int, bool]], indirect: bool = False) -> int:
+        """Write a chain of (gpa, len, device_writable) buffers; returns its head (unpublished)."""
+        if indirect:
+            table = self.mem.alloc(16 * len(bufs), 16)
+            for i, (addr, length, writable) in enumerate(bufs):
+                flags = (VRING_DESC_F_WRITE if writable else 0) | (
+                    VRING_DESC_F_NEXT if i + 1 < len(bufs) else 0)
+                self.mem.write(table + 16 * i, DESC.pack(addr, length, flags, i + 1))
+            head = self._take_desc(1)[0]
+            self.write_desc(head, table, 16 * len(bufs), VRING_DESC_F_INDIRECT)
+            self.chains[head] = [head, -table]
+            return head
+        ids = self._take_desc(len(bufs))
+        for i, (addr, length, writable) in enumerate(bufs):
+            flags = (VRING_DESC_F_WRITE if writable else 0) | (
+                VRING_DESC_F_NEXT if i + 1 < len(bufs) else 0)
+            self.write_desc(ids[i], addr, length, flags, ids[i + 1] if i + 1 < len(bufs) else 0)
+        self.chains[ids[0]] = ids
+        return ids[0]
+
+    def _take_desc(self, n: int) -> list[int]:
+        if n > len(self.free_desc):
+            raise DeviceError(f"queue {self.index}: {n} descriptors wanted, {len(self.free_desc)} free")
+        ids, self.free_desc = self.free_desc[:n], self.free_desc[n:]
+        return ids
+
+    def used_idx(self) -> int:
+        return struct.unpack("<H", self.mem.read(self.used + 2, 2))[0]
+
+    def pop_used(self) -> list[tuple[int, int]]:
+        """Collect used elements (id, len) and recycle their descriptors."""
+        out = []
+        end = self.used_idx()
+        while self.last_used_idx != end:
+            slot = self.used + 4 + 8 * (self.last_used_idx % self.num)
+            head, length = struct.unpack("<II", self.mem.read(slot, 8))
+            self.last_used_idx = (self.last_used_idx + 1) & 0xFFFF
+            if head not in self.chains:
+                self.unexpected_used.append((head, length))
+            for d in self.chains.pop(head, []):
+                if d >= 0:
+                    self.free_desc.append(d)
+                else:
+                    self.mem.free(-d)
+            out.append((head, length))
+        # Ask for an interrupt on the next completion (used_event).
+        self.mem.write(self.avail + 4 + 2 * self.num, struct.pack("<H", self.last_used_idx))
+        return out
+
+    def wait_used(self, timeout: float) -> list[tuple[int, int]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.pop_used()
+            if got:
+                return got
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return []
+            r, _, _ = select.select([self.call_fd], [], [], min(left, 0.05))
+            if r:
+                try:
+                    os.eventfd_read(self.call_fd)
+                except BlockingIOError:
+                    pass
+
+    def close(self) -> None:
+        for fd in (self.kick_fd, self.call_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.kick_fd = self.call_fd = -1

@@ -1,0 +1,28 @@
+"""The test guest: a Debian kernel and a busybox initramfs booted in QEMU against a
+vhost-user-blk socket (kit: `python -m dataplane.guest`), and `dataplane demo` (demo)."""
+
+from .kit import (
+    GuestError,
+    GuestHandle,
+    GuestImage,
+    GuestResult,
+    GuestTimeout,
+    build_guest,
+    default_cache_dir,
+    qemu_command,
+    run_guest,
+    start_guest,
+)
+
+__all__ = [
+    "GuestError",
+    "GuestHandle",
+    "GuestImage",
+    "GuestResult",
+    "GuestTimeout",
+    "build_guest",
+    "default_cache_dir",
+    "qemu_command",
+    "run_guest",
+    "start_guest",
+]
