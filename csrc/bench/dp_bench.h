@@ -1,4 +1,5 @@
-/* dp_bench.h — public (cffi): micro-benchmark hooks for tests/bench (bench_hooks.c). */
+/* dp_bench.h — public (cffi): hooks for tests only, not part of the data path: hot-path
+ * micro-benchmarks for tests/bench (bench_hooks.c) and the disk interface by hand (disk_hooks.c). */
 #ifndef DP_BENCH_H
 #define DP_BENCH_H
 
@@ -29,6 +30,12 @@ int dp_bench_push_used(struct dp_bench_ring *ring, uint64_t n, unsigned batch,
 /* pop + parse + status + push used (+ notify decision per batch) for n requests. */
 int dp_bench_request(struct dp_bench_ring *ring, uint64_t n, unsigned batch,
                      struct dp_bench_result *out);
+
+/* Test hook (disk_hooks.c): a latency layer over a null disk, driven through its ops table on a
+ * private io_uring until its only request has been completed by poll while its timeout is still
+ * armed; then close is called until it succeeds. Stores close's first answer (-EBUSY: it waited
+ * for the timeout) and the CQEs reaped until it succeeded; returns 0, or -errno / -EPROTO. */
+int dp_bench_delay_close(int *first_close, unsigned *cqes);
 /* ==== end of benchmark hooks ==== */
 
 #endif

@@ -153,6 +153,27 @@ def test_fixed_latency_at_qd1_never_reorders(start_backend) -> None:
 # --------------------------------------------------------------------------- caps
 
 
+def test_queues_stop_and_restart_while_requests_are_held(start_backend) -> None:
+    """Sessions that end with requests still held back by the latency layer: each stop drains
+    them, the layer's state on each I/O thread is released with the last queue and made again
+    for the next session (the threads live on), and nothing is lost or failed. (The one case
+    this cannot force, a timeout still on the ring when the state goes, is
+    tests/unit/test_disk_interface.py's.)"""
+    backend = start_backend("null:16M,latency=uniform:20us-400us", queues=2, poll_us=50)
+    for _ in range(20):
+        dev = Device.connect(backend.socket, queues=2)
+        try:
+            reqs = [dev.submit(0, sector=8 * i, read_len=4096, queue=i % 2) for i in range(16)]
+            dev.wait(reqs[:4])   # the rest are still held when the session ends
+        finally:
+            dev.close()
+    with Device.connect(backend.socket, queues=2) as dev:
+        assert dev.read(0, 4096, queue=1) == bytes(4096)
+        assert dev.read(4096, 4096, queue=0) == bytes(4096)
+    totals = backend.server.snapshot()["queues"]
+    assert sum(q["delayed"] for q in totals) >= 20 * 16 * 0.9 and sum(q["errors"] for q in totals) == 0
+
+
 def assert_capped(backend, job: Job, cap: float, what: str, queues: int = 1) -> None:
     """Never above the cap (over a whole run), and at it (within 10%, median 0.5 s interval)
     while the load allows. A host that freezes timers for seconds (seen on this 2-CPU CI
