@@ -4,6 +4,7 @@ Python: a fresh one, a summary, and cumulative counts at chosen bounds."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from itertools import accumulate
 from typing import Any
 
 from ..core import ffi, lib
@@ -26,9 +27,7 @@ def hist_summary(h: Any, percentiles: Iterable[float]) -> dict[str, float]:
 
 
 def hist_cumulative(h: Any, bounds_ns: Iterable[int]) -> list[int]:
-    """Counts of samples <= each bound (bucket resolution: a bucket counts when its low edge is)."""
-    counts = []
-    for bound in bounds_ns:
-        limit = min(lib.dp_hist_index(bound), lib.DP_HIST_NR - 1)
-        counts.append(sum(h.bucket[i] for i in range(limit + 1)))
-    return counts
+    """Counts of samples <= each bound (bucket resolution: a bucket counts when its low edge is).
+    One pass over the buckets, copied out of C at once: a scrape runs in the control loop."""
+    running = list(accumulate(ffi.unpack(h.bucket, lib.DP_HIST_NR)))
+    return [running[min(lib.dp_hist_index(bound), lib.DP_HIST_NR - 1)] for bound in bounds_ns]
