@@ -1,5 +1,6 @@
-"""Emulated latency distributions (dataplane/latency.py + the core's sampler): what the queues
-draw matches the spec a user wrote, and a bad spec is one clear error.
+"""Emulated latency distributions (dataplane/disks/latency.py + the core's sampler in
+csrc/disk/delay.c): what the queues draw matches the spec a user wrote, and a bad spec is one
+clear error.
 
 Draws come from `lib.dp_latency_sample`, which samples the table exactly like a queue does
 (same generator, same interpolation); percentiles of the draws follow fio's rule (the first
