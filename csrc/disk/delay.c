@@ -343,15 +343,10 @@ static void delay_free(struct dp_disk *disk)
 }
 
 static const struct dp_disk_ops delay_ops = {
-    .name = "delay",
-    .open = delay_open,
-    .close = delay_close,
-    .queue_open = delay_queue_open,
-    .queue_close = delay_queue_close,
-    .submit = delay_submit,
-    .poll = delay_poll,
-    .before_wait = delay_before_wait,
-    .free = delay_free,
+    .name = "delay", .free = delay_free,
+    .open = delay_open, .close = delay_close,
+    .queue_open = delay_queue_open, .queue_close = delay_queue_close,
+    .submit = delay_submit, .poll = delay_poll, .before_wait = delay_before_wait,
 };
 
 static int check_params(const struct dp_latency_params *params)

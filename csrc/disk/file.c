@@ -204,11 +204,8 @@ static void file_free(struct dp_disk *disk)
 }
 
 static const struct dp_disk_ops file_ops = {
-    .name = "file",
-    .open = file_open,
-    .close = file_close,
-    .submit = file_submit,
-    .free = file_free,
+    .name = "file", .free = file_free,
+    .open = file_open, .close = file_close, .submit = file_submit,
 };
 
 struct dp_disk *dp_file_disk_new(int fd, const struct dp_disk_info *info, int *err)

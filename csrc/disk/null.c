@@ -33,11 +33,8 @@ static void null_free(struct dp_disk *disk)
 }
 
 static const struct dp_disk_ops null_ops = {
-    .name = "null",
-    .open = null_open,
-    .close = null_close,
-    .submit = null_submit,
-    .free = null_free,
+    .name = "null", .free = null_free,
+    .open = null_open, .close = null_close, .submit = null_submit,
 };
 
 struct dp_disk *dp_null_disk_new(const struct dp_disk_info *info, int *err)
