@@ -26,10 +26,9 @@ struct dp_blk_dev {
 
 struct dp_vq;
 
-/* One request slot of a queue: what the guest asked (type, status byte) and the disk request
- * it became (io), plus the engine's bookkeeping. */
+/* One request slot of a queue: the engine's bookkeeping and what the guest asked (type,
+ * status byte), then the disk request it became (io: its hot fields first, the ranges last). */
 struct dp_req {
-    struct dp_disk_io io;
     struct dp_vq *vq;
     struct dp_req *next_free;
     uint16_t head;
@@ -38,6 +37,7 @@ struct dp_req {
     uint32_t used_len;            /* bytes the device wrote, reported in the used ring */
     struct iovec *seg;            /* the whole chain (REQ_MAX_SEGS slots) */
     uint64_t seq;                 /* submission order within the queue */
+    struct dp_disk_io io;
 };
 
 /* Parse the chain (nseg segments already in req->seg, the first nreadable device-readable;

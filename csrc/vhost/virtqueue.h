@@ -51,9 +51,6 @@ struct dp_vq {
     /* serving state: the engine's (engine/queue.c); this room never reads it */
     struct dp_blk_dev *dev;       /* the virtio-blk device the queue serves */
     struct dp_engine *engine;     /* non-NULL while attached */
-    struct engine_disk *disk;     /* dev's disk as that engine serves it */
-    void *disk_queue;             /* the disk's state for this queue */
-    int disk_queue_open;
     struct dp_vq *next;           /* engine's list of attached queues */
     int stopping;
     int starved;                  /* ran out of request slots: pop again on a completion */
@@ -71,6 +68,10 @@ struct dp_vq {
     unsigned nresubmit;
     unsigned recovered_out_of_order;
 
+    /* the queue's disk on its engine (set up at attach; cold on the ring's hot lines) */
+    struct engine_disk *disk;     /* dev's disk as that engine serves it */
+    void *disk_queue;             /* the disk's state for this queue */
+    int disk_queue_open;
     uint64_t submit_seq;
     uint64_t max_completed_seq;
 
