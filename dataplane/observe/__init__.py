@@ -1,0 +1,1 @@
+"""Looking at I/O patterns: charts of block traces and of replay/load reports."""
