@@ -441,7 +441,7 @@ def draw_compare_latency(runs: Sequence[tuple[str, dict[str, Direction]]]):
     names = [d for d in ("read", "write", "trim", "sync") if any(d in dirs for _, dirs in runs)]
     if not names:
         return None
-    fig, axes = _figure(len(names), sharey=True, title="Completion latency percentiles (clat CDF)")
+    fig, axes = _figure(len(names), sharey=True, title="Completion latency percentiles (clat)")
     panels = []
     for ax, dname in zip(axes, names, strict=True):
         drawn = 0
@@ -449,9 +449,9 @@ def draw_compare_latency(runs: Sequence[tuple[str, dict[str, Direction]]]):
             d = dirs.get(dname)
             if d is None or not d.clat:
                 continue
-            pct = [p for p, _ in d.clat]
-            us = [ns / 1000 for _, ns in d.clat]
-            ax.plot(us, pct, marker=".", color=color, label=run + (" (~)" if d.approximate else ""))
+            points = [(ns / 1000, _nines(p)) for p, ns in d.clat if p < 100]
+            ax.plot([x for x, _ in points], [y for _, y in points], marker=".", color=color,
+                    label=run + (" (~)" if d.approximate else ""))
             drawn += 1
         if not drawn:
             panels.append(_empty(ax, dname, "no latency percentiles in either report"))
@@ -459,12 +459,22 @@ def draw_compare_latency(runs: Sequence[tuple[str, dict[str, Direction]]]):
         ax.set_xscale("log")
         ax.set_title(dname, fontsize=10)
         ax.set_xlabel("completion latency (us)")
-        ax.set_ylim(0, 100)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left")
         panels.append(Panel(dname, "lines", drawn))
+    # The tail matters: percentiles on a "nines" axis (90, 99, 99.9 equally spaced).
+    axes[0].set_yticks([_nines(p) for p in NINES], [f"{p:g}" for p in NINES])
+    axes[0].set_ylim(0, _nines(99.99) * 1.02)
     axes[0].set_ylabel("percentile")
     return fig, panels
+
+
+NINES = (0, 50, 90, 99, 99.9, 99.99)
+
+
+def _nines(pct: float) -> float:
+    """-log10(1 - p): 0 -> 0, 90 -> 1, 99 -> 2, 99.9 -> 3."""
+    return -math.log10(1 - min(pct, 99.999) / 100)
 
 
 def draw_compare_throughput(runs: Sequence[tuple[str, dict[str, Direction]]]):
