@@ -220,9 +220,10 @@ def _dist(levels: Sequence[int], keys: Sequence[str]) -> dict[str, float]:
 
 
 def dir_json(ds: Any, runtime_ns: int, iops_samples: Sequence[float], bw_samples: Sequence[float],
-             lat_percentiles: bool = False) -> dict[str, Any]:
+             lat_percentiles: bool = False, sample_ms: float = 0.0) -> dict[str, Any]:
     """fio's JSON for one direction of one job. ds: a struct dp_load_dir_stats (ios, bytes, errors,
-    slat/clat/lat histograms); samples: IOPS and KiB/s per interval; lat_percentiles: fio's
+    slat/clat/lat histograms); samples: IOPS and KiB/s per interval of sample_ms (kept as the
+    `iops_series` the charts of --compare --plot draw); lat_percentiles: fio's
     lat_percentiles=1 (open loop, where lat counts from the schedule)."""
     runtime_ms = int(runtime_ns // 1_000_000) if ds.ios else 0
     secs = runtime_ns / 1e9 if runtime_ns else 0.0
@@ -235,7 +236,7 @@ def dir_json(ds: Any, runtime_ns: int, iops_samples: Sequence[float], bw_samples
         lat["percentile"] = _percentiles(ffi.addressof(ds, "lat"))
     bmin, bmax, bmean, bdev = _sample_stats(list(bw_samples))
     imin, imax, imean, idev = _sample_stats(list(iops_samples))
-    return {
+    out = {
         "io_bytes": int(ds.bytes), "io_kbytes": int(ds.bytes // 1024),
         "bw_bytes": bw_bytes, "bw": bw_bytes // 1024,
         "iops": ds.ios / secs if secs else 0.0,
@@ -250,6 +251,9 @@ def dir_json(ds: Any, runtime_ns: int, iops_samples: Sequence[float], bw_samples
         "errors": {"ioerr": int(ds.err_ioerr), "unsupp": int(ds.err_unsupp),
                    "other": int(ds.err_other)},
     }
+    if sample_ms and iops_samples:
+        out["iops_series"] = {"interval_ms": sample_ms, "iops": [round(v, 1) for v in iops_samples]}
+    return out
 
 
 DEPTH_KEYS = ("1", "2", "4", "8", "16", "32", ">=64")
@@ -446,7 +450,7 @@ class LoadResult:
             iops_samples = []
         bw_samples = [v * self.job.bs / 1024 for v in iops_samples]
         return dir_json(ds, int(s.runtime_ns), iops_samples, bw_samples,
-                        lat_percentiles=bool(self.job.rate_iops))
+                        lat_percentiles=bool(self.job.rate_iops), sample_ms=s.sample_ns / 1e6)
 
     def _job_error(self, s: Any) -> int:
         if s.error:
@@ -465,7 +469,7 @@ class LoadResult:
         for dname, d in DIRS:
             out[dname] = with_bw_agg(self._dir_json(s, d), bw_agg.get(d, 0))
         out["trim"] = {k: (dict(empty) if k.endswith("_ns") else 0) for k in out["read"]
-                       if k != "errors"}
+                       if k not in ("errors", "iops_series")}
         out["trim"].update(iops=0.0, bw_agg=0.0, bw_mean=0.0, bw_dev=0.0, iops_mean=0.0,
                            iops_stddev=0.0)
         out["sync"] = {"total_ios": 0, "lat_ns": dict(empty)}

@@ -238,7 +238,7 @@ class ReplayResult:
         out = job_json(unit.name, err, int(round(runtime / 1e9)), self.job_options())
         for dname, op in FIO_DIRS:
             iops, bw = self._samples(unit, op)
-            d = dir_json(unit.ops[op], runtime, iops, bw, lat_percentiles=timed)
+            d = dir_json(unit.ops[op], runtime, iops, bw, lat_percentiles=timed, sample_ms=1000.0)
             out[dname] = with_bw_agg(d, bw_agg.get(op, 0))
         flush = unit.ops[Op.FLUSH]
         sync_lat = _hist_summary(flush.clat)
