@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "virtqueue.h"
+#include "vhost/dirty_log.h"
 
 static uint16_t *used_event_ptr(struct dp_vq *vq)
 {
@@ -155,11 +156,16 @@ void vq_push_used(struct dp_vq *vq, uint16_t head, uint32_t len)
         r->last_batch_head = head;
         inflight_order();
     }
-    struct vring_used_elem *e = &vq->used->ring[vq->used_idx & (vq->num - 1)];
+    unsigned slot = vq->used_idx & (vq->num - 1);
+    struct vring_used_elem *e = &vq->used->ring[slot];
     e->id = head;
     e->len = len;
     vq->used_idx++;
     virtio_store_release_u16(&vq->used->idx, vq->used_idx);
+    if (vq_logging(vq)) {
+        vq_log_used(vq, offsetof(struct vring_used, ring) + slot * sizeof(*e), sizeof(*e));
+        vq_log_used(vq, offsetof(struct vring_used, idx), sizeof(vq->used->idx));
+    }
     if (r) {
         inflight_order();
         r->desc[head].inflight = 0;
@@ -189,8 +195,12 @@ int vq_enable_notify(struct dp_vq *vq)
 {
     if (vq->broken)
         return 0;
-    if (vq->flags & DP_VQ_F_EVENT_IDX)
+    if (vq->flags & DP_VQ_F_EVENT_IDX) {
         __atomic_store_n(avail_event_ptr(vq), vq->last_avail_idx, __ATOMIC_RELAXED);
+        if (vq_logging(vq))
+            vq_log_used(vq, offsetof(struct vring_used, ring) + vq->num * sizeof(struct vring_used_elem),
+                        sizeof(uint16_t));
+    }
     virtio_store_mb();   /* avail_event before the re-read of avail->idx */
     return vq_has_avail(vq);
 }
