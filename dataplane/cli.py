@@ -74,6 +74,14 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
                    help="serve Prometheus metrics on [HOST:]PORT (HOST defaults to 127.0.0.1)")
     p.add_argument("--debug-no-inflight", dest="inflight", action="store_false", default=None,
                    help=argparse.SUPPRESS)   # turns reconnect safety off, to prove the tests see it
+    # The same for migration: LOG_ALL and LOG_SHMFD are offered, nothing is logged.
+    p.add_argument("--debug-no-dirty-log", dest="dirty_log", action="store_false", default=None,
+                   help=argparse.SUPPRESS)
+    # The lost interrupt after a restart: no signal when a queue starts or gets a call fd...
+    p.add_argument("--debug-no-call-on-start", action="store_true", help=argparse.SUPPRESS)
+    # ...and a SIGKILL between the N-th used-index store and its interrupt.
+    p.add_argument("--debug-kill-before-signal", type=positive_int, default=None, metavar="N",
+                   help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,6 +219,17 @@ def _install_sighup(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGHUP, on_sighup)
 
 
+def _debug_switches(args: argparse.Namespace) -> None:
+    """The hidden switches with which tests show what a protection is for (process-wide)."""
+    from .backend import set_debug_switches
+
+    set_debug_switches(args.debug_no_call_on_start, args.debug_kill_before_signal or 0)
+    if args.debug_no_call_on_start:
+        log.warning("debug: no interrupt when a queue starts or its call fd changes")
+    if args.debug_kill_before_signal:
+        log.warning("debug: SIGKILL before interrupt number %d", args.debug_kill_before_signal)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .backend import EnginePool, ServerOptions, VhostUserBlkServer, install_signal_handlers
     from .disks import open_disk
@@ -223,7 +242,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server = VhostUserBlkServer(
             disk,
             ServerOptions(socket_path=cfg.socket, num_queues=cfg.queues, socket_mode=cfg.socket_mode,
-                          socket_group=cfg.socket_group, inflight=cfg.inflight, metrics=cfg.metrics),
+                          socket_group=cfg.socket_group, inflight=cfg.inflight,
+                          dirty_log=args.dirty_log is not False, metrics=cfg.metrics),
             EnginePool.from_plan(placement, poll_ns=cfg.poll_us * 1000))
     except BaseException:
         disk.close()
@@ -233,6 +253,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for row in placement.rows:
         log.info("placement: vq%d -> %s on cpu %s (%s)", row.virtqueue, row.thread_name,
                  row.host_cpu, row.reason)
+    _debug_switches(args)
     install_signal_handlers(server)
     _install_sighup(args)
     try:

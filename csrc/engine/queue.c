@@ -42,20 +42,21 @@ static void release_req(struct dp_vq *vq, struct dp_req *req)
         mem_drained(vq);
 }
 
-/* Log what a request wrote into guest memory: the data a read or GET_ID put there (all of a
- * failed read's buffers: the disk may have written part of them), and the status byte. */
-static void log_request(struct dp_vq *vq, const struct dp_req *req, uint8_t status)
+/* Log what a request wrote into guest memory: the data a read or GET_ID put there (all of the
+ * buffers of a read its disk failed: it may have written part of them), and the status byte. */
+static void log_request(struct dp_vq *vq, const struct dp_req *req, uint8_t status, int from_disk)
 {
     if (req->type == VIRTIO_BLK_T_IN || req->type == VIRTIO_BLK_T_GET_ID) {
         size_t n = status == VIRTIO_BLK_S_OK ? req->used_len - 1
-                   : req->type == VIRTIO_BLK_T_IN ? req->io.nbytes : 0;
+                   : req->type == VIRTIO_BLK_T_IN && from_disk ? req->io.nbytes : 0;
         vq_log_iov(vq, req->io.iov, req->io.iovcnt, n);
     }
     vq_log_host(vq, req->status, 1);
 }
 
-/* Publish a finished request: status byte, used ring, statistics. */
-static void req_finish(struct dp_req *req, uint8_t status)
+/* Publish a finished request: status byte, used ring, statistics. from_disk: its disk
+ * executed it (rather than the device answering at once). */
+static void req_finish(struct dp_req *req, uint8_t status, int from_disk)
 {
     struct dp_vq *vq = req->vq;
     if (status == VIRTIO_BLK_S_OK) {
@@ -83,7 +84,7 @@ static void req_finish(struct dp_req *req, uint8_t status)
     /* The status byte is ordered before used->idx by the release in vq_push_used. */
     *req->status = status;
     if (vq_logging(vq))
-        log_request(vq, req, status);
+        log_request(vq, req, status, from_disk);
     vq_push_used(vq, req->head, req->used_len);
     vq->need_notify = 1;
     release_req(vq, req);
@@ -91,7 +92,7 @@ static void req_finish(struct dp_req *req, uint8_t status)
 
 void queue_io_done(void *arg, struct dp_disk_io *io, int result)
 {
-    req_finish(container_of(io, struct dp_req, io), blk_status(result));
+    req_finish(container_of(io, struct dp_req, io), blk_status(result), 1);
 }
 
 static void count_request(struct dp_vq *vq, uint32_t type)
@@ -129,7 +130,7 @@ static void start_request(struct dp_req *req, const struct vq_chain *chain)
     if (status == VIRTIO_BLK_S_OK)
         status = blk_req_answer(req, vq->dev);
     if (status >= 0) {
-        req_finish(req, (uint8_t)status);
+        req_finish(req, (uint8_t)status, 0);
         return;
     }
     struct engine_disk *d = vq->disk;

@@ -22,6 +22,8 @@ struct dp_dirty_log *dp_log_map(int fd, uint64_t size, uint64_t offset, int *err
     *err = -EINVAL;
     if (fd < 0 || size == 0 || offset + size < offset || offset + size > SIZE_MAX)
         return NULL;
+    if ((*err = guest_mem_fd_holds(fd, offset, size)))
+        return NULL;
     struct dp_dirty_log *log = calloc(1, sizeof(*log));
     if (!log) {
         *err = -ENOMEM;

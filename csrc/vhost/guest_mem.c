@@ -11,9 +11,21 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "guest_mem.h"
+
+int guest_mem_fd_holds(int fd, uint64_t offset, uint64_t len)
+{
+    struct stat st;
+    if (fstat(fd, &st))
+        return -errno;
+    /* A file shorter than the mapping would fault (SIGBUS) on the first access past its end. */
+    if (S_ISREG(st.st_mode) && (uint64_t)st.st_size < offset + len)
+        return -EINVAL;
+    return 0;
+}
 
 struct dp_mem *dp_mem_new(void)
 {
@@ -104,6 +116,8 @@ int dp_mem_map_region(struct dp_mem *mem, int fd, uint64_t gpa, uint64_t size, u
         return rc;
     if (fd < 0 || mmap_offset + size < mmap_offset || mmap_offset + size > SIZE_MAX)
         return -EINVAL;
+    if ((rc = guest_mem_fd_holds(fd, mmap_offset, size)))
+        return rc;
     /* Map from the page below mmap_offset, so any offset works and only the region is mapped. */
     uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
     uint64_t start = mmap_offset & ~(page - 1);

@@ -3,7 +3,7 @@ session's life, statistics endpoints), the per-message handlers of a session (de
 the I/O threads the C core serves queues on (engines)."""
 
 from .device import VhostUserBlkDevice, device_features
-from .engines import EnginePool
+from .engines import EnginePool, set_debug_switches
 from .server import ServerOptions, VhostUserBlkServer, install_signal_handlers, prepare_socket_path
 from .stats import fetch_stats, stats_socket_path
 
@@ -16,5 +16,6 @@ __all__ = [
     "fetch_stats",
     "install_signal_handlers",
     "prepare_socket_path",
+    "set_debug_switches",
     "stats_socket_path",
 ]

@@ -53,3 +53,11 @@ class EnginePool:
         for engine in self.engines.values():
             lib.dp_engine_free(engine)
         self.engines.clear()
+
+
+def set_debug_switches(no_call_on_start: bool = False, kill_before_signal: int = 0) -> None:
+    """Process-wide switches with which tests show what a protection is for: no interrupt when
+    a queue starts or its call fd changes; SIGKILL at the n-th interrupt about to be sent,
+    after the used index it is for was published."""
+    lib.dp_debug_set_flags(lib.DP_DEBUG_NO_START_SIGNAL if no_call_on_start else 0)
+    lib.dp_debug_kill_before_signal(kill_before_signal)

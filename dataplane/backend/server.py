@@ -38,6 +38,7 @@ class ServerOptions:
     socket_mode: int = 0o600
     socket_group: str | None = None
     inflight: bool = True
+    dirty_log: bool = True                   # False: offer LOG_ALL, log nothing (debug only)
     metrics: tuple[str, int] | None = None   # Prometheus endpoint (host, port); None: off
 
 
@@ -220,7 +221,8 @@ class VhostUserBlkServer:
         conn.settimeout(MESSAGE_TIMEOUT_S)
         self.conn = conn
         self.device = VhostUserBlkDevice(self.disk, self.options.num_queues, self.engines,
-                                         inflight=self.options.inflight)
+                                         inflight=self.options.inflight,
+                                         dirty_log=self.options.dirty_log)
         sel.register(conn, selectors.EVENT_READ, "conn")
         log.info("front end connected")
 
