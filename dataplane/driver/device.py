@@ -384,27 +384,29 @@ class Device:
     # -- requests --
 
     def submit(self, type_: int, sector: int = 0, *, data: bytes | None = None,
-               read_len: int = 0, queue: int = 0, indirect: bool = False) -> BlkRequest:
+               read_len: int = 0, queue: int = 0, indirect: bool = False,
+               area: _Area | None = None) -> BlkRequest:
         """Build and publish one request. `data` is device-readable payload (OUT, DISCARD...);
-        read_len is the device-writable payload size (IN, GET_ID)."""
+        read_len is the device-writable payload size (IN, GET_ID). Its buffers are allocated
+        in `area` (memory from add_memory) when given."""
         ring = self.rings[queue]
-        hdr = self.mem.alloc(OUTHDR.size, 16)
+        hdr = self.mem.alloc(OUTHDR.size, 16, area)
         self.mem.write(hdr, OUTHDR.pack(type_, 0, sector))
         bufs: list[tuple[int, int, bool]] = [(hdr, OUTHDR.size, False)]
         owned = [hdr]
         data_gpa, data_len = 0, 0
         if data is not None:
             data_len = len(data)
-            data_gpa = self.mem.alloc(data_len, 4096)
+            data_gpa = self.mem.alloc(data_len, 4096, area)
             self.mem.write(data_gpa, data)
             bufs.append((data_gpa, data_len, False))
             owned.append(data_gpa)
         elif read_len:
             data_len = read_len
-            data_gpa = self.mem.alloc(read_len, 4096)
+            data_gpa = self.mem.alloc(read_len, 4096, area)
             bufs.append((data_gpa, read_len, True))
             owned.append(data_gpa)
-        status = self.mem.alloc(1, 1)
+        status = self.mem.alloc(1, 1, area)
         self.mem.write(status, b"\xff")
         bufs.append((status, 1, True))
         owned.append(status)
@@ -437,8 +439,8 @@ class Device:
             self.mem.free(gpa)
 
     def _run(self, type_: int, sector: int = 0, *, data: bytes | None = None,
-             read_len: int = 0, queue: int = 0) -> tuple[int, bytes]:
-        req = self.submit(type_, sector, data=data, read_len=read_len, queue=queue)
+             read_len: int = 0, queue: int = 0, area: _Area | None = None) -> tuple[int, bytes]:
+        req = self.submit(type_, sector, data=data, read_len=read_len, queue=queue, area=area)
         try:
             status, _ = self.wait([req])[id(req)]
             out = self.mem.read(req.data, read_len) if read_len else b""
@@ -452,13 +454,14 @@ class Device:
             name = vb.Status(status).name if status in vb.Status._value2member_map_ else str(status)
             raise DeviceError(f"{what}: device answered {name}")
 
-    def read(self, offset: int, length: int, queue: int = 0) -> bytes:
-        status, data = self._run(vb.ReqType.IN, offset // SECTOR, read_len=length, queue=queue)
+    def read(self, offset: int, length: int, queue: int = 0, area: _Area | None = None) -> bytes:
+        status, data = self._run(vb.ReqType.IN, offset // SECTOR, read_len=length, queue=queue,
+                                 area=area)
         self._check(status, f"read {length} bytes at {offset}")
         return data
 
-    def write(self, offset: int, data: bytes, queue: int = 0) -> None:
-        status, _ = self._run(vb.ReqType.OUT, offset // SECTOR, data=data, queue=queue)
+    def write(self, offset: int, data: bytes, queue: int = 0, area: _Area | None = None) -> None:
+        status, _ = self._run(vb.ReqType.OUT, offset // SECTOR, data=data, queue=queue, area=area)
         self._check(status, f"write {len(data)} bytes at {offset}")
 
     def flush(self, queue: int = 0) -> None:

@@ -13,6 +13,7 @@ from .kit import (
     run_guest,
     start_guest,
 )
+from .qmp import Qmp, QmpError
 
 __all__ = [
     "GuestError",
@@ -20,6 +21,8 @@ __all__ = [
     "GuestImage",
     "GuestResult",
     "GuestTimeout",
+    "Qmp",
+    "QmpError",
     "build_guest",
     "default_cache_dir",
     "qemu_command",

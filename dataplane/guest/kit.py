@@ -644,8 +644,11 @@ def qemu_command(
     queue_size: int = 128,
     kernel_args: Sequence[str] = (),
     extra_args: Sequence[str] = (),
+    memory_slots: int = 0,
+    max_memory_mb: int = 0,
 ) -> list[str]:
-    """The QEMU argv used to boot ``image`` (exposed for debugging and tests)."""
+    """The QEMU argv used to boot ``image`` (exposed for debugging and tests). memory_slots
+    and max_memory_mb make room for hot-plugged DIMMs (`-m SIZE,slots=N,maxmem=MAX`)."""
     append = ["console=ttyS0", "quiet", "panic=-1"]
     if socket is not None:
         append.append("dpguest.disk=1")
@@ -655,7 +658,8 @@ def qemu_command(
         "-accel", "tcg,thread=multi",
         "-cpu", "max",
         "-smp", str(smp),
-        "-m", f"{memory_mb}M",
+        "-m", f"{memory_mb}M" + (f",slots={memory_slots},maxmem={max_memory_mb or 2 * memory_mb}M"
+                                 if memory_slots else ""),
         "-object", f"memory-backend-memfd,id=mem,size={memory_mb}M,share=on",
         "-numa", "node,memdev=mem",
         "-nographic", "-nodefaults",
@@ -809,6 +813,8 @@ class BootOptions(TypedDict, total=False):
     queue_size: int
     kernel_args: Sequence[str]
     extra_args: Sequence[str]
+    memory_slots: int
+    max_memory_mb: int
 
 
 def start_guest(
