@@ -485,23 +485,24 @@ class VhostUserBlkDevice:
             raise MessageError(f"no region gpa {gpa:#x} size {size:#x} uva {uva:#x}")
         # Running queues keep serving; the swap is acknowledged once the requests they had
         # popped (which may point into the region) have completed. Then the region is unmapped.
-        t0 = time.monotonic()
-        self._publish_mem(new, drain=True)
+        waited = self._publish_mem(new, drain=True)
         log.info("memory: removed gpa %#x, %d MiB (%d region(s) left; %.2f ms for requests in"
-                 " flight)", gpa, size >> 20, lib.dp_mem_region_count(new),
-                 (time.monotonic() - t0) * 1e3)
+                 " flight)", gpa, size >> 20, lib.dp_mem_region_count(new), waited * 1e3)
 
-    def _publish_mem(self, new: object, drain: bool) -> None:
+    def _publish_mem(self, new: object, drain: bool) -> float:
         """Make `new` every queue's table (running ones swap it on their thread), then free the
-        old one, which no queue uses any more."""
+        old one, which no queue uses any more. Returns the seconds the swap took."""
         vqs = ffi.new("struct dp_vq *[]", [v.handle for v in self.vrings])
+        t0 = time.monotonic()
         rc = lib.dp_vqs_set_mem(vqs, len(self.vrings), new, int(drain))
+        waited = time.monotonic() - t0
         old, self.mem = self.mem, new
         if old is not None:
             lib.dp_mem_free(old)
         if rc < 0:
             log.error("a queue's rings are not inside the new memory table (%s): queue stopped",
                       os.strerror(-rc))
+        return waited
 
     # ---- dirty log (LOG_SHMFD, VHOST_F_LOG_ALL): live migration ----
 
