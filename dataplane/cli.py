@@ -149,6 +149,15 @@ def add_load_parser(sub: argparse._SubParsersAction) -> None:
     load.add_argument("--poll-us", dest="poll_us", type=count_arg, default=0,
                       help="spin on the used ring this long before sleeping on the call eventfd")
     load.add_argument("--cpus", default="", help="pin queue i's thread to the i-th CPU of this list")
+    load.add_argument("--mem-regions", dest="mem_regions", type=positive_int, default=1,
+                      help="give guest memory to the backend as this many regions (more than 8"
+                           " need CONFIGURE_MEM_SLOTS: one ADD_MEM_REG each)")
+    load.add_argument("--log-all", dest="log_all", action="store_true",
+                      help="run as under a live migration: a dirty log (SET_LOG_BASE, LOG_ALL,"
+                           " VHOST_VRING_F_LOG) harvested every 100 ms")
+    load.add_argument("--hotplug-every", dest="hotplug_every", type=time_arg, default=0.0,
+                      help="while it runs, hot-plug 1 MiB of memory and remove it again this often"
+                           " (ADD_MEM_REG / REM_MEM_REG)")
     load.add_argument("--group-reporting", "--group_reporting", dest="group_reporting",
                       action="store_true", help="one aggregate job instead of one per queue")
     load.add_argument("--output-format", "--output_format", dest="output_format",
@@ -273,6 +282,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_load(args: argparse.Namespace) -> int:
     from .driver import Device, Job
+    from .driver.background import Background
 
     cpus = parse_cpus(args.cpus)
     job = Job(rw=args.rw, rwmixread=args.rwmixread, bs=args.bs, iodepth=args.iodepth,
@@ -283,15 +293,20 @@ def cmd_load(args: argparse.Namespace) -> int:
     if ring > 1024:
         ring = job.queue_size(indirect=True)
     with Device.connect(args.socket, queues=args.queues, queue_size=ring,
-                        memory=job.memory_needed(args.queues)) as dev:
-        result = dev.load(job)
+                        memory=job.memory_needed(args.queues), regions=args.mem_regions) as dev:
+        with Background(dev, log_all=args.log_all, hotplug_every=args.hotplug_every) as bg:
+            result = dev.load(job)
+    for line in bg.report.lines():
+        log.info("load: %s", line)
     report = render_report(result, args.output_format, args.group_reporting)
     if args.output is not None:
         args.output.write_text(report)
     else:
         sys.stdout.write(report)
-    if result.error or result.verify_failures or result.io_errors:
-        log.error("load: %s", result.summary_of_problems())
+    if result.error or result.verify_failures or result.io_errors or bg.report.error:
+        log.error("load: %s", "; ".join(filter(None, [
+            result.summary_of_problems() if result.error or result.verify_failures
+            or result.io_errors else "", bg.report.error])))
         return 1
     return 0
 

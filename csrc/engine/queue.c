@@ -44,7 +44,8 @@ static void release_req(struct dp_vq *vq, struct dp_req *req)
 
 /* Log what a request wrote into guest memory: the data a read or GET_ID put there (all of the
  * buffers of a read its disk failed: it may have written part of them), and the status byte. */
-static void log_request(struct dp_vq *vq, const struct dp_req *req, uint8_t status, int from_disk)
+static __attribute__((noinline, cold)) void log_request(struct dp_vq *vq, const struct dp_req *req,
+                                                         uint8_t status, int from_disk)
 {
     if (req->type == VIRTIO_BLK_T_IN || req->type == VIRTIO_BLK_T_GET_ID) {
         size_t n = status == VIRTIO_BLK_S_OK ? req->used_len - 1

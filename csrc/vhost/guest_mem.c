@@ -5,7 +5,7 @@
  * to the queues (engine/queue.c: through each engine's mailbox while they run); the old table
  * is freed once no queue uses it, and a mapping goes with the last table that holds it. That
  * keeps lookups lock-free on the I/O path. Regions are kept sorted by guest-physical address,
- * so a lookup among the 512 a front end may add is a binary search.
+ * so a lookup among the 512 a front end may add is a binary search (a few are just looked at).
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -160,9 +160,19 @@ int dp_mem_region_count(const struct dp_mem *mem)
     return (int)mem->nregions;
 }
 
-/* The last region starting at or below gpa, if gpa falls inside it. */
+/* The region holding gpa: a look at each of a few (the usual table), else a binary search for
+ * the last region starting at or below gpa. (gpa - start < size also rules out gpa < start:
+ * no region wraps.) */
 static const struct mem_region *find_gpa(const struct dp_mem *mem, uint64_t gpa)
 {
+    if (mem->nregions <= 8) {
+        for (unsigned i = 0; i < mem->nregions; i++) {
+            const struct mem_region *r = &mem->regions[i];
+            if (gpa - r->guest_phys_addr < r->size)
+                return r;
+        }
+        return NULL;
+    }
     unsigned lo = 0, hi = mem->nregions;
     while (lo < hi) {
         unsigned mid = (lo + hi) / 2;

@@ -148,6 +148,22 @@ int vq_pop(struct dp_vq *vq, struct vq_chain *chain, struct iovec *iov, unsigned
     return rc;
 }
 
+/* The used element just published and the index (while the queue logs). */
+static __attribute__((noinline, cold)) void log_push(struct dp_vq *vq)
+{
+    uint64_t slot = (uint16_t)(vq->used_idx - 1) & (vq->num - 1);
+    vq_log_used(vq, offsetof(struct vring_used, ring) + slot * sizeof(struct vring_used_elem),
+                sizeof(struct vring_used_elem));
+    vq_log_used(vq, offsetof(struct vring_used, idx), sizeof(uint16_t));
+}
+
+/* avail_event, at the end of the used ring. */
+static __attribute__((noinline, cold)) void log_avail_event(struct dp_vq *vq)
+{
+    vq_log_used(vq, offsetof(struct vring_used, ring) + vq->num * sizeof(struct vring_used_elem),
+                sizeof(uint16_t));
+}
+
 void vq_push_used(struct dp_vq *vq, uint16_t head, uint32_t len)
 {
     struct inflight_region *r = vq->inflight;
@@ -156,22 +172,19 @@ void vq_push_used(struct dp_vq *vq, uint16_t head, uint32_t len)
         r->last_batch_head = head;
         inflight_order();
     }
-    unsigned slot = vq->used_idx & (vq->num - 1);
-    struct vring_used_elem *e = &vq->used->ring[slot];
+    struct vring_used_elem *e = &vq->used->ring[vq->used_idx & (vq->num - 1)];
     e->id = head;
     e->len = len;
     vq->used_idx++;
     virtio_store_release_u16(&vq->used->idx, vq->used_idx);
-    if (vq_logging(vq)) {
-        vq_log_used(vq, offsetof(struct vring_used, ring) + slot * sizeof(*e), sizeof(*e));
-        vq_log_used(vq, offsetof(struct vring_used, idx), sizeof(vq->used->idx));
-    }
     if (r) {
         inflight_order();
         r->desc[head].inflight = 0;
         inflight_order();
         r->used_idx = vq->used_idx;
     }
+    if (vq_logging(vq))
+        log_push(vq);   /* last: a tail call, so the fast path saves no register for it */
 }
 
 int vq_need_notify(struct dp_vq *vq)
@@ -198,8 +211,7 @@ int vq_enable_notify(struct dp_vq *vq)
     if (vq->flags & DP_VQ_F_EVENT_IDX) {
         __atomic_store_n(avail_event_ptr(vq), vq->last_avail_idx, __ATOMIC_RELAXED);
         if (vq_logging(vq))
-            vq_log_used(vq, offsetof(struct vring_used, ring) + vq->num * sizeof(struct vring_used_elem),
-                        sizeof(uint16_t));
+            log_avail_event(vq);
     }
     virtio_store_mb();   /* avail_event before the re-read of avail->idx */
     return vq_has_avail(vq);
