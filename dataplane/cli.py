@@ -82,6 +82,8 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
     # ...and a SIGKILL between the N-th used-index store and its interrupt.
     p.add_argument("--debug-kill-before-signal", type=positive_int, default=None, metavar="N",
                    help=argparse.SUPPRESS)
+    # REM_MEM_REG without waiting for the requests in flight (use-after-unmap, to prove the test).
+    p.add_argument("--debug-no-mem-drain", action="store_true", help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,11 +234,14 @@ def _debug_switches(args: argparse.Namespace) -> None:
     """The hidden switches with which tests show what a protection is for (process-wide)."""
     from .backend import set_debug_switches
 
-    set_debug_switches(args.debug_no_call_on_start, args.debug_kill_before_signal or 0)
+    set_debug_switches(args.debug_no_call_on_start, args.debug_kill_before_signal or 0,
+                       args.debug_no_mem_drain)
     if args.debug_no_call_on_start:
         log.warning("debug: no interrupt when a queue starts or its call fd changes")
     if args.debug_kill_before_signal:
         log.warning("debug: SIGKILL before interrupt number %d", args.debug_kill_before_signal)
+    if args.debug_no_mem_drain:
+        log.warning("debug: memory regions removed under the requests in flight")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

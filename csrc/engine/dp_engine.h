@@ -40,6 +40,7 @@ void dp_vq_free(struct dp_vq *vq);
 
 /* ---- debug switches for tests (process-wide) ---- */
 #define DP_DEBUG_NO_START_SIGNAL 1   /* no interrupt when a queue starts or gets a call fd */
+#define DP_DEBUG_NO_MEM_DRAIN 2      /* a new table is acknowledged before old requests are done */
 void dp_debug_set_flags(unsigned flags);
 /* SIGKILL the process at the n-th interrupt any queue is about to send, after the used index
  * it is for was published (0: never). */

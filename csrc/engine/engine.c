@@ -71,12 +71,12 @@ int engine_call(struct dp_engine *engine, int op, struct dp_vq *vq, int arg)
 
 /* ---- debug switches (tests) ---- */
 
-static unsigned debug_flags;
+unsigned engine_debug_flags;
 unsigned engine_debug_kill_countdown;
 
 void dp_debug_set_flags(unsigned flags)
 {
-    __atomic_store_n(&debug_flags, flags, __ATOMIC_RELAXED);
+    __atomic_store_n(&engine_debug_flags, flags, __ATOMIC_RELAXED);
 }
 
 void dp_debug_kill_before_signal(unsigned nth)
@@ -96,7 +96,7 @@ void engine_debug_kill_point(void)
  * for the same reason). So a queue signals once when it starts and when its call fd changes. */
 void engine_signal_call(struct dp_vq *vq)
 {
-    if (vq->call_fd < 0 || (__atomic_load_n(&debug_flags, __ATOMIC_RELAXED) & DP_DEBUG_NO_START_SIGNAL))
+    if (vq->call_fd < 0 || (__atomic_load_n(&engine_debug_flags, __ATOMIC_RELAXED) & DP_DEBUG_NO_START_SIGNAL))
         return;
     uint64_t one = 1;
     ssize_t rc = write(vq->call_fd, &one, sizeof(one));

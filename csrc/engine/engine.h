@@ -93,6 +93,7 @@ void engine_signal_call(struct dp_vq *vq);
 /* dp_debug_kill_before_signal: called where a used index is published and its interrupt is
  * about to be sent; SIGKILLs the process at the n-th (nothing of it runs after that). */
 extern unsigned engine_debug_kill_countdown;
+extern unsigned engine_debug_flags;              /* DP_DEBUG_* */
 void engine_debug_kill_point(void);
 static inline void engine_debug_before_signal(void)
 {

@@ -344,7 +344,8 @@ void queue_set_mem(struct dp_engine *engine, struct dp_vq *vq, struct engine_cmd
     if (cmd->result)
         vq_set_broken(vq);
     uint64_t inflight = vq->stats.inflight;
-    if (!cmd->arg || inflight == 0) {
+    if (!cmd->arg || inflight == 0 ||
+        (__atomic_load_n(&engine_debug_flags, __ATOMIC_RELAXED) & DP_DEBUG_NO_MEM_DRAIN)) {
         engine_cmd_done(engine, cmd, cmd->result);
         return;
     }

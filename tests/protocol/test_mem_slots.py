@@ -11,10 +11,12 @@ a use of the unmapped region or of a freed table would abort it).
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 
 import pytest
+from serve_process import ServeProcess
 
 from dataplane.driver import Device, VhostUserClient
 from dataplane.driver.device import OUTHDR
@@ -121,6 +123,26 @@ def test_region_removed_under_a_request_in_flight(start_backend):
             dev.mem.free(gpa)
         dev.mem.drop_area(area)
         assert dev.read(0, 4096) == bytes(4096)
+
+
+def test_without_the_drain_the_backend_writes_into_the_unmapped_region(tmp_path):
+    """The same with --debug-no-mem-drain: the REM is answered at once and the region unmapped;
+    the request completes 400 ms later into it and the backend dies of it (SIGSEGV; SIGABRT
+    from AddressSanitizer in the sanitized pass). What the test above guards against."""
+    sock = tmp_path / "vub.sock"
+    serve = ServeProcess(tmp_path / "serve.log", sock, "null:64M,latency=fixed:400ms",
+                         ("--queues", "1", "--debug-no-mem-drain"))
+    try:
+        with Device.connect(str(sock), queues=1) as dev:
+            area = dev.add_memory(1 * MiB)
+            dev.submit(vb.ReqType.IN, 0, read_len=8192, area=area)
+            t0 = time.monotonic()
+            dev.client.rem_mem_reg(area.gpa, area.size, area.user_addr)
+            assert time.monotonic() - t0 < 0.2
+            rc = serve.proc.wait(10)
+            assert rc in (-signal.SIGSEGV, -signal.SIGABRT), (rc, serve.log()[-2000:])
+    finally:
+        serve.kill()
 
 
 def test_slots_fill_up_and_bad_regions_are_refused_without_leaking(start_backend):
