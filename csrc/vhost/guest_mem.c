@@ -250,7 +250,7 @@ void *dp_mem_uva_to_host(const struct dp_mem *mem, uint64_t uva, uint64_t len)
 
 void *dp_map_shared(int fd, uint64_t size, uint64_t offset)
 {
-    if (fd < 0 || size == 0 || size > SIZE_MAX || offset % 4096)
+    if (fd < 0 || size == 0 || size > SIZE_MAX || offset % 4096 || guest_mem_fd_holds(fd, offset, size))
         return NULL;
     void *p = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, (off_t)offset);
     return p == MAP_FAILED ? NULL : p;
