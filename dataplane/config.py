@@ -372,7 +372,7 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise _toml_error(name, exc) from None
 
     tables = raw.pop("export", None)
-    values = _typed_keys(raw, VALIDATORS, name, path.parent)
+    values = _typed_keys(raw, VALIDATORS, name, path.absolute().parent)
     if tables is not None:
         if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
             raise ConfigError(f"{name}: export must be [[export]] tables (an array of tables),"
@@ -381,7 +381,7 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         if flat:
             raise ConfigError(f"{name}: {flat[0]} is set at the top level, but the file describes its"
                               " exports as [[export]] tables: set it in each table")
-        exports = [export_config(t, f"{name}: [[export]] #{i}", base_dir=path.parent,
+        exports = [export_config(t, f"{name}: [[export]] #{i}", base_dir=path.absolute().parent,
                                  index=i) for i, t in enumerate(tables, start=1)]
         check_unique(exports, [f"{name}: [[export]] #{i}" for i in range(1, len(exports) + 1)])
         values["export"] = exports
