@@ -138,7 +138,7 @@ class Daemon:
         self.pool: ThreadPool | None = None
         self.exports: dict[str, Export] = {}
         self._lock = threading.RLock()
-        self._serial = threading.Lock() if options.serial_control else None
+        self._serial = threading.RLock() if options.serial_control else None
         self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopping = False
         self.rpc: RpcServer | None = None

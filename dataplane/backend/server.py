@@ -13,6 +13,7 @@ handlers, which hand finished descriptions to the C core.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -152,7 +153,7 @@ class VhostUserBlkServer:
 
     def __init__(self, disk: Disk, options: ServerOptions,
                  engines: EnginePool | EngineView | None = None,
-                 serial_lock: threading.Lock | None = None):
+                 serial_lock: threading.RLock | None = None):
         self.disk = disk
         self.options = options
         self.engines = engines or EnginePool()
@@ -341,7 +342,8 @@ class VhostUserBlkServer:
         assert self.device is not None and self.listener is not None
         sel.unregister(self.listener)
         self._close_listener()
-        drained = self.device.fail_requests()
+        with self._exclusive():
+            drained = self.device.fail_requests()
         log.warning("removing: %d queue(s) drained; every further request fails with IOERR for up"
                     " to %.1f s, then the front end is dropped", drained, self._remove_grace)
         deadline = time.monotonic() + self._remove_grace
@@ -386,11 +388,13 @@ class VhostUserBlkServer:
         ready, _, _ = select.select([conn], [], [], 0)
         return bool(ready)
 
+    def _exclusive(self) -> contextlib.AbstractContextManager[Any]:
+        """Held around control work that may block (a message, a drain) when the daemon runs
+        with --debug-serial-control: then one export's work holds every other's."""
+        return self._serial if self._serial is not None else contextlib.nullcontext()
+
     def _on_message(self, sel: selectors.BaseSelector) -> None:
-        if self._serial is None:
-            self._handle_message(sel)
-            return
-        with self._serial:
+        with self._exclusive():
             self._handle_message(sel)
 
     def _handle_message(self, sel: selectors.BaseSelector) -> None:
@@ -427,10 +431,7 @@ class VhostUserBlkServer:
             return
         sel.unregister(self.conn)
         if self.device is not None:
-            if self._serial is not None:
-                with self._serial:
-                    self.device.stop_all()
-            else:
+            with self._exclusive():
                 self.device.stop_all()
         self.conn.close()
         with self._lock:
