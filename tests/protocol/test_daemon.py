@@ -480,8 +480,8 @@ def test_rpc_methods_stats_match_prometheus_and_the_cli(daemons, tmp_path: Path)
         assert samples[("dataplane_inflight", labels)] == q["inflight"]
         buckets = q["latency_buckets"]
         for le, count in zip(buckets["le"], buckets["counts"], strict=True):
-            assert samples[("dataplane_request_latency_seconds_bucket", (*labels[:1], ("le", le), *labels[1:]))] \
-                == count
+            bucket = (*labels[:1], ("le", le), *labels[1:])
+            assert samples[("dataplane_request_latency_seconds_bucket", bucket)] == count
     assert sum(q["writes"] for q in snap["queues"]) == 6
     assert any(lbl == ("export", "vm2") for (_, labels) in samples for lbl in labels)
     # the command-line client prints the result as JSON; an error answer is exit 1
@@ -490,7 +490,8 @@ def test_rpc_methods_stats_match_prometheus_and_the_cli(daemons, tmp_path: Path)
                        capture_output=True, text=True, timeout=30, env=env)
     assert r.returncode == 0 and json.loads(r.stdout)["config"]["name"] == "vm2", r.stderr
     r = subprocess.run([sys.executable, "-m", "dataplane", "rpc", "export_add", "-p", "name=vm3",
-                        "-p", "disk=null:8M", "-p", "addr.type=unix", "-p", f"addr.path={tmp_path / 'vm3.sock'}",
+                        "-p", "disk=null:8M", "-p", "addr.type=unix",
+                        "-p", f"addr.path={tmp_path / 'vm3.sock'}",
                         "-p", "queues=1", "-p", "read_only=true"],
                        capture_output=True, text=True, timeout=30, env=env)
     assert r.returncode == 0 and json.loads(r.stdout)["config"]["read_only"] is True, r.stderr
