@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--out is required")
     counts = [int(c) for c in args.exports.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
-    workdir = args.out / "work"
+    workdir = (args.out / "work").resolve()
     workdir.mkdir(exist_ok=True)
     started = time.time()
     load_before = os.getloadavg()

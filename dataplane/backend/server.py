@@ -14,6 +14,7 @@ handlers, which hand finished descriptions to the C core.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import select
@@ -41,6 +42,8 @@ log = logging.getLogger("dataplane.vhost")
 MESSAGE_TIMEOUT_S = 5.0
 STATS_CLIENTS = 4          # stats/metrics clients answered at once (each in a short thread)
 REMOVE_GRACE_S = 2.0       # a forced removal answers I/O errors this long before dropping
+MAX_SOCKET_PATH = 107      # bytes of sockaddr_un.sun_path, less the terminating NUL
+_tmp_names = itertools.count()
 
 
 @dataclass
@@ -106,8 +109,13 @@ def bind_unix_socket(path: Path, mode: int, group: str | None,
     """A listening UNIX socket at path with that mode and group. It is bound under a temporary
     name and renamed once listening, so the path appears only when connections are accepted;
     a stale socket is replaced, one in use is refused."""
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise ConfigError(f"socket path {path} is {len(os.fsencode(path))} bytes long; a UNIX socket"
+                          f" path may have at most {MAX_SOCKET_PATH}")
     prepare_socket_path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp = path.with_name(f".dp{os.getpid():x}.{next(_tmp_names):x}")
+    if len(os.fsencode(tmp)) > MAX_SOCKET_PATH:
+        tmp = path          # no room for a temporary name: bind in place
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o777 & ~mode)
     try:
@@ -117,14 +125,15 @@ def bind_unix_socket(path: Path, mode: int, group: str | None,
         if group is not None:
             os.chown(tmp, -1, _group_id(group))
         sock.listen(16)
-        os.rename(tmp, path)
+        if tmp != path:
+            os.rename(tmp, path)
     except (OSError, ConfigError) as exc:
         sock.close()
         tmp.unlink(missing_ok=True)
         if isinstance(exc, ConfigError):
             raise
         prefix = f"{what} {path}" if what == "cannot listen on" else f"{what} {path}: cannot listen"
-        raise ConfigError(f"{prefix}: {exc.strerror}") from None
+        raise ConfigError(f"{prefix}: {exc.strerror or exc}") from None
     finally:
         os.umask(old_umask)
     sock.setblocking(False)
