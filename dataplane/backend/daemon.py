@@ -141,6 +141,7 @@ class Daemon:
         self._serial = threading.RLock() if options.serial_control else None
         self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopping = False
+        self._stuck = False
         self.rpc: RpcServer | None = None
         self.metrics_listener: socket.socket | None = None
         self._stats_slots = threading.BoundedSemaphore(STATS_CLIENTS)
@@ -458,6 +459,7 @@ class Daemon:
         for export in exports:
             if not export.ended.wait(max(0.0, deadline - time.monotonic())):
                 log.error("export %s did not stop within %.0f s", export.name, JOIN_TIMEOUT_S)
+                self._stuck = True
 
     def close(self) -> None:
         """Release everything (after serve_forever, or when start failed)."""
@@ -473,7 +475,8 @@ class Daemon:
         if self.metrics_listener is not None:
             self.metrics_listener.close()
             self.metrics_listener = None
-        self.engines.close()
+        if not self._stuck:     # a queue may still be attached to an engine of a stuck export
+            self.engines.close()
         self.handed.close()
         for fd in (self._stop_r, self._stop_w):
             with contextlib.suppress(OSError):

@@ -22,6 +22,7 @@ import selectors
 import signal
 import socket
 import stat
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +45,7 @@ STATS_CLIENTS = 4          # stats/metrics clients answered at once (each in a s
 REMOVE_GRACE_S = 2.0       # a forced removal answers I/O errors this long before dropping
 MAX_SOCKET_PATH = 107      # bytes of sockaddr_un.sun_path, less the terminating NUL
 _tmp_names = itertools.count()
+UCRED = struct.Struct("iII")   # struct ucred: pid, uid, gid
 
 
 @dataclass
@@ -356,13 +358,16 @@ class VhostUserBlkServer:
         log.warning("removing: %d queue(s) drained; every further request fails with IOERR for up"
                     " to %.1f s, then the front end is dropped", drained, self._remove_grace)
         deadline = time.monotonic() + self._remove_grace
-        while self.conn is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            for key, _ in sel.select(left):
+        while self.conn is not None and time.monotonic() < deadline:
+            for key, _ in sel.select(max(0.0, deadline - time.monotonic())):
                 if key.data == "conn" and self.conn is not None:
                     self._on_message(sel)
+                elif key.data in ("stats", "metrics"):
+                    self._serve_stats(key.fileobj, http=key.data == "metrics")
+                elif key.data == "stop":          # the daemon is stopping: drop it now
+                    with contextlib.suppress(OSError):
+                        os.read(self._stop_r, 4096)
+                    deadline = 0.0
         if self.conn is not None:
             self._disconnect(sel, "front end dropped: the export was removed")
 
@@ -482,8 +487,8 @@ def _peer_of(conn: socket.socket) -> dict[str, Any]:
     """pid, uid, gid of the front end's process (SO_PEERCRED) and when it connected."""
     peer: dict[str, Any] = {"connected_at": round(time.time(), 3)}
     try:
-        cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-        pid, uid, gid = (int.from_bytes(cred[i:i + 4], "little") for i in (0, 4, 8))
+        cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, UCRED.size)
+        pid, uid, gid = UCRED.unpack(cred)
         peer.update(pid=pid, uid=uid, gid=gid)
     except OSError:
         pass

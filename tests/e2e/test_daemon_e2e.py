@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fio_scripts import fio_job_errors, fio_verify_script
 from serve_process import DaemonProcess
 
 from dataplane.guest import GuestImage, GuestTimeout, start_guest
@@ -20,34 +21,7 @@ DISK_SIZE = 256 << 20
 GUEST_TIMEOUT = 240.0
 
 # The survivor: two fio jobs (one per vCPU, so one per virtqueue) writing and verifying.
-SURVIVOR = r"""
-cat > /tmp/job.fio <<'EOF'
-[global]
-filename=/dev/vda
-ioengine=libaio
-direct=1
-iodepth=16
-bsrange=4k-64k
-size=96m
-rw=randwrite
-verify=crc32c
-do_verify=1
-[q0]
-offset=0
-cpus_allowed=0
-[q1]
-offset=128m
-cpus_allowed=1
-EOF
-echo "DP-MQ $(ls /sys/block/vda/mq | wc -l)"
-echo DP-FIO-START
-fio /tmp/job.fio > /tmp/fio.out 2>&1
-rc=$?
-grep -E 'err=' /tmp/fio.out | sed 's/^ */DP-FIO /'
-[ $rc -eq 0 ] || tail -n 30 /tmp/fio.out
-echo "DP-FIO-RC $rc"
-exit $rc
-"""
+SURVIVOR = fio_verify_script(size_mib=96, stride_mib=128)
 
 # The victim: I/O until its disk goes away (fio stops at the first error).
 VICTIM = r"""
@@ -101,8 +75,8 @@ def test_two_guests_on_one_daemon_one_export_removed_by_force(guest_image: Guest
     diag = f"\n--- daemon ---\n{log[-4000:]}"
     out = survivor.output
     assert "DP-MQ 2" in out
-    jobs = re.findall(r"DP-FIO (q\d): \(groupid=\d+, jobs=\d+\): err=\s*(\d+)", out)
-    assert sorted(jobs) == [("q0", "0"), ("q1", "0")], f"survivor's fio: {jobs}\n{out[-3000:]}{diag}"
+    jobs = fio_job_errors(out)
+    assert jobs == {"q0": "0", "q1": "0"}, f"survivor's fio: {jobs}\n{out[-3000:]}{diag}"
     assert "DP-FIO-RC 0" in out and survivor.exit_status == 0, f"{out[-3000:]}{diag}"
 
     err = re.search(r"DP-FIO victim: \(groupid=\d+, jobs=\d+\): err=\s*(\d+)", victim_out)

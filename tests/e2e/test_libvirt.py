@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fio_scripts import fio_job_errors, fio_verify_script
 from libvirt_daemon import LibvirtDaemon
 from serve_process import DaemonProcess
 
@@ -31,33 +32,7 @@ DENIED_TIMEOUT = 30.0
 CMDLINE = "console=ttyS0 quiet panic=-1 dpguest.disk=1"
 LIBVIRT_QEMU_UID = 64055   # Debian's libvirt-qemu
 
-FIO_SCRIPT = """
-cat > /tmp/job.fio <<'EOF'
-[global]
-filename=/dev/vda
-ioengine=libaio
-direct=1
-iodepth=16
-bsrange=4k-64k
-size=24m
-rw=randwrite
-verify=crc32c
-do_verify=1
-[q0]
-offset=0
-cpus_allowed=0
-[q1]
-offset=32m
-cpus_allowed=1
-EOF
-echo "DP-MQ $(ls /sys/block/vda/mq | wc -l)"
-fio /tmp/job.fio > /tmp/fio.out 2>&1
-rc=$?
-grep -E 'err=|issued rwts' /tmp/fio.out | sed 's/^ */DP-FIO /'
-[ $rc -eq 0 ] || tail -n 40 /tmp/fio.out
-echo "DP-FIO-RC $rc"
-exit $rc
-"""
+FIO_SCRIPT = fio_verify_script(size_mib=24, stride_mib=32)
 
 _STOP_RE = re.compile(r"\[(\S+)\] vq(\d+) stopped at avail_idx \d+: \d+ requests \((\d+) reads, "
                       r"(\d+) writes,.*\), (\d+) errors")
@@ -116,7 +91,7 @@ def test_libvirt_tcg_domain_fio_verify_on_an_export(libvirtd: LibvirtDaemon, gue
     assert front["pid"] == pid and front["uid"] == LIBVIRT_QEMU_UID, front
     assert {"CPU 0/TCG", "CPU 1/TCG"} <= set(threads), f"not multi-threaded TCG: {threads}"
     assert "DP-MQ 2" in out, f"guest did not see 2 blk-mq queues{diag}"
-    jobs = dict(re.findall(r"DP-FIO (q\d): \(groupid=\d+, jobs=\d+\): err=\s*(\d+)", out))
+    jobs = fio_job_errors(out)
     assert jobs == {"q0": "0", "q1": "0"}, f"fio job errors: {jobs}{diag}"
     assert "DP-FIO-RC 0" in out and "DP-GUEST-EXIT 0" in out, f"guest script failed{diag}"
     # the firmware drives the disk first (libvirt gives it bootindex=1), then the kernel: the
