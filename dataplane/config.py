@@ -490,7 +490,8 @@ def check_unique(exports: Iterable[ExportConfig], labels: Iterable[str]) -> None
         for kind, value in claims:
             if (kind, value) in seen:
                 raise ConfigError(f'{label}: {kind} "{value}" is already {seen[kind, value]}\'s')
-            seen[kind, value] = f'{label} "{export.name}"' if kind != "name" else label
+            named = kind == "name" or f'"{export.name}"' in label
+            seen[kind, value] = label if named else f'{label} "{export.name}"'
 
 
 def merge(file_values: Mapping[str, Any], cli_values: Mapping[str, Any], *,

@@ -151,7 +151,7 @@ class Daemon:
     def start(self, exports: list[ExportConfig]) -> None:
         """Open every start-up export (disk, socket) and the daemon's own sockets; any failure
         closes what was opened and raises ConfigError (serve: one line, exit 2)."""
-        check_unique(exports, [f"export {e.name!r}" for e in exports])
+        check_unique(exports, [f'export "{e.name}"' for e in exports])
         self.pool = plan_pool(self.topology, exports, self.options.policy, self.options.io_threads,
                               self.options.vcpu_cpus)
         try:
@@ -281,10 +281,9 @@ class Daemon:
                                " (export_remove it first, or choose another name)", {"name": config.name})
             taken = [e.config for e in self.exports.values()]
             try:
-                check_unique([*taken, config], [f"export {c.name!r}" for c in [*taken, config]])
+                check_unique([*taken, config], [*(f'export "{c.name}"' for c in taken), "export_add"])
             except ConfigError as exc:
-                raise RpcError(EXPORT_EXISTS, str(exc).replace(f"export {config.name!r}: ", "", 1),
-                               {"name": config.name}) from None
+                raise RpcError(EXPORT_EXISTS, str(exc), {"name": config.name}) from None
             if config.addr is not None and config.addr.type == "fd":
                 try:
                     self.handed.find(str(config.addr.fd))

@@ -160,10 +160,10 @@ class ThreadPool:
         rows = []
         for i in range(export.queues):
             if vcpus:
+                vcpu: int | None = i % len(vcpus)     # more queues than vCPUs: round again
                 cpu = vcpus[i % len(vcpus)]
-                t, why = self._slot_for_vcpu(cpu), f"vCPU {i} runs on cpu {cpu}"
-                why += f": {self.slots[t].name} is that CPU's thread"
-                vcpu: int | None = i
+                t = self._slot_for_vcpu(cpu)
+                why = f"vCPU {vcpu} runs on cpu {cpu}: {self.slots[t].name} is that CPU's thread"
             else:
                 free = [t for t in range(len(self.slots)) if t not in used] or list(range(len(self.slots)))
                 t = min(free, key=lambda s: (load[s], s))

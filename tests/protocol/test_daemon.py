@@ -423,10 +423,11 @@ def test_systemd_socket_activation_and_readiness(daemons, tmp_path: Path) -> Non
     exports = [{"name": "vm1", "disk": "null:16M", "socket_fd": "vm1", "queues": 1},
                {"name": "vm2", "disk": "null:16M", "addr": {"type": "fd", "str": "vm2"}, "queues": 1}]
     d = daemons(exports, env=env, prefix=["systemd-socket-activate", "-l", str(tmp_path / "vm1.sock"),
-                                          "-l", str(tmp_path / "vm2.sock"), "--fdname=vm1:vm2",
+                                          "-l", str(tmp_path / "vm2.sock"), "-l", str(tmp_path / "vm3.sock"),
+                                          "--fdname=vm1:vm2:vm3",
                                           "-E", "NOTIFY_SOCKET"])   # it passes on no other variable
     deadline = time.monotonic() + 10
-    while not (tmp_path / "vm2.sock").exists():
+    while not (tmp_path / "vm3.sock").exists():
         assert time.monotonic() < deadline and d.proc.poll() is None, d.log()
         time.sleep(0.05)
     # the first connection starts serve; it waits in the backlog meanwhile
@@ -437,12 +438,23 @@ def test_systemd_socket_activation_and_readiness(daemons, tmp_path: Path) -> Non
         assert dev.read(0, 512) == bytes(512)
     with d.client() as c:
         listing = {e["name"]: e["socket"] for e in c.export_list()}
-    assert listing == {"vm1": "socket 'vm1'", "vm2": "socket 'vm2'"}
+        assert listing == {"vm1": "socket 'vm1'", "vm2": "socket 'vm2'"}
+        # the third socket, unused at start, is taken over RPC; given back when removed, and
+        # taken again by the next export (systemd keeps the path: serve never unlinks it)
+        for name in ("vm3", "vm3-again"):
+            c.export_add(name=name, disk="null:16M", addr={"type": "fd", "str": "vm3"}, queues=1)
+            with pytest.raises(RpcError, match=f'export_add: socket_fd "vm3" is already export "{name}"\'s'):
+                c.export_add(name="thief", disk="null:16M", socket_fd="vm3")
+            with Device.connect(str(tmp_path / "vm3.sock"), queues=1) as dev:
+                dev.write(0, bytes(512))
+            assert c.export_remove(name)["removed"]
+            assert (tmp_path / "vm3.sock").exists()
     assert d.terminate() == 0
     assert notify.recv(256) == b"STOPPING=1"
     log = d.log()
     assert "[vm1] listening on fd 3 ('vm1' from systemd)" in log
     assert "[vm2] listening on fd 4 ('vm2' from systemd)" in log
+    assert "fd 5 ('vm3' from systemd) was handed over but no export uses it" in log
     notify.close()
 
 
@@ -524,4 +536,26 @@ def test_exports_sharing_one_io_thread_get_fair_shares(daemons, tmp_path: Path) 
     assert min(iops) >= 0.3 * max(iops), f"an export starved on the shared thread: {iops}"
     with d.client() as c:
         assert [t["queues"] for t in c.call("threads")["threads"]] == [4]
+    assert d.terminate() == 0
+
+
+def test_plan_of_a_config_is_what_serve_runs(daemons, tmp_path: Path) -> None:
+    """`dataplane plan --config FILE` prints the pool serve starts with: the same threads, CPUs
+    and (export, virtqueue) -> thread map as the running daemon reports (RPC threads)."""
+    exports = file_exports(tmp_path, ["a", "b"], queues=2) + [
+        {"name": "c", "disk": "null:1G", "socket": str(tmp_path / "c.sock"), "queues": 3,
+         "vcpu_cpus": [0, 1]}]
+    d = daemons(exports)
+    r = subprocess.run([sys.executable, "-m", "dataplane", "plan", "--config", str(d.config), "--json"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    planned = json.loads(r.stdout)
+    with d.client() as c:
+        running = c.call("threads")
+    assert planned == running
+    assert [row["vcpu"] for row in planned["exports"]["c"]] == [0, 1, 0]
+    table = subprocess.run([sys.executable, "-m", "dataplane", "plan", "--config", str(d.config)],
+                           capture_output=True, text=True, timeout=30).stdout
+    assert table.startswith("policy per-queue,") and sum(line[:2] in ("a ", "b ", "c ")
+                                                         for line in table.splitlines()) == 7
     assert d.terminate() == 0
