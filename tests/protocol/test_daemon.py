@@ -215,7 +215,8 @@ def test_a_fuzzed_rpc_stream_leaves_the_exports_serving(daemons, tmp_path: Path)
     values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats()
                           | st.text(max_size=12) | names
                           | st.sampled_from([str(tmp_path / "keep1.sock"), str(tmp_path / "f1.sock"),
-                                             "null:1M", "null:0", "/nonexistent", "rel.sock", "0660"]),
+                                             str(tmp_path / "missing-dir" / "x"),   # never outside tmp
+                                             "null:1M", "null:0", "rel.sock", "0660"]),
                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
                               st.text(max_size=6), inner, max_size=3), max_leaves=6)
     keys = st.sampled_from(["name", "disk", "socket", "queues", "force", "level", "export", "addr",
