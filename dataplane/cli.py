@@ -301,9 +301,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     daemon = Daemon(DaemonOptions(policy=cfg.policy, vcpu_cpus=cfg.vcpu_cpus, io_threads=cfg.io_threads,
                                   poll_us=cfg.poll_us, metrics=cfg.metrics, rpc_socket=cfg.rpc_socket,
                                   serial_control=args.debug_serial_control), handed=handed)
-    daemon.start(cfg.exports)
+    # Before any socket appears: a SIGTERM that follows the socket at once still drains.
     install_signal_handlers(daemon)
     _install_sighup(args)
+    daemon.start(cfg.exports)
     try:
         daemon.serve_forever()
     finally:
