@@ -101,7 +101,8 @@ def raw(path: Path, data: bytes, answers: int = 1, timeout: float = 5) -> list:
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(timeout)
         s.connect(str(path))
-        s.sendall(data)
+        if data:
+            s.sendall(data)
         buf = b""
         while buf.count(b"\n") < answers:
             chunk = s.recv(65536)
