@@ -186,6 +186,17 @@ class VhostUserBlkDevice:
         for vring in self.vrings:
             self._stop(vring)
 
+    def fail_requests(self) -> int:
+        """The export is going away: drain the running queues, then serve them again answering
+        IOERR to every request without touching the disk. Returns how many were running."""
+        running = [v for v in self.vrings if v.running]
+        for vring in running:
+            self._stop(vring)
+        lib.dp_blk_set_failed(self.disk.blk, 1)
+        for vring in running:
+            self._maybe_start(vring, quiet=True)
+        return len(running)
+
     def close(self) -> None:
         """Stop every queue (draining in-flight requests) and release memory and fds."""
         for vring in self.vrings:

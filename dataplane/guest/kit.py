@@ -811,6 +811,16 @@ class BootOptions(TypedDict, total=False):
     extra_args: Sequence[str]
 
 
+def initrd_with_script(image: GuestImage, script: str, out: Path) -> Path:
+    """The guest's initramfs with ``script`` as /test.sh, written to ``out``: what QEMU boots
+    here and what a libvirt domain's <initrd> points at."""
+    with open(out, "wb") as dst, open(image.initramfs, "rb") as base:
+        shutil.copyfileobj(base, dst, 1 << 20)
+        dst.write(b"\0" * (-dst.tell() % 4))
+        dst.write(script_archive(script))
+    return out
+
+
 def start_guest(
     image: GuestImage,
     script: str,
@@ -826,11 +836,7 @@ def start_guest(
         raise GuestError(f"{QEMU_BINARY} not installed")
     workdir = Path(tempfile.mkdtemp(prefix="dp-guest-"))
     try:
-        initrd = workdir / "initrd.img"
-        with open(initrd, "wb") as out, open(image.initramfs, "rb") as base:
-            shutil.copyfileobj(base, out, 1 << 20)
-            out.write(b"\0" * (-out.tell() % 4))
-            out.write(script_archive(script))
+        initrd = initrd_with_script(image, script, workdir / "initrd.img")
         cmd = qemu_command(image, initrd, **boot)
         return GuestHandle(cmd, workdir, log_path=log_path, echo=echo)
     except BaseException:
