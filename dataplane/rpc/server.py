@@ -105,6 +105,8 @@ class RpcServer:
             log.warning("rpc: accept failed: %s", exc.strerror)
             return
         if len(self.clients) >= MAX_CLIENTS:
+            self._drop_departed()
+        if len(self.clients) >= MAX_CLIENTS:
             try:
                 sock.send(encode(error_response(None, RpcError(
                     INTERNAL_ERROR, f"too many clients ({MAX_CLIENTS}): try again later"))))
@@ -291,6 +293,18 @@ class RpcServer:
             self.sel.modify(client.sock, events, self.sel.get_key(client.sock).data)
         except (KeyError, ValueError):
             pass
+
+    def _drop_departed(self) -> None:
+        """Forget clients that hung up but whose EOF the loop has not read yet, so that a
+        newcomer is not turned away for a slot that is already free."""
+        for client in list(self.clients.values()):
+            try:
+                if client.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                    self._drop(client)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                self._drop(client)
 
     def _drop(self, client: _Client) -> None:
         if client.closed:
