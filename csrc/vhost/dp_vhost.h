@@ -100,6 +100,11 @@ void dp_vq_push_used(struct dp_vq *vq, uint16_t head, uint32_t len);
 int dp_vq_need_notify(struct dp_vq *vq);
 /* Re-enable kicks after draining; returns 1 if new buffers arrived meanwhile. */
 int dp_vq_enable_notify(struct dp_vq *vq);
+/* What dp_vq_start does to the ring before the queue attaches: reconcile (or, packed, set up)
+ * the inflight region; returns the requests it would resubmit, or -errno. */
+int dp_vq_prepare(struct dp_vq *vq);
+/* The heads (packed: buffer ids) the next start resubmits, in order; returns how many. */
+int dp_vq_resubmits(const struct dp_vq *vq, uint16_t *heads, unsigned max);
 
 /* ---- inflight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) ---- */
 /* Bytes of one queue's region in the shared inflight buffer (64-byte aligned): the spec's

@@ -206,6 +206,7 @@ struct dp_vq *dp_vq_new(struct dp_blk_dev *dev, unsigned index)
     vq->index = index;
     vq->dev = dev;
     vq->kick_fd = vq->call_fd = vq->err_fd = -1;
+    vq->pk.device_flags = 0xffff;   /* not written yet */
     return vq;
 }
 
@@ -231,6 +232,7 @@ int dp_vq_set_flags(struct dp_vq *vq, unsigned flags)
         vq->used = NULL;
         vq->pk.desc = NULL;
         vq->pk.driver = vq->pk.device = NULL;
+        vq->pk.device_flags = 0xffff;
     }
     vq->flags = flags;
     return 0;
@@ -346,7 +348,25 @@ static int vq_ready_for_test(struct dp_vq *vq)
         return -EBUSY;
     if (!vq->desc && vq_map_rings(vq))
         return -EINVAL;
+    if (vq_is_packed(vq) && (vq->last_avail_idx >= vq->num || vq->used_idx >= vq->num))
+        return -EINVAL;
     return 0;
+}
+
+int dp_vq_prepare(struct dp_vq *vq)
+{
+    int rc = vq_ready_for_test(vq);
+    if (!rc)
+        rc = vq_start_prepare(vq);
+    return rc < 0 ? rc : (int)vq->nresubmit;
+}
+
+int dp_vq_resubmits(const struct dp_vq *vq, uint16_t *heads, unsigned max)
+{
+    unsigned n = vq->nresubmit < max ? vq->nresubmit : max;
+    for (unsigned i = 0; i < n; i++)
+        heads[i] = vq->resubmit[i];
+    return (int)vq->nresubmit;
 }
 
 int dp_vq_pop_chain(struct dp_vq *vq, uint16_t *head, struct dp_seg *segs, unsigned max_segs)
