@@ -121,7 +121,7 @@ class Device:
             config = vb.parse_config(client.get_config())
             client.set_u64(Request.SET_FEATURES, acked)
             if proto & INFLIGHT_FEATURE:
-                buf = client.get_inflight_fd(queues, queue_size)
+                buf = client.get_inflight_fd(queues, queue_size, bool(acked & PACKED_FEATURE))
                 client.set_inflight_fd(buf)
             mem = GuestMemory(memory)
             client.set_mem_table([(mem.gpa_base, mem.size, mem.user_addr, 0, mem.fd)])
@@ -185,7 +185,8 @@ class Device:
             client.set_u64(Request.SET_FEATURES, acked)
             if proto & INFLIGHT_FEATURE:
                 if self.inflight is None:   # the previous backend did not track: start now
-                    self.inflight = client.get_inflight_fd(len(self.rings), self.rings[0].num)
+                    self.inflight = client.get_inflight_fd(len(self.rings), self.rings[0].num,
+                                                           self.ring == "packed")
                 client.set_inflight_fd(self.inflight)
             client.set_mem_table([(self.mem.gpa_base, self.mem.size, self.mem.user_addr, 0,
                                    self.mem.fd)])
