@@ -13,7 +13,7 @@ import struct
 import pytest
 
 from dataplane.driver import Device
-from dataplane.driver.packed import BASE_RESET, PackedVring, encode_position
+from dataplane.driver.packed import PackedVring, encode_position
 from dataplane.driver.vring import Vring
 from dataplane.errors import DeviceError, ProtocolError
 from dataplane.protocol import virtio_blk as vb
@@ -72,7 +72,8 @@ def test_get_and_set_vring_base_use_qemus_packed_encoding(start_backend):
         assert dev.client.get_vring_base(0) == encode_position(6, 1) | encode_position(6, 1) << 16
         assert not backend.device.vrings[0].running
         ring = dev.rings[0]
-        dev.client.call(Request.SET_VRING_BASE, VRING_STATE.pack(0, ring.avail_idx | ring.last_used_idx << 16))
+        base = ring.avail_idx | ring.last_used_idx << 16
+        dev.client.call(Request.SET_VRING_BASE, VRING_STATE.pack(0, base))
         dev.client.set_u64(Request.SET_VRING_KICK, 0, [ring.kick_fd])
         for _ in range(3):
             assert dev.read(0, 512) == bytes(512)   # 9 slots more: past the end, wrap 0

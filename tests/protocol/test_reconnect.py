@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
 from serve_process import ServeProcess
 
 from dataplane.driver import BlkRequest, Device
