@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,6 +171,12 @@ def test_queues_stop_and_restart_while_requests_are_held(start_backend) -> None:
     with Device.connect(backend.socket, queues=2) as dev:
         assert dev.read(0, 4096, queue=1) == bytes(4096)
         assert dev.read(4096, 4096, queue=0) == bytes(4096)
+    # The server thread ends the session (and frees its queues) on its own time: take the
+    # snapshot once it has, not while it frees what the snapshot reads.
+    deadline = time.monotonic() + 10
+    while backend.server.device is not None:
+        assert time.monotonic() < deadline, "the session never ended"
+        time.sleep(0.01)
     totals = backend.server.snapshot()["queues"]
     assert sum(q["delayed"] for q in totals) >= 20 * 16 * 0.9 and sum(q["errors"] for q in totals) == 0
 

@@ -67,9 +67,15 @@ def test_socket_in_use_is_exit_2_and_stale_socket_is_replaced(tmp_path):
         first.kill()   # SIGKILL leaves a stale socket file behind
         first.communicate()
     assert sock.exists()
+    stale = sock.stat().st_ino
     third = serve("--socket", str(sock), "--disk", "null:16M", "--queues", "1")
     try:
-        wait_socket(sock, third)
+        # the stale file is there from the start: wait for the new socket in its place
+        deadline = time.monotonic() + 10
+        while not (sock.exists() and sock.stat().st_ino != stale):
+            assert third.poll() is None, third.communicate()
+            assert time.monotonic() < deadline, "the stale socket was never replaced"
+            time.sleep(0.02)
         time.sleep(0.3)
         assert third.poll() is None
     finally:
