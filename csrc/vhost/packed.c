@@ -519,13 +519,11 @@ static int packed_recover(struct dp_vq *vq)
         state[e] = ENTRY_FREE;
         r->desc[e].inflight = 0;
     }
-    uint64_t max_counter = 0, max_done = 0;
+    uint64_t max_counter = 0;
     for (unsigned h = 0; h < num; h++) {
         const struct inflight_packed_desc *s = &r->desc[h];
         if (s->counter > max_counter)
             max_counter = s->counter;
-        if (state[h] == ENTRY_FREE && s->counter > max_done)
-            max_done = s->counter;
         if (state[h] != ENTRY_UNSEEN || !s->inflight)
             continue;   /* free, already walked, or not a head */
         unsigned n = s->num;
@@ -552,8 +550,11 @@ static int packed_recover(struct dp_vq *vq)
         if (state[e] == ENTRY_UNSEEN)
             goto out;   /* neither free nor in flight */
     qsort_r(vq->resubmit, vq->nresubmit, sizeof(uint16_t), cmp_fetch_order, vq);
+    /* Fetches are numbered in order and the last one holds the highest counter: a list with
+     * more fetches after it than lists in flight after it was overtaken by one that completed
+     * (a freed entry's counter says little, the next fetch reuses it at once). */
     for (unsigned i = 0; i < vq->nresubmit; i++)
-        if (r->desc[pk->entry[vq->resubmit[i]]].counter < max_done)
+        if (max_counter - r->desc[pk->entry[vq->resubmit[i]]].counter > vq->nresubmit - 1 - i)
             vq->recovered_out_of_order++;
     vq->inflight_counter = max_counter + 1;
     pk->in_ring = in_ring;
