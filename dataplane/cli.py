@@ -11,7 +11,16 @@ import signal
 import sys
 from pathlib import Path
 
-from .cli_common import count_arg, parse_cpus, positive_int, render_report, run_command, size_arg, time_arg
+from .cli_common import (
+    add_ring_argument,
+    count_arg,
+    parse_cpus,
+    positive_int,
+    render_report,
+    run_command,
+    size_arg,
+    time_arg,
+)
 from .errors import ConfigError, DataplaneError
 
 log = logging.getLogger("dataplane")
@@ -161,6 +170,7 @@ def add_load_parser(sub: argparse._SubParsersAction) -> None:
         description="One C thread per queue plays the guest: fio's options and fio's output.")
     load.add_argument("--socket", required=True, help="vhost-user socket of the backend")
     load.add_argument("--queues", type=positive_int, default=1, help="queues to drive (one job each)")
+    add_ring_argument(load)
     load.add_argument("--rw", "--readwrite", dest="rw", default="randread",
                       choices=["read", "write", "randread", "randwrite", "randrw", "rw", "readwrite"])
     load.add_argument("--rwmixread", type=int, default=50, help="percent reads for randrw / rw")
@@ -327,11 +337,11 @@ def cmd_load(args: argparse.Namespace) -> int:
               runtime=args.runtime, ramp_time=args.ramp, size=args.size, offset=args.offset,
               number_ios=args.number_ios, rate_iops=args.rate_iops, verify=args.verify,
               randseed=args.randseed, indirect=args.indirect, poll_us=args.poll_us, cpus=cpus)
-    ring = job.queue_size(indirect=bool(args.indirect))
-    if ring > 1024:
-        ring = job.queue_size(indirect=True)
-    with Device.connect(args.socket, queues=args.queues, queue_size=ring,
-                        memory=job.memory_needed(args.queues)) as dev:
+    size = job.queue_size(indirect=bool(args.indirect))
+    if size > 1024:
+        size = job.queue_size(indirect=True)
+    with Device.connect(args.socket, queues=args.queues, queue_size=size,
+                        memory=job.memory_needed(args.queues), ring=args.ring) as dev:
         result = dev.load(job)
     report = render_report(result, args.output_format, args.group_reporting)
     if args.output is not None:
