@@ -1,7 +1,8 @@
 """vhost-user frontend: play the guest against any vhost-user-blk backend, no VM needed.
 
 `Device.connect(path, queues=N)` negotiates like QEMU does, shares a memfd as guest memory,
-sets up N split virtqueues and exposes blocking and batched virtio-blk I/O:
+sets up N virtqueues (split, or packed with `ring="packed"` when the backend offers
+VIRTIO_F_RING_PACKED) and exposes blocking and batched virtio-blk I/O:
 
     with Device.connect("/tmp/vhost.sock", queues=2) as dev:
         dev.write(0, b"x" * 4096)
@@ -14,7 +15,10 @@ Like QEMU, the frontend negotiates INFLIGHT_SHMFD when the backend offers it and
 inflight buffer, so that it can play QEMU's part when a backend dies and a new one takes its
 place on the socket: `dev.reconnect()` renegotiates, re-sends the memory table and the kept
 buffer, and restarts each ring at its used index, leaving the requests still in flight in
-guest memory to the new backend (which resubmits them from the buffer).
+guest memory to the new backend (which resubmits them from the buffer). A split ring restarts
+at its used index; a packed ring at the last base the frontend knew (there is no index in
+shared memory to rewind to, so QEMU re-sends a stale one and the backend must take the ring's
+position from the inflight buffer).
 
 It also plays QEMU's parts in live migration and memory hotplug, so both are tested without
 a VM and against any backend: `dev.start_dirty_log()` shares a dirty log (SET_LOG_BASE, then
@@ -48,6 +52,7 @@ from ..protocol.vhost_user import (
     Request,
 )
 from .client import InflightBuffer, VhostUserClient
+from .packed import PackedVring
 from .vring import GuestMemory, Vring, _Area
 
 if TYPE_CHECKING:
@@ -72,6 +77,8 @@ DRIVER_FEATURES = sum(1 << b for b in (
     vb.VIRTIO_BLK_F_DISCARD, vb.VIRTIO_BLK_F_WRITE_ZEROES, vb.VIRTIO_BLK_F_RO,
     VHOST_USER_F_PROTOCOL_FEATURES,
 ))
+PACKED_FEATURE = 1 << vb.VIRTIO_F_RING_PACKED
+RINGS = ("split", "packed")
 
 
 @dataclass
@@ -128,7 +135,7 @@ class DirtyLog:
 class Device:
     """A virtio-blk device behind a vhost-user socket, driven from Python."""
 
-    def __init__(self, client: VhostUserClient, mem: GuestMemory, rings: list[Vring],
+    def __init__(self, client: VhostUserClient, mem: GuestMemory, rings: list[Vring | PackedVring],
                  features: int, config: dict[str, int], path: str = "",
                  inflight: InflightBuffer | None = None, want_inflight: bool = True,
                  timeout: float = 10.0, protocol_features: int = 0, offered: int = 0) -> None:
@@ -148,32 +155,47 @@ class Device:
         self.dirty_log: DirtyLog | None = None
         self._harvested: set[int] = set()   # pages taken from logs a resize replaced
 
+    @property
+    def ring(self) -> str:
+        """The ring format negotiated: "packed" or "split"."""
+        return "packed" if self.features & PACKED_FEATURE else "split"
+
     @classmethod
     def connect(cls, path: str, queues: int = 1, queue_size: int = 128,
                 memory: int = 64 << 20, features: int = DRIVER_FEATURES,
-                timeout: float = 10.0, inflight: bool = True, regions: int = 1) -> Device:
+                timeout: float = 10.0, inflight: bool = True, regions: int = 1,
+                ring: str | None = None) -> Device:
         """Negotiate like QEMU's vhost-user-blk: features, then (when the backend offers
         INFLIGHT_SHMFD and `inflight`) GET_INFLIGHT_FD + SET_INFLIGHT_FD, the memory table
         (`regions` pieces of guest memory: one SET_MEM_TABLE, or one ADD_MEM_REG each when
-        the backend offers CONFIGURE_MEM_SLOTS), and the rings."""
+        the backend offers CONFIGURE_MEM_SLOTS), and the rings. ring: "split" (the default:
+        every backend has it) or "packed" (VIRTIO_F_RING_PACKED, which the backend must offer)."""
+        ring = ring or "split"
+        if ring not in RINGS:
+            raise DeviceError(f"ring {ring!r}: expected one of {', '.join(RINGS)}")
+        features = features | PACKED_FEATURE if ring == "packed" else features & ~PACKED_FEATURE
         client = VhostUserClient(path, timeout)
         mem = None
         buf = None
-        rings: list[Vring] = []
+        rings: list[Vring | PackedVring] = []
         try:
             acked, proto, offered = cls._negotiate(client, queues, features, inflight)
+            if ring == "packed" and not acked & PACKED_FEATURE:
+                raise DeviceError(f"{path}: the backend does not offer packed rings"
+                                  " (VIRTIO_F_RING_PACKED)")
             config = vb.parse_config(client.get_config())
             client.set_u64(Request.SET_FEATURES, acked)
             if proto & INFLIGHT_FEATURE:
-                buf = client.get_inflight_fd(queues, queue_size)
+                buf = client.get_inflight_fd(queues, queue_size, bool(acked & PACKED_FEATURE))
                 client.set_inflight_fd(buf)
             mem = GuestMemory(memory, regions=regions)
             cls._send_table(client, proto, mem)
             event_idx = bool(acked & (1 << vb.VIRTIO_RING_F_EVENT_IDX))
+            kind = PackedVring if acked & PACKED_FEATURE else Vring
             for i in range(queues):
-                ring = Vring(mem, i, queue_size, event_idx=event_idx)
-                rings.append(ring)
-                client.setup_vring(ring)
+                vring = kind(mem, i, queue_size, event_idx=event_idx)
+                rings.append(vring)
+                client.setup_vring(vring, base=vring.reconnect_base())
             if acked & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
                 for i in range(queues):
                     client.call(Request.SET_VRING_ENABLE, VRING_STATE.pack(i, 1))
@@ -229,7 +251,8 @@ class Device:
         renegotiate the same features, re-send the memory table and the kept inflight buffer,
         and restart every ring at its used index (QEMU rewinds last_avail_idx to used_idx when
         GET_VRING_BASE cannot be asked). Requests still in flight stay as they are in guest
-        memory: the new backend resubmits them from the inflight buffer."""
+        memory: the new backend resubmits them from the inflight buffer. A packed ring gets the
+        last base the frontend knew, stale as QEMU's is."""
         path = str(path or self.path)
         timeout = self.timeout if timeout is None else timeout
         if self.client is not None:
@@ -243,11 +266,12 @@ class Device:
             client.set_u64(Request.SET_FEATURES, acked)
             if proto & INFLIGHT_FEATURE:
                 if self.inflight is None:   # the previous backend did not track: start now
-                    self.inflight = client.get_inflight_fd(len(self.rings), self.rings[0].num)
+                    self.inflight = client.get_inflight_fd(len(self.rings), self.rings[0].num,
+                                                           self.ring == "packed")
                 client.set_inflight_fd(self.inflight)
             self._send_table(client, proto, self.mem)
             for ring in self.rings:
-                client.setup_vring(ring, base=ring.used_idx())
+                client.setup_vring(ring, base=ring.reconnect_base())
             if acked & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
                 for ring in self.rings:
                     client.call(Request.SET_VRING_ENABLE, VRING_STATE.pack(ring.index, 1))
@@ -281,7 +305,7 @@ class Device:
             return
         try:
             for ring in self.rings:
-                self.client.get_vring_base(ring.index)
+                ring.base = self.client.get_vring_base(ring.index)
         except (OSError, ProtocolError, DeviceError):
             pass
         self.client.close()

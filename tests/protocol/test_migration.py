@@ -118,6 +118,32 @@ def test_the_log_marks_exactly_the_pages_the_device_wrote(start_backend, disk_fi
                     f" {sorted(data_pages | {page(status), used})}")
 
 
+def test_a_packed_ring_logs_its_used_descriptors_and_device_area(start_backend):
+    """A packed ring's used descriptors go into the descriptor ring, not a used ring: each
+    completion marks the page of its slot (by the GPA of its region), beside the data and
+    status; the device event area is the only other page marked."""
+    backend = start_backend("null:64M", queues=1)
+    with Device.connect(backend.socket, queues=1, queue_size=256, ring="packed") as dev:
+        dev.start_dirty_log()
+        ring = dev.rings[0]
+        allowed = pages(ring.desc, 16 * ring.num) | {page(ring.used)}
+        checked = 0
+        for i in range(3 * ring.num // 2):           # past a wrap of the ring
+            slot = ring.next_used                     # where the used descriptor lands
+            req = dev.submit(vb.ReqType.IN, 8 * i, read_len=4096)
+            dev.wait([req])
+            got = dev.take_dirty_pages()
+            wrote = pages(req.data, 4096) | {page(req.status)}
+            assert wrote <= got, f"request {i}: {sorted(wrote - got)} not marked"
+            assert got - wrote <= allowed, f"request {i}: marked {sorted(got - wrote - allowed)}"
+            slot_page = page(ring.desc + 16 * slot)
+            if slot_page not in wrote | {page(ring.used)}:
+                assert slot_page in got, f"request {i}: the page of used slot {slot} is not marked"
+                checked += 1
+            dev.release(req)
+        assert checked > ring.num
+
+
 def test_two_queues_marking_the_same_log_bytes_lose_no_bit(start_backend):
     """Queue 0 reads into the even pages, queue 1 into the odd ones: every byte of the log is
     marked by both I/O threads at once (published together, kicked back to back)."""
