@@ -1,0 +1,108 @@
+/* iotlb.h — the vIOMMU's device IOTLB (VIRTIO_F_IOMMU_PLATFORM): the snapshot a queue
+ * translates IOVAs through, the per-queue cache in front of it, and the one set of address
+ * functions both ring walkers call for every guest address they use (a ring area, an indirect
+ * table, a buffer, the status byte). Without a vIOMMU those are the guest-memory lookups they
+ * always were; with one, an address is an IOVA: IOVA -> front-end user address (the IOTLB
+ * entry) -> host address (the memory region holding it), and the access is checked against
+ * the entry's permission. The gates themselves (vq_map_buffer, vq_map_piece, vq_map_area) are
+ * at the end of virtqueue.h.
+ *
+ * A snapshot is immutable once published (like a memory table): the control plane builds a
+ * new one per IOTLB_MSG and hands it to every queue through its mailbox (engine/queue.c). The
+ * cache is the queue thread's own, tagged with a generation that changes with the snapshot or
+ * the memory table, so a stale slot is never used. */
+#ifndef DP_IOTLB_H
+#define DP_IOTLB_H
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include "vhost/dp_vhost.h"
+#include "vhost/guest_mem.h"
+
+/* A translation the IOTLB has no entry for: the walk stops, the request waits for an UPDATE
+ * (vq->miss_iova / miss_perm say what to ask for). Only ever in vq_chain.err and the returns
+ * below; a request that gives up waiting reports -EFAULT. */
+#define VQ_MISS (-ENOENT)
+
+struct iotlb_entry {
+    uint64_t iova;
+    uint64_t last;                /* inclusive: an entry may reach 2^64 - 1 */
+    uint64_t uaddr;               /* the front end's user address of iova */
+    uint32_t perm;                /* DP_IOTLB_PERM_* */
+    uint32_t pad;
+};
+
+/* Sorted by iova, no two overlapping. */
+struct dp_iotlb {
+    unsigned n;
+    unsigned cap;
+    struct iotlb_entry e[];
+};
+
+/* One resolved translation: [first, last] of an entry, clipped to the memory region its
+ * user addresses lie in, so host = iova + delta over the whole range. (The guest-physical
+ * address, which the dirty log marks, is the region's: the walkers log by host address.) */
+struct iotlb_slot {
+    uint64_t first;
+    uint64_t last;
+    uintptr_t delta;
+    uint32_t gen;                 /* valid only while it equals the queue's iotlb_gen */
+    uint32_t perm;
+};
+
+#define IOTLB_CACHE_SLOTS 64      /* direct-mapped by 4 KiB page */
+#define IOTLB_RECENT 8            /* misses sent since the last snapshot, not repeated */
+
+struct iotlb_recent {
+    uint64_t page;
+    uint32_t perm;
+    uint32_t gen;
+};
+
+/* A device's link to its vIOMMU (the front end): the back-end channel misses go out on, how
+ * long a request waits for an answer, and the debug switch. Shared by the device's queues
+ * and its control plane; only the channel is locked, and only while a miss is written. */
+struct dp_iommu {
+    pthread_mutex_t lock;
+    int fd;                       /* SET_BACKEND_REQ_FD's socket, -1 until then */
+    int broken;                   /* a write was cut short: the channel's framing is lost */
+    uint64_t timeout_ns;
+    unsigned flags;               /* DP_IOMMU_F_* */
+    uint64_t misses_sent;
+    uint64_t misses_dropped;
+};
+
+struct dp_vq;
+
+/* A range of front-end user addresses, inclusive. */
+struct iotlb_range {
+    uint64_t first;
+    uint64_t last;
+};
+
+/* The user addresses t maps [first, last] to, one range per entry it overlaps (out gets at
+ * most max; the return is how many there are). */
+unsigned iotlb_removed(const struct dp_iotlb *t, uint64_t first, uint64_t last,
+                       struct iotlb_range *out, unsigned max);
+
+/* Translate [iova, iova + len) for an access needing perm (R, W or both) into at most max_iov
+ * iovecs (pieces contiguous in host memory are merged). Returns the count, VQ_MISS (with the
+ * queue's miss recorded), -EACCES (an entry lacks the permission), -EFAULT (wraps, or an entry
+ * points outside guest memory), -E2BIG. */
+int vq_iova_map(struct dp_vq *vq, uint64_t iova, uint64_t len, unsigned perm, struct iovec *iov,
+                unsigned max_iov);
+/* The same for one piece contiguous in host memory (NULL, and the reason in *err). */
+void *vq_iova_map_contig(struct dp_vq *vq, uint64_t iova, uint64_t len, unsigned perm, int *err);
+/* Ask the front end for the queue's recorded miss (not if it was asked since the last
+ * snapshot). Any thread that owns the queue (its engine, or the control plane while stopped). */
+void vq_iotlb_report_miss(struct dp_vq *vq);
+/* Send one miss on the channel (non-blocking: a full channel drops it, counted). */
+int iommu_send_miss(struct dp_iommu *iommu, uint64_t iova, unsigned perm);
+/* The queue's snapshot or memory table changed: every cache slot and every remembered miss
+ * is stale. */
+void vq_iotlb_changed(struct dp_vq *vq);
+
+#endif
