@@ -110,7 +110,7 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
                         " CPU not running a vCPU)")
     p.add_argument("--iotlb-timeout", type=time_arg, default=None, metavar="TIME",
                    help="behind a vIOMMU, how long a request waits for the IOTLB entry it"
-                        " missed before it fails with IOERR (default 2s)")
+                        " missed before it fails with IOERR (default 10s)")
     # The vIOMMU enforces nothing: unknown IOVAs are taken as guest-physical, permissions and
     # invalidations are ignored (to prove the hostile IOTLB tests see it).
     p.add_argument("--debug-no-iotlb-check", action="store_true", help=argparse.SUPPRESS)

@@ -37,6 +37,10 @@ int dp_vqs_set_mem(struct dp_vq *const *vqs, unsigned n, struct dp_mem *mem, int
  * change also gives the queues' parked requests and missing rings another look. */
 int dp_vqs_set_iotlb(struct dp_vq *const *vqs, unsigned n, const struct dp_iotlb *iotlb,
                      const struct dp_iotlb *old, uint64_t inval_iova, uint64_t inval_size);
+/* The same for an UPDATE of [iova, iova + size - 1]: what the queues asked for there is
+ * answered (they may ask again at once should an invalidation take it away). */
+int dp_vqs_update_iotlb(struct dp_vq *const *vqs, unsigned n, const struct dp_iotlb *iotlb,
+                        uint64_t iova, uint64_t size);
 /* What the queue logs into (log NULL: nothing), and whether it logs its used ring writes at
  * used_gpa (VHOST_VRING_F_LOG). Safe while the queue runs: once this returns, the queue's
  * thread writes into no other log. */

@@ -98,7 +98,8 @@ struct vq_log_cfg {
 #define IOTLB_INVAL_RANGES 32
 struct vq_iotlb_cfg {
     const struct dp_iotlb *iotlb;
-    int invalidate;
+    int update;                   /* an UPDATE of [first, last] */
+    int invalidate;               /* an INVALIDATE of [first, last] */
     uint64_t first, last;
     int all;
     unsigned nremoved;

@@ -161,11 +161,14 @@ static void count_request(struct dp_vq *vq, uint32_t type)
  * that floods misses gets one per request per retry period, no more). */
 static void ask_for_miss(struct dp_vq *vq, struct dp_req *req, uint64_t now)
 {
-    if ((req->miss_iova >> 12) == (vq->miss_iova >> 12) && req->miss_perm == vq->miss_perm &&
+    if (!vq->nmiss)
+        return;
+    const struct iotlb_miss *first = &vq->miss[0];
+    if ((req->miss_iova >> 12) == (first->iova >> 12) && req->miss_perm == first->perm &&
         now - req->miss_sent_ns < IOTLB_RETRY_NS)
         return;
-    req->miss_iova = vq->miss_iova;
-    req->miss_perm = vq->miss_perm;
+    req->miss_iova = first->iova;
+    req->miss_perm = first->perm;
     req->miss_sent_ns = now;
     vq_iotlb_report_miss(vq);
 }
@@ -236,7 +239,7 @@ static void retry_parked(struct dp_vq *vq, int final)
             continue;
         }
         struct vq_chain chain;
-        vq->miss_perm = 0;
+        vq->nmiss = 0;
         int rc = vq_retry(vq, req->head, req->nsaved, &chain, req->seg, REQ_MAX_SEGS);
         if (rc < 0) {   /* the chain changed under us into one that breaks the ring */
             STAT_ADD(vq, parked, -1);
@@ -384,7 +387,7 @@ void queue_process_avail(struct dp_engine *engine, struct dp_vq *vq)
         struct dp_req *req;
         while ((req = vq->free_reqs)) {
             struct vq_chain chain;
-            vq->miss_perm = 0;
+            vq->nmiss = 0;
             int rc = vq_pop(vq, &chain, req->seg, REQ_MAX_SEGS);
             if (rc <= 0)
                 break;
@@ -444,7 +447,7 @@ static void resubmit_inflight(struct dp_vq *vq)
     for (unsigned i = 0; i < vq->nresubmit; i++) {
         struct dp_req *req = vq->free_reqs;
         struct vq_chain chain;
-        vq->miss_perm = 0;
+        vq->nmiss = 0;
         if (!req || vq_read_chain(vq, vq->resubmit[i], &chain, req->seg, REQ_MAX_SEGS) < 0) {
             for (unsigned j = i; j < vq->nresubmit; j++)
                 vq_inflight_drop(vq, vq->resubmit[j]);
@@ -642,6 +645,12 @@ void queue_set_iotlb(struct dp_engine *engine, struct dp_vq *vq, struct engine_c
     vq->iotlb = cfg->iotlb;
     vq_iotlb_changed(vq);
     cmd->result = 0;
+    if (cfg->update) {   /* what was asked for there is answered: ask again at once if need be */
+        vq_iotlb_answered(vq, cfg->first, cfg->last);
+        for (struct dp_req *req = vq->parked; req; req = req->next_free)
+            if (req->miss_iova >= cfg->first && req->miss_iova <= cfg->last)
+                req->miss_sent_ns = 0;
+    }
     int check = !(__atomic_load_n(&vq->iommu->flags, __ATOMIC_RELAXED) & DP_IOMMU_F_NO_CHECK);
     if (cfg->invalidate && check) {
         if (vq->rings_ready && vq_rings_overlap(vq, cfg->first, cfg->last))
@@ -842,6 +851,20 @@ int dp_vqs_set_mem(struct dp_vq *const *vqs, unsigned n, struct dp_mem *mem, int
     return rc;
 }
 
+static int publish_iotlb(struct dp_vq *const *vqs, unsigned n, const struct vq_iotlb_cfg *cfg);
+
+int dp_vqs_update_iotlb(struct dp_vq *const *vqs, unsigned n, const struct dp_iotlb *iotlb,
+                        uint64_t iova, uint64_t size)
+{
+    struct vq_iotlb_cfg cfg = { .iotlb = iotlb };
+    if (size) {
+        cfg.update = 1;
+        cfg.first = iova;
+        cfg.last = iova + (size - 1) < iova ? UINT64_MAX : iova + (size - 1);
+    }
+    return publish_iotlb(vqs, n, &cfg);
+}
+
 int dp_vqs_set_iotlb(struct dp_vq *const *vqs, unsigned n, const struct dp_iotlb *iotlb,
                      const struct dp_iotlb *old, uint64_t inval_iova, uint64_t inval_size)
 {
@@ -856,23 +879,31 @@ int dp_vqs_set_iotlb(struct dp_vq *const *vqs, unsigned n, const struct dp_iotlb
         cfg.nremoved = k < IOTLB_INVAL_RANGES ? k : IOTLB_INVAL_RANGES;
         cfg.all = k > IOTLB_INVAL_RANGES;
     }
+    return publish_iotlb(vqs, n, &cfg);
+}
+
+/* Post to every running queue behind a vIOMMU first, so that their drains overlap; a
+ * stopped one takes the snapshot at once. */
+static int publish_iotlb(struct dp_vq *const *vqs, unsigned n, const struct vq_iotlb_cfg *cfg)
+{
     struct engine_cmd *cmds = calloc(n ? n : 1, sizeof(*cmds));
     if (!cmds)
         return -ENOMEM;
     int rc = 0;
-    /* Post to every running queue first, so that their drains overlap. */
     for (unsigned i = 0; i < n; i++) {
         struct dp_vq *vq = vqs[i];
         if (!vq->iommu)
             continue;
         if (!vq->engine) {
-            vq->iotlb = iotlb;
+            vq->iotlb = cfg->iotlb;
             vq_iotlb_changed(vq);
-            if (cfg.invalidate && vq_rings_overlap(vq, cfg.first, cfg.last))
+            if (cfg->invalidate && vq_rings_overlap(vq, cfg->first, cfg->last))
                 vq_unmap_rings(vq);
+            if (cfg->update)
+                vq_iotlb_answered(vq, cfg->first, cfg->last);
             continue;
         }
-        cmds[i] = (struct engine_cmd){ .op = CMD_SET_IOTLB, .vq = vq, .ptr = &cfg };
+        cmds[i] = (struct engine_cmd){ .op = CMD_SET_IOTLB, .vq = vq, .ptr = (void *)cfg };
         if (engine_post(vq->engine, &cmds[i])) {
             cmds[i].vq = NULL;
             rc = -EIO;

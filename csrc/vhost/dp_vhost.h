@@ -42,7 +42,7 @@ void *dp_mem_uva_to_host(const struct dp_mem *mem, uint64_t uva, uint64_t len);
 #define DP_IOTLB_PERM_RW 3
 /* Entries a snapshot holds at most; past that an UPDATE evicts one (a cache: the next access
  * to it misses and asks again). */
-#define DP_IOTLB_MAX_ENTRIES 16384
+#define DP_IOTLB_MAX_ENTRIES 4096
 /* An immutable snapshot of the IOTLB: (IOVA range -> front-end user address, permission),
  * sorted, non-overlapping. Each change makes a new one. */
 struct dp_iotlb;
@@ -73,7 +73,7 @@ struct dp_iommu;
  * not enforced, and invalidations are acknowledged without waiting for the requests that may
  * use the range (--debug-no-iotlb-check: shows what the hostile tests catch). */
 #define DP_IOMMU_F_NO_CHECK 1
-#define DP_IOTLB_MISS_TIMEOUT_MS 2000
+#define DP_IOTLB_MISS_TIMEOUT_MS 10000
 struct dp_iommu_stats {
     uint64_t misses_sent;
     uint64_t misses_dropped;     /* the channel was full or missing */

@@ -26,6 +26,7 @@
 #include <string.h>
 #include <sys/socket.h>
 
+#include "util/clock.h"
 #include "vhost/virtqueue.h"
 
 /* ---- snapshots ---- */
@@ -232,7 +233,6 @@ void vq_iotlb_changed(struct dp_vq *vq)
 {
     if (++vq->iotlb_gen == 0) {   /* after 2^32 changes: clear rather than collide */
         memset(vq->cache, 0, sizeof(vq->cache));
-        memset(vq->recent, 0, sizeof(vq->recent));
         vq->iotlb_gen = 1;
     }
 }
@@ -266,6 +266,15 @@ static const struct iotlb_slot *resolve(struct dp_vq *vq, uint64_t iova, int *er
     return s;
 }
 
+static void record_miss(struct dp_vq *vq, uint64_t iova, unsigned perm)
+{
+    for (unsigned i = 0; i < vq->nmiss; i++)
+        if ((vq->miss[i].iova >> 12) == (iova >> 12) && (vq->miss[i].perm & perm) == perm)
+            return;
+    if (vq->nmiss < IOTLB_MISS_BATCH)
+        vq->miss[vq->nmiss++] = (struct iotlb_miss){ .iova = iova, .perm = perm };
+}
+
 int vq_iova_map(struct dp_vq *vq, uint64_t iova, uint64_t len, unsigned perm, struct iovec *iov,
                 unsigned max_iov)
 {
@@ -275,6 +284,7 @@ int vq_iova_map(struct dp_vq *vq, uint64_t iova, uint64_t len, unsigned perm, st
     if (iova + (len - 1) < iova)
         return -EFAULT;
     int check = !(vq->iommu->flags & DP_IOMMU_F_NO_CHECK);
+    int missed = 0;
     while (len > 0) {
         int err;
         const struct iotlb_slot *s = resolve(vq, iova, &err);
@@ -285,11 +295,23 @@ int vq_iova_map(struct dp_vq *vq, uint64_t iova, uint64_t len, unsigned perm, st
                 int m = guest_mem_translate(vq->mem, iova, len, iov + n, max_iov - n);
                 return m < 0 ? m : (int)n + m;
             }
-            if (!vq->miss_perm) {   /* the first miss of this walk is the one to ask for */
-                vq->miss_iova = iova;
-                vq->miss_perm = perm;
-            }
-            return VQ_MISS;
+            /* Note it and look at the next page: the other misses go out with this one. */
+            record_miss(vq, iova, perm);
+            missed = 1;
+            uint64_t to_page = 4096 - (iova & 4095);
+            if (len <= to_page || vq->nmiss == IOTLB_MISS_BATCH)
+                return VQ_MISS;
+            iova += to_page;
+            len -= to_page;
+            continue;
+        }
+        if (missed) {   /* only looking for misses now */
+            uint64_t room = s->last - iova;
+            if (len - 1 <= room)
+                return VQ_MISS;
+            iova += room + 1;
+            len -= room + 1;
+            continue;
         }
         if ((s->perm & perm) != perm && check)
             return -EACCES;
@@ -354,18 +376,34 @@ int iommu_send_miss(struct dp_iommu *iommu, uint64_t iova, unsigned perm)
 
 void vq_iotlb_report_miss(struct dp_vq *vq)
 {
-    uint32_t perm = vq->miss_perm;
-    if (!perm || !vq->iommu)
+    if (!vq->iommu || !vq->nmiss)
         return;
-    uint64_t page = vq->miss_iova >> 12;
-    for (unsigned i = 0; i < IOTLB_RECENT; i++) {
-        const struct iotlb_recent *r = &vq->recent[i];
-        if (r->gen == vq->iotlb_gen && r->page == page && (r->perm & perm) == perm)
-            return;   /* asked since the last snapshot: its UPDATE is on the way, or refused */
+    uint64_t now = now_ns();
+    for (unsigned m = 0; m < vq->nmiss; m++) {
+        uint64_t page = vq->miss[m].iova >> 12;
+        uint32_t perm = vq->miss[m].perm;
+        int asked = 0;
+        for (unsigned i = 0; i < IOTLB_RECENT && !asked; i++) {
+            const struct iotlb_recent *r = &vq->recent[i];
+            /* its UPDATE is on the way (or it was refused: asked again after a while) */
+            asked = r->at_ns && r->page == page && (r->perm & perm) == perm &&
+                    now - r->at_ns < IOTLB_ASK_AGAIN_NS;
+        }
+        if (asked)
+            continue;
+        vq->recent[vq->recent_next++ % IOTLB_RECENT] =
+            (struct iotlb_recent){ .page = page, .perm = perm, .at_ns = now };
+        iommu_send_miss(vq->iommu, vq->miss[m].iova, perm);
     }
-    vq->recent[vq->recent_next++ % IOTLB_RECENT] =
-        (struct iotlb_recent){ .page = page, .perm = perm, .gen = vq->iotlb_gen };
-    iommu_send_miss(vq->iommu, vq->miss_iova, perm);
+}
+
+void vq_iotlb_answered(struct dp_vq *vq, uint64_t first, uint64_t last)
+{
+    for (unsigned i = 0; i < IOTLB_RECENT; i++) {
+        struct iotlb_recent *r = &vq->recent[i];
+        if (r->at_ns && r->page >= first >> 12 && r->page <= last >> 12)
+            r->at_ns = 0;
+    }
 }
 
 /* ---- the device's link ---- */

@@ -22,10 +22,19 @@
 #include "vhost/dp_vhost.h"
 #include "vhost/guest_mem.h"
 
-/* A translation the IOTLB has no entry for: the walk stops, the request waits for an UPDATE
- * (vq->miss_iova / miss_perm say what to ask for). Only ever in vq_chain.err and the returns
- * below; a request that gives up waiting reports -EFAULT. */
+/* A translation the IOTLB has no entry for: the request waits for an UPDATE (vq->miss[] says
+ * what to ask for). Only ever in vq_chain.err and the returns below; a request that gives up
+ * waiting reports -EFAULT. A walk goes on past a miss to the buffers it still can find, so
+ * that one round of answers brings all of them: a request needs all its pages at once, and an
+ * invalidation between two rounds would take the first ones away again. */
 #define VQ_MISS (-ENOENT)
+#define IOTLB_MISS_BATCH 8
+
+struct iotlb_miss {
+    uint64_t iova;
+    uint32_t perm;
+    uint32_t pad;
+};
 
 struct iotlb_entry {
     uint64_t iova;
@@ -54,12 +63,14 @@ struct iotlb_slot {
 };
 
 #define IOTLB_CACHE_SLOTS 64      /* direct-mapped by 4 KiB page */
-#define IOTLB_RECENT 8            /* misses sent since the last snapshot, not repeated */
+#define IOTLB_RECENT 16           /* misses asked for and not answered yet: not asked again */
+#define IOTLB_ASK_AGAIN_NS 50000000ull   /* unless unanswered this long (refused, or lost) */
 
 struct iotlb_recent {
     uint64_t page;
+    uint64_t at_ns;               /* 0: free */
     uint32_t perm;
-    uint32_t gen;
+    uint32_t pad;
 };
 
 /* A device's link to its vIOMMU (the front end): the back-end channel misses go out on, how
@@ -96,9 +107,12 @@ int vq_iova_map(struct dp_vq *vq, uint64_t iova, uint64_t len, unsigned perm, st
                 unsigned max_iov);
 /* The same for one piece contiguous in host memory (NULL, and the reason in *err). */
 void *vq_iova_map_contig(struct dp_vq *vq, uint64_t iova, uint64_t len, unsigned perm, int *err);
-/* Ask the front end for the queue's recorded miss (not if it was asked since the last
- * snapshot). Any thread that owns the queue (its engine, or the control plane while stopped). */
+/* Ask the front end for the misses the queue's last walk recorded, each page unless it was
+ * asked for less than IOTLB_ASK_AGAIN_NS ago and no UPDATE covered it since. Any thread that
+ * owns the queue (its engine, or the control plane while stopped). */
 void vq_iotlb_report_miss(struct dp_vq *vq);
+/* An UPDATE covered [first, last]: what was asked for there is answered. */
+void vq_iotlb_answered(struct dp_vq *vq, uint64_t first, uint64_t last);
 /* Send one miss on the channel (non-blocking: a full channel drops it, counted). */
 int iommu_send_miss(struct dp_iommu *iommu, uint64_t iova, unsigned perm);
 /* The queue's snapshot or memory table changed: every cache slot and every remembered miss

@@ -111,11 +111,12 @@ static void walk_buffer(struct dp_vq *vq, struct packed_walk *w, uint64_t addr, 
         w->seen_writable = 1;
     else if (w->seen_writable && !chain->err)
         chain->err = -EINVAL;   /* device-readable after device-writable */
-    if (len && !chain->err) {
+    /* Past a miss the walk goes on translating, only to find the other misses. */
+    if (len && (!chain->err || chain->err == VQ_MISS)) {
         int n = packed_map_buffer(vq, addr, len, writable, w->iov + chain->nseg,
                                   w->max_iov - chain->nseg);
         if (n < 0) {
-            chain->err = n;
+            chain->err = n;   /* a fault wins over a miss: no use waiting for the rest */
         } else {
             chain->nseg += (unsigned)n;
             if (!writable)

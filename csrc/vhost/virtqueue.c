@@ -99,11 +99,12 @@ int vq_split_read_chain(struct dp_vq *vq, uint16_t head, struct vq_chain *chain,
             seen_writable = 1;
         else if (seen_writable && !chain->err)
             chain->err = -EINVAL;   /* device-readable after device-writable */
-        if (d.len && !chain->err) {
+        /* Past a miss the walk goes on translating, only to find the other misses. */
+        if (d.len && (!chain->err || chain->err == VQ_MISS)) {
             int n = vq_map_buffer(vq, d.addr, d.len, writable, iov + chain->nseg,
                                   max_iov - chain->nseg);
             if (n < 0) {
-                chain->err = n;
+                chain->err = n;   /* a fault wins over a miss: no use waiting for the rest */
             } else {
                 chain->nseg += (unsigned)n;
                 if (!writable)
@@ -278,7 +279,7 @@ int dp_vq_set_base(struct dp_vq *vq, uint16_t last_avail_idx)
 void *vq_map_ring_area(struct dp_vq *vq, uint64_t addr, uint64_t len, unsigned perm, int *rc)
 {
     int err;
-    vq->miss_perm = 0;
+    vq->nmiss = 0;
     void *p = vq_map_area(vq, addr, len, perm, &err);
     if (!p) {
         if (err == VQ_MISS) {
@@ -456,7 +457,7 @@ int dp_vq_pop_chain(struct dp_vq *vq, uint16_t *head, struct dp_seg *segs, unsig
         return rc;
     if (max_segs > DP_MAX_QUEUE_SIZE)
         max_segs = DP_MAX_QUEUE_SIZE;
-    vq->miss_perm = 0;
+    vq->nmiss = 0;
     rc = vq_pop(vq, &chain, iov, max_segs);
     if (rc <= 0)
         return rc == 0 ? -EAGAIN : rc;

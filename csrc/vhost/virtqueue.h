@@ -126,8 +126,8 @@ struct dp_vq {
      * asked for since the last snapshot (iotlb.c) */
     const struct dp_iotlb *iotlb;
     uint32_t iotlb_gen;
-    uint32_t miss_perm;
-    uint64_t miss_iova;
+    unsigned nmiss;               /* the misses of the last walk, in order */
+    struct iotlb_miss miss[IOTLB_MISS_BATCH];
     unsigned recent_next;
     struct iotlb_recent recent[IOTLB_RECENT];
     struct iotlb_slot cache[IOTLB_CACHE_SLOTS];

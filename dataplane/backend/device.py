@@ -720,7 +720,7 @@ class VhostUserBlkDevice:
         new = lib.dp_iotlb_update(self.iotlb, iova, size, uaddr, perm, int(not self.iotlb_check), err)
         if new == ffi.NULL:
             raise MessageError(f"{what}: {os.strerror(-err[0])}")
-        self._replace_iotlb(new, 0, 0)
+        self._replace_iotlb(new, 0, 0, update=(iova, size))
         self.iotlb_counters.updates += 1
         log.debug("%s (%d entries)", what, lib.dp_iotlb_count(new))
         for vring in self.vrings:
@@ -740,11 +740,15 @@ class VhostUserBlkDevice:
         self.iotlb_counters.invalidations += 1
         log.debug("%s (%d entries left)", what, lib.dp_iotlb_count(new))
 
-    def _replace_iotlb(self, new: object, inval_iova: int, inval_size: int) -> None:
+    def _replace_iotlb(self, new: object, inval_iova: int, inval_size: int,
+                       update: tuple[int, int] | None = None) -> None:
         """Publish new to every queue (for an invalidation: waiting until none can use the
         range), then free the old snapshot, which no queue uses any more."""
         vqs = ffi.new("struct dp_vq *[]", [v.handle for v in self.vrings])
-        rc = lib.dp_vqs_set_iotlb(vqs, len(self.vrings), new, self.iotlb, inval_iova, inval_size)
+        if update is not None:
+            rc = lib.dp_vqs_update_iotlb(vqs, len(self.vrings), new, *update)
+        else:
+            rc = lib.dp_vqs_set_iotlb(vqs, len(self.vrings), new, self.iotlb, inval_iova, inval_size)
         old, self.iotlb = self.iotlb, new
         lib.dp_iotlb_free(old)
         if rc < 0:

@@ -23,9 +23,11 @@ device reads, write-only for what it writes). Addresses below IOVA_BASE are neve
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import socket
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..errors import DeviceError, ProtocolError
@@ -87,10 +89,22 @@ class Iommu:
         self._lock = threading.Lock()          # the page table (the miss thread reads it)
         self._next_iova = IOVA_DYNAMIC
         self._free: list[tuple[int, int]] = []   # freed dynamic ranges (iova, size)
+        self._answering = threading.Event()    # cleared: misses wait (hold())
+        self._answering.set()
         self._thread = threading.Thread(target=self._serve, name="dp-viommu", daemon=True)
         self._thread.start()
 
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Misses wait unanswered inside the block (a vIOMMU slow to answer), answered after."""
+        self._answering.clear()
+        try:
+            yield
+        finally:
+            self._answering.set()
+
     def close(self) -> None:
+        self._answering.set()
         try:
             self.channel.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -227,6 +241,7 @@ class Iommu:
             if type_ != IotlbType.MISS:
                 log.warning("back-end channel: IOTLB message of type %d", type_)
                 continue
+            self._answering.wait()
             try:
                 self._answer(iova, perm)
             except (DeviceError, ProtocolError, OSError) as exc:

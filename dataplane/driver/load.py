@@ -714,7 +714,10 @@ def hand_over(dev: Any, queue: int, out: Any, arena: int, arena_len: int, indire
     out.indirect = int(indirect)
     out.packed = int(isinstance(ring, PackedVring))
     out.arena_host = dev.mem.uva(arena)
-    out.arena_gpa = dev.dma_addr(arena) if arena_addr is None else arena_addr
+    if arena_addr is None:
+        dma_addr = getattr(dev, "dma_addr", None)   # a stand-in device may lack it
+        arena_addr = dma_addr(arena) if dma_addr is not None else arena
+    out.arena_gpa = arena_addr
     out.arena_len = arena_len
 
 
