@@ -69,9 +69,10 @@ struct dp_iotlb *dp_iotlb_invalidate(const struct dp_iotlb *iotlb, uint64_t iova
 /* A device's link to its vIOMMU: the back-end channel (SET_BACKEND_REQ_FD) misses go out on,
  * how long a request waits for the UPDATE, and the debug switch. */
 struct dp_iommu;
-/* Without the check: an address no entry holds is taken as guest-physical, permissions are
- * not enforced, and invalidations are acknowledged without waiting for the requests that may
- * use the range (--debug-no-iotlb-check: shows what the hostile tests catch). */
+/* Without the check: an address no entry holds is taken as guest-physical when it is one,
+ * permissions are not enforced, updates are not validated and invalidations are acknowledged
+ * without waiting for the requests that may use the range (--debug-no-iotlb-check: shows
+ * what the hostile tests catch). */
 #define DP_IOMMU_F_NO_CHECK 1
 #define DP_IOTLB_MISS_TIMEOUT_MS 10000
 struct dp_iommu_stats {

@@ -291,9 +291,12 @@ int vq_iova_map(struct dp_vq *vq, uint64_t iova, uint64_t len, unsigned perm, st
         if (!s) {
             if (err != VQ_MISS)
                 return err;
-            if (!check) {   /* the switch: an address without an entry taken as guest-physical */
+            if (!check && !missed) {
+                /* The switch: an address without an entry taken as guest-physical, if it is
+                 * one; else it is waited for like any miss. */
                 int m = guest_mem_translate(vq->mem, iova, len, iov + n, max_iov - n);
-                return m < 0 ? m : (int)n + m;
+                if (m >= 0)
+                    return (int)n + m;
             }
             /* Note it and look at the next page: the other misses go out with this one. */
             record_miss(vq, iova, perm);
