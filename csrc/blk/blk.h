@@ -39,13 +39,10 @@ struct dp_req {
     struct iovec *seg;            /* the whole chain (REQ_MAX_SEGS slots) */
     uint64_t seq;                 /* submission order within the queue */
     /* the engine's: where the request is (REQ_* in engine/engine.h), whether a drain waits
-     * for it, and, while it waits for an IOTLB UPDATE, what it asked for when */
+     * for it, and, while it waits for an IOTLB UPDATE, until when */
     uint8_t state;
     uint8_t in_drain;
     uint16_t nsaved;              /* a packed list's descriptors kept in seg (vq_retry) */
-    uint32_t miss_perm;
-    uint64_t miss_iova;
-    uint64_t miss_sent_ns;
     uint64_t deadline_ns;         /* parked: IOERR when no UPDATE made it whole by then */
     struct dp_disk_io io;
 };

@@ -106,7 +106,8 @@ struct vq_iotlb_cfg {
     struct iotlb_range removed[IOTLB_INVAL_RANGES];
 };
 
-/* A parked request asks again (and a queue waiting for its rings) this often at most. */
+/* The tick of the queues waiting on the vIOMMU: parked requests look again (asking for what
+ * is not asked for already) and give up once due, missing rings are asked for again. */
 #define IOTLB_RETRY_NS 50000000ull
 
 /* engine.c: the mailbox. engine_call = engine_post + engine_wait; posting to several engines

@@ -156,20 +156,9 @@ static void count_request(struct dp_vq *vq, uint32_t type)
 
 /* ---- requests behind a vIOMMU: waiting for an IOTLB UPDATE ---- */
 
-/* Ask the front end for what the request's walk missed, unless the request asked for that
- * very page less than IOTLB_RETRY_NS ago (its UPDATE is on the way, or was refused: a guest
- * that floods misses gets one per request per retry period, no more). */
-static void ask_for_miss(struct dp_vq *vq, struct dp_req *req, uint64_t now)
+/* Ask the front end for what the request's walk missed (the pages not asked for already). */
+static void ask_for_miss(struct dp_vq *vq)
 {
-    if (!vq->nmiss)
-        return;
-    const struct iotlb_miss *first = &vq->miss[0];
-    if ((req->miss_iova >> 12) == (first->iova >> 12) && req->miss_perm == first->perm &&
-        now - req->miss_sent_ns < IOTLB_RETRY_NS)
-        return;
-    req->miss_iova = first->iova;
-    req->miss_perm = first->perm;
-    req->miss_sent_ns = now;
     vq_iotlb_report_miss(vq);
 }
 
@@ -198,11 +187,10 @@ static __attribute__((noinline, cold)) void park(struct dp_vq *vq, struct dp_req
     req->state = REQ_PARKED;
     req->nsaved = nsaved;
     req->deadline_ns = now + __atomic_load_n(&vq->iommu->timeout_ns, __ATOMIC_RELAXED);
-    req->miss_perm = 0;
     park_tail(vq, req);
     STAT_ADD(vq, iotlb_misses, 1);
     STAT_ADD(vq, parked, 1);
-    ask_for_miss(vq, req, now);
+    ask_for_miss(vq);
     schedule_tick(vq, req->deadline_ns < now + IOTLB_RETRY_NS ? req->deadline_ns
                                                              : now + IOTLB_RETRY_NS);
 }
@@ -251,7 +239,7 @@ static void retry_parked(struct dp_vq *vq, int final)
             if (!final && now < req->deadline_ns) {
                 req->nsaved = chain.nsaved;
                 park_tail(vq, req);
-                ask_for_miss(vq, req, now);
+                ask_for_miss(vq);
                 continue;
             }
             chain.err = -EFAULT;   /* never mapped: the device may not touch it */
@@ -645,12 +633,8 @@ void queue_set_iotlb(struct dp_engine *engine, struct dp_vq *vq, struct engine_c
     vq->iotlb = cfg->iotlb;
     vq_iotlb_changed(vq);
     cmd->result = 0;
-    if (cfg->update) {   /* what was asked for there is answered: ask again at once if need be */
+    if (cfg->update)   /* what was asked for there is answered: ask again at once if need be */
         vq_iotlb_answered(vq, cfg->first, cfg->last);
-        for (struct dp_req *req = vq->parked; req; req = req->next_free)
-            if (req->miss_iova >= cfg->first && req->miss_iova <= cfg->last)
-                req->miss_sent_ns = 0;
-    }
     int check = !(__atomic_load_n(&vq->iommu->flags, __ATOMIC_RELAXED) & DP_IOMMU_F_NO_CHECK);
     if (cfg->invalidate && check) {
         if (vq->rings_ready && vq_rings_overlap(vq, cfg->first, cfg->last))

@@ -377,6 +377,13 @@ int iommu_send_miss(struct dp_iommu *iommu, uint64_t iova, unsigned perm)
     return n == (ssize_t)sizeof(msg) ? 0 : -EAGAIN;
 }
 
+static struct iotlb_asked *asked_slot(struct dp_vq *vq, uint64_t page)
+{
+    return &vq->asked[(page * 0x9e3779b97f4a7c15ull) >> (64 - 8)];   /* 256 slots */
+}
+
+_Static_assert(IOTLB_ASKED_SLOTS == 256, "asked_slot hashes to 8 bits");
+
 void vq_iotlb_report_miss(struct dp_vq *vq)
 {
     if (!vq->iommu || !vq->nmiss)
@@ -385,27 +392,21 @@ void vq_iotlb_report_miss(struct dp_vq *vq)
     for (unsigned m = 0; m < vq->nmiss; m++) {
         uint64_t page = vq->miss[m].iova >> 12;
         uint32_t perm = vq->miss[m].perm;
-        int asked = 0;
-        for (unsigned i = 0; i < IOTLB_RECENT && !asked; i++) {
-            const struct iotlb_recent *r = &vq->recent[i];
-            /* its UPDATE is on the way (or it was refused: asked again after a while) */
-            asked = r->at_ns && r->page == page && (r->perm & perm) == perm &&
-                    now - r->at_ns < IOTLB_ASK_AGAIN_NS;
-        }
-        if (asked)
-            continue;
-        vq->recent[vq->recent_next++ % IOTLB_RECENT] =
-            (struct iotlb_recent){ .page = page, .perm = perm, .at_ns = now };
-        iommu_send_miss(vq->iommu, vq->miss[m].iova, perm);
+        struct iotlb_asked *a = asked_slot(vq, page);
+        if (a->at_ns && a->page == page && (a->perm & perm) == perm &&
+            now - a->at_ns < IOTLB_ASK_AGAIN_NS)
+            continue;   /* its UPDATE is on the way (or it was refused: asked again later) */
+        if (iommu_send_miss(vq->iommu, vq->miss[m].iova, perm) == 0)
+            *a = (struct iotlb_asked){ .page = page, .perm = perm, .at_ns = now };
     }
 }
 
 void vq_iotlb_answered(struct dp_vq *vq, uint64_t first, uint64_t last)
 {
-    for (unsigned i = 0; i < IOTLB_RECENT; i++) {
-        struct iotlb_recent *r = &vq->recent[i];
-        if (r->at_ns && r->page >= first >> 12 && r->page <= last >> 12)
-            r->at_ns = 0;
+    for (unsigned i = 0; i < IOTLB_ASKED_SLOTS; i++) {
+        struct iotlb_asked *a = &vq->asked[i];
+        if (a->at_ns && a->page >= first >> 12 && a->page <= last >> 12)
+            a->at_ns = 0;
     }
 }
 

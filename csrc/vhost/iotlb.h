@@ -63,10 +63,14 @@ struct iotlb_slot {
 };
 
 #define IOTLB_CACHE_SLOTS 64      /* direct-mapped by 4 KiB page */
-#define IOTLB_RECENT 16           /* misses asked for and not answered yet: not asked again */
-#define IOTLB_ASK_AGAIN_NS 50000000ull   /* unless unanswered this long (refused, or lost) */
+/* Pages asked for and not answered yet (direct-mapped by page): not asked again, unless
+ * unanswered for IOTLB_ASK_AGAIN_NS (QEMU refused: the guest has no such mapping). A miss
+ * asked twice may reach QEMU after the guest unmapped the page, which it reports to the
+ * guest as a DMA fault. */
+#define IOTLB_ASKED_SLOTS 256
+#define IOTLB_ASK_AGAIN_NS 100000000ull
 
-struct iotlb_recent {
+struct iotlb_asked {
     uint64_t page;
     uint64_t at_ns;               /* 0: free */
     uint32_t perm;
@@ -107,9 +111,9 @@ int vq_iova_map(struct dp_vq *vq, uint64_t iova, uint64_t len, unsigned perm, st
                 unsigned max_iov);
 /* The same for one piece contiguous in host memory (NULL, and the reason in *err). */
 void *vq_iova_map_contig(struct dp_vq *vq, uint64_t iova, uint64_t len, unsigned perm, int *err);
-/* Ask the front end for the misses the queue's last walk recorded, each page unless it was
- * asked for less than IOTLB_ASK_AGAIN_NS ago and no UPDATE covered it since. Any thread that
- * owns the queue (its engine, or the control plane while stopped). */
+/* Ask the front end for the misses the queue's last walk recorded, each page unless it is
+ * asked for already (less than IOTLB_ASK_AGAIN_NS ago, no UPDATE of it since). Any thread
+ * that owns the queue (its engine, or the control plane while stopped). */
 void vq_iotlb_report_miss(struct dp_vq *vq);
 /* An UPDATE covered [first, last]: what was asked for there is answered. */
 void vq_iotlb_answered(struct dp_vq *vq, uint64_t first, uint64_t last);

@@ -122,14 +122,13 @@ struct dp_vq {
     struct dp_req *deferred, **deferred_tail;
     struct vq_packed pk;          /* a packed ring's own state (cold for a split ring) */
 
-    /* vIOMMU: the snapshot, the cache in front of it, the miss a walk stopped at, the misses
-     * asked for since the last snapshot (iotlb.c) */
+    /* vIOMMU: the snapshot, the cache in front of it, the misses of the last walk, the pages
+     * asked for and not answered yet (iotlb.c) */
     const struct dp_iotlb *iotlb;
     uint32_t iotlb_gen;
     unsigned nmiss;               /* the misses of the last walk, in order */
     struct iotlb_miss miss[IOTLB_MISS_BATCH];
-    unsigned recent_next;
-    struct iotlb_recent recent[IOTLB_RECENT];
+    struct iotlb_asked asked[IOTLB_ASKED_SLOTS];
     struct iotlb_slot cache[IOTLB_CACHE_SLOTS];
 };
 

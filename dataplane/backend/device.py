@@ -196,13 +196,18 @@ class IotlbCounters:
     invalidations: int = 0
     refused: int = 0
 
-    def line(self, iommu: object) -> str:
+    def line(self, iommu: object, queues: list[dict[str, int]]) -> str:
         st = ffi.new("struct dp_iommu_stats *")
         lib.dp_iommu_get_stats(iommu, st)
-        return (f"vIOMMU: {self.updates} update(s), {self.invalidations} invalidation(s),"
-                f" {self.refused} refused; {st.misses_sent} miss(es) sent"
+        total = {k: sum(q[k] for q in queues)
+                 for k in ("iotlb_misses", "iotlb_timeouts", "iotlb_faults", "iotlb_drains")}
+        return (f"vIOMMU: {self.updates} update(s), {self.invalidations} invalidation(s)"
+                f" ({total['iotlb_drains']} waited for requests in flight), {self.refused}"
+                f" refused; {st.misses_sent} miss(es) sent"
                 + (f", {st.misses_dropped} dropped (channel full or missing)"
-                   if st.misses_dropped else ""))
+                   if st.misses_dropped else "")
+                + f"; {total['iotlb_misses']} request(s) waited for an entry,"
+                f" {total['iotlb_timeouts']} in vain, {total['iotlb_faults']} fault(s)")
 
 
 class VhostUserBlkDevice:
@@ -304,11 +309,12 @@ class VhostUserBlkDevice:
         """Stop every queue (draining in-flight requests) and release memory and fds."""
         for vring in self.vrings:
             self._stop(vring)
+        if self._iommu_used():
+            log.info("%s", self.iotlb_counters.line(self.iommu, self.stats()))
+        for vring in self.vrings:
             vring.close_fds()
             lib.dp_vq_free(vring.handle)
         self.vrings = []
-        if self._iommu_used():
-            log.info("%s", self.iotlb_counters.line(self.iommu))
         self._free_mem()
         self._free_inflight()
         self._free_log()
