@@ -33,6 +33,11 @@ static void arm_ctl(struct dp_engine *engine)
 
 void engine_cmd_done(struct dp_engine *engine, struct engine_cmd *cmd, int result)
 {
+    if (cmd->release) {   /* posted without a waiter */
+        cmd->result = result;
+        cmd->release(cmd);
+        return;
+    }
     pthread_mutex_lock(&engine->lock);
     cmd->result = result;
     cmd->done = 1;

@@ -34,6 +34,9 @@ struct engine_cmd {
                                      SET_IOTLB: a struct vq_iotlb_cfg */
     int done;
     int result;
+    /* Set: nobody waits; engine_cmd_done hands the command to it instead (a posted IOTLB
+     * update frees what it allocated). */
+    void (*release)(struct engine_cmd *cmd);
     struct engine_cmd *next;
 };
 
@@ -92,9 +95,10 @@ struct vq_log_cfg {
     uint64_t used_gpa;
 };
 
-/* SET_IOTLB's payload: the snapshot, and what an invalidation took away: its IOVA range and
- * the front-end user addresses the old snapshot mapped it to (all: too many pieces to list,
- * every request in flight counts as using them). */
+/* SET_IOTLB's payload: the snapshot (the poster took a reference for each queue, which the
+ * queue keeps), and what an invalidation took away: its IOVA range and the front-end user
+ * addresses the old snapshot mapped it to (all: too many pieces to list, every request in
+ * flight counts as using them). */
 #define IOTLB_INVAL_RANGES 32
 struct vq_iotlb_cfg {
     const struct dp_iotlb *iotlb;

@@ -630,7 +630,9 @@ static int req_uses_removed(const struct dp_vq *vq, const struct dp_req *req, co
 void queue_set_iotlb(struct dp_engine *engine, struct dp_vq *vq, struct engine_cmd *cmd)
 {
     const struct vq_iotlb_cfg *cfg = cmd->ptr;
-    vq->iotlb = cfg->iotlb;
+    const struct dp_iotlb *old = vq->iotlb;
+    vq->iotlb = cfg->iotlb;   /* with the reference the poster took for this queue */
+    iotlb_put(old);
     vq_iotlb_changed(vq);
     cmd->result = 0;
     if (cfg->update)   /* what was asked for there is answered: ask again at once if need be */
@@ -837,16 +839,69 @@ int dp_vqs_set_mem(struct dp_vq *const *vqs, unsigned n, struct dp_mem *mem, int
 
 static int publish_iotlb(struct dp_vq *const *vqs, unsigned n, const struct vq_iotlb_cfg *cfg);
 
+/* A stopped queue takes a snapshot at once. */
+static void iotlb_to_stopped(struct dp_vq *vq, const struct vq_iotlb_cfg *cfg)
+{
+    const struct dp_iotlb *old = vq->iotlb;
+    vq->iotlb = iotlb_get(cfg->iotlb);
+    iotlb_put(old);
+    vq_iotlb_changed(vq);
+    if (cfg->invalidate && vq_rings_overlap(vq, cfg->first, cfg->last))
+        vq_unmap_rings(vq);
+    if (cfg->update)
+        vq_iotlb_answered(vq, cfg->first, cfg->last);
+}
+
+/* An UPDATE posted to the running queues without waiting: what it adds may be used from
+ * when each queue takes it, nothing has to stop using anything first. One allocation holds
+ * the payload and the commands; the last queue done frees it. */
+struct iotlb_post {
+    unsigned left;
+    struct vq_iotlb_cfg cfg;
+    struct engine_cmd cmds[];
+};
+
+static void post_release(struct engine_cmd *cmd)
+{
+    struct iotlb_post *post = container_of(cmd->ptr, struct iotlb_post, cfg);
+    if (__atomic_sub_fetch(&post->left, 1, __ATOMIC_ACQ_REL) == 0)
+        free(post);
+}
+
 int dp_vqs_update_iotlb(struct dp_vq *const *vqs, unsigned n, const struct dp_iotlb *iotlb,
                         uint64_t iova, uint64_t size)
 {
-    struct vq_iotlb_cfg cfg = { .iotlb = iotlb };
+    struct iotlb_post *post = calloc(1, sizeof(*post) + (n ? n : 1) * sizeof(post->cmds[0]));
+    if (!post)
+        return -ENOMEM;
+    post->cfg.iotlb = iotlb;
     if (size) {
-        cfg.update = 1;
-        cfg.first = iova;
-        cfg.last = iova + (size - 1) < iova ? UINT64_MAX : iova + (size - 1);
+        post->cfg.update = 1;
+        post->cfg.first = iova;
+        post->cfg.last = iova + (size - 1) < iova ? UINT64_MAX : iova + (size - 1);
     }
-    return publish_iotlb(vqs, n, &cfg);
+    post->left = 1;   /* ours, while posting */
+    int rc = 0;
+    for (unsigned i = 0; i < n; i++) {
+        struct dp_vq *vq = vqs[i];
+        if (!vq->iommu)
+            continue;
+        if (!vq->engine) {
+            iotlb_to_stopped(vq, &post->cfg);
+            continue;
+        }
+        struct engine_cmd *cmd = &post->cmds[i];
+        *cmd = (struct engine_cmd){ .op = CMD_SET_IOTLB, .vq = vq, .ptr = &post->cfg,
+                                    .release = post_release };
+        iotlb_get(iotlb);   /* the queue's, once it takes the snapshot */
+        __atomic_add_fetch(&post->left, 1, __ATOMIC_RELAXED);
+        if (engine_post(vq->engine, cmd)) {
+            /* the mailbox is gone (the eventfd write failed): the engine may still run it */
+            rc = -EIO;
+        }
+    }
+    post_release(&(struct engine_cmd){ .ptr = &post->cfg });
+    return rc;
 }
 
 int dp_vqs_set_iotlb(struct dp_vq *const *vqs, unsigned n, const struct dp_iotlb *iotlb,
@@ -879,19 +934,13 @@ static int publish_iotlb(struct dp_vq *const *vqs, unsigned n, const struct vq_i
         if (!vq->iommu)
             continue;
         if (!vq->engine) {
-            vq->iotlb = cfg->iotlb;
-            vq_iotlb_changed(vq);
-            if (cfg->invalidate && vq_rings_overlap(vq, cfg->first, cfg->last))
-                vq_unmap_rings(vq);
-            if (cfg->update)
-                vq_iotlb_answered(vq, cfg->first, cfg->last);
+            iotlb_to_stopped(vq, cfg);
             continue;
         }
         cmds[i] = (struct engine_cmd){ .op = CMD_SET_IOTLB, .vq = vq, .ptr = (void *)cfg };
-        if (engine_post(vq->engine, &cmds[i])) {
-            cmds[i].vq = NULL;
-            rc = -EIO;
-        }
+        iotlb_get(cfg->iotlb);   /* the queue's, once it takes the snapshot */
+        if (engine_post(vq->engine, &cmds[i]))
+            rc = -EIO;   /* queued all the same: waited for below */
     }
     for (unsigned i = 0; i < n; i++)
         if (cmds[i].vq) {
@@ -921,6 +970,7 @@ void dp_vq_free(struct dp_vq *vq)
     if (!vq)
         return;
     dp_vq_stop(vq);
+    iotlb_put(vq->iotlb);
     free(vq->resubmit);
     free(vq->reqs);
     free(vq->iov_pool);

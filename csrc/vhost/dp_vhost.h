@@ -44,7 +44,8 @@ void *dp_mem_uva_to_host(const struct dp_mem *mem, uint64_t uva, uint64_t len);
  * to it misses and asks again). */
 #define DP_IOTLB_MAX_ENTRIES 4096
 /* An immutable snapshot of the IOTLB: (IOVA range -> front-end user address, permission),
- * sorted, non-overlapping. Each change makes a new one. */
+ * sorted, non-overlapping. Each change makes a new one. Reference-counted: the queues that
+ * translate through a snapshot hold it, so the caller's dp_iotlb_free only drops its own. */
 struct dp_iotlb;
 struct dp_iotlb *dp_iotlb_new(void);
 void dp_iotlb_free(struct dp_iotlb *iotlb);
@@ -159,8 +160,8 @@ int dp_vq_set_addr(struct dp_vq *vq, struct dp_mem *mem, uint64_t desc_user_addr
 /* Point a stopped queue at a new memory table; re-translates its ring addresses. */
 int dp_vq_set_mem(struct dp_vq *vq, struct dp_mem *mem);
 /* A stopped queue behind a vIOMMU (iommu NULL: none): from now on its ring addresses and
- * every descriptor's address are IOVAs, translated through iotlb (a snapshot the caller keeps
- * alive while the queue uses it; engine/dp_engine.h publishes the next ones). With a vIOMMU
+ * every descriptor's address are IOVAs, translated through iotlb (the queue takes a reference;
+ * engine/dp_engine.h publishes the next ones). With a vIOMMU
  * dp_vq_set_addr and dp_vq_start answer -EAGAIN while a ring is not in the IOTLB, having
  * asked the front end for it (a miss on the channel). */
 int dp_vq_set_iommu(struct dp_vq *vq, struct dp_iommu *iommu, const struct dp_iotlb *iotlb);

@@ -35,6 +35,7 @@ static struct dp_iotlb *iotlb_alloc(unsigned cap)
 {
     struct dp_iotlb *t = malloc(sizeof(*t) + (size_t)cap * sizeof(t->e[0]));
     if (t) {
+        t->refs = 1;
         t->n = 0;
         t->cap = cap;
     }
@@ -46,9 +47,16 @@ struct dp_iotlb *dp_iotlb_new(void)
     return iotlb_alloc(0);
 }
 
+void iotlb_put(const struct dp_iotlb *t)
+{
+    struct dp_iotlb *w = (struct dp_iotlb *)t;
+    if (w && __atomic_sub_fetch(&w->refs, 1, __ATOMIC_ACQ_REL) == 0)
+        free(w);
+}
+
 void dp_iotlb_free(struct dp_iotlb *iotlb)
 {
-    free(iotlb);
+    iotlb_put(iotlb);
 }
 
 unsigned dp_iotlb_count(const struct dp_iotlb *iotlb)
@@ -462,7 +470,9 @@ int dp_vq_set_iommu(struct dp_vq *vq, struct dp_iommu *iommu, const struct dp_io
     if (vq->iommu != iommu)
         vq_unmap_rings(vq);   /* the ring addresses mean something else now */
     vq->iommu = iommu;
-    vq->iotlb = iotlb;
+    const struct dp_iotlb *old = vq->iotlb;
+    vq->iotlb = iotlb_get(iotlb);
+    iotlb_put(old);
     vq_iotlb_changed(vq);
     return 0;
 }

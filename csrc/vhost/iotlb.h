@@ -44,12 +44,25 @@ struct iotlb_entry {
     uint32_t pad;
 };
 
-/* Sorted by iova, no two overlapping. */
+/* Sorted by iova, no two overlapping. Counted references: the control plane's, and one per
+ * queue translating through it (a queue drops its own when it moves to the next). */
 struct dp_iotlb {
+    unsigned refs;
     unsigned n;
     unsigned cap;
     struct iotlb_entry e[];
 };
+
+/* Another reference (NULL: none to take). */
+static inline const struct dp_iotlb *iotlb_get(const struct dp_iotlb *t)
+{
+    if (t)
+        __atomic_add_fetch(&((struct dp_iotlb *)t)->refs, 1, __ATOMIC_RELAXED);
+    return t;
+}
+
+/* Drop one (dp_iotlb_free: the last one frees). */
+void iotlb_put(const struct dp_iotlb *t);
 
 /* One resolved translation: [first, last] of an entry, clipped to the memory region its
  * user addresses lie in, so host = iova + delta over the whole range. (The guest-physical
