@@ -385,12 +385,26 @@ int iommu_send_miss(struct dp_iommu *iommu, uint64_t iova, unsigned perm)
     return n == (ssize_t)sizeof(msg) ? 0 : -EAGAIN;
 }
 
-static struct iotlb_asked *asked_slot(struct dp_vq *vq, uint64_t page)
+/* Where page is in the set of pages asked for, or where it would go (a free slot, else the
+ * oldest within the probe window); *found says which. */
+static struct iotlb_asked *asked_slot(struct dp_vq *vq, uint64_t page, int *found)
 {
-    return &vq->asked[(page * 0x9e3779b97f4a7c15ull) >> (64 - 8)];   /* 256 slots */
+    unsigned h = (unsigned)((page * 0x9e3779b97f4a7c15ull) >> 54);   /* 10 bits */
+    struct iotlb_asked *spot = NULL;
+    for (unsigned k = 0; k < IOTLB_ASKED_PROBE; k++) {
+        struct iotlb_asked *a = &vq->asked[(h + k) % IOTLB_ASKED_SLOTS];
+        if (a->at_ns && a->page == page) {
+            *found = 1;
+            return a;
+        }
+        if (!spot || (spot->at_ns && (!a->at_ns || a->at_ns < spot->at_ns)))
+            spot = a;
+    }
+    *found = 0;
+    return spot;
 }
 
-_Static_assert(IOTLB_ASKED_SLOTS == 256, "asked_slot hashes to 8 bits");
+_Static_assert(IOTLB_ASKED_SLOTS == 1024, "asked_slot hashes to 10 bits");
 
 void vq_iotlb_report_miss(struct dp_vq *vq)
 {
@@ -400,12 +414,13 @@ void vq_iotlb_report_miss(struct dp_vq *vq)
     for (unsigned m = 0; m < vq->nmiss; m++) {
         uint64_t page = vq->miss[m].iova >> 12;
         uint32_t perm = vq->miss[m].perm;
-        struct iotlb_asked *a = asked_slot(vq, page);
-        if (a->at_ns && a->page == page && (a->perm & perm) == perm &&
-            now - a->at_ns < IOTLB_ASK_AGAIN_NS)
+        int found;
+        struct iotlb_asked *a = asked_slot(vq, page, &found);
+        if (found && (a->perm & perm) == perm && now - a->at_ns < IOTLB_ASK_AGAIN_NS)
             continue;   /* its UPDATE is on the way (or it was refused: asked again later) */
-        if (iommu_send_miss(vq->iommu, vq->miss[m].iova, perm) == 0)
-            *a = (struct iotlb_asked){ .page = page, .perm = perm, .at_ns = now };
+        if (iommu_send_miss(vq->iommu, vq->miss[m].iova, perm) < 0)
+            return;   /* the channel is full: the rest waits for the next look */
+        *a = (struct iotlb_asked){ .page = page, .perm = found ? a->perm | perm : perm, .at_ns = now };
     }
 }
 

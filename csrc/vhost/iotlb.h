@@ -76,12 +76,14 @@ struct iotlb_slot {
 };
 
 #define IOTLB_CACHE_SLOTS 64      /* direct-mapped by 4 KiB page */
-/* Pages asked for and not answered yet (direct-mapped by page): not asked again, unless
- * unanswered for IOTLB_ASK_AGAIN_NS (QEMU refused: the guest has no such mapping). A miss
- * asked twice may reach QEMU after the guest unmapped the page, which it reports to the
- * guest as a DMA fault. */
-#define IOTLB_ASKED_SLOTS 256
-#define IOTLB_ASK_AGAIN_NS 100000000ull
+/* Pages asked for and not answered yet (a small hash set, by page): not asked again until an
+ * UPDATE covers them, or after IOTLB_ASK_AGAIN_NS (QEMU refuses a page the guest has not
+ * mapped: no answer comes; the guest may map it later). A page asked twice while QEMU is
+ * slow to read the channel would have the second miss reach it after the request completed
+ * and the guest unmapped the page, which QEMU reports to the guest as a DMA fault. */
+#define IOTLB_ASKED_SLOTS 1024
+#define IOTLB_ASKED_PROBE 8
+#define IOTLB_ASK_AGAIN_NS 1000000000ull
 
 struct iotlb_asked {
     uint64_t page;

@@ -646,7 +646,8 @@ def test_iommu_updates_that_overflow_are_refused(iodev, checked):
 @CHECK
 def test_iommu_a_flood_of_misses_is_bounded(iodev, checked):
     """Queue 0 full of requests at IOVAs never mapped (each its own page): each waits, asking
-    at most once per 100 ms, and ends with IOERR; the other queue serves all along."""
+    for each page once (again only after a second), and ends with IOERR; the other queue
+    serves all along."""
     from dataplane.core import ffi, lib
 
     n = iodev.rings[0].num // 3 - 2            # as many as the ring holds
@@ -669,7 +670,7 @@ def test_iommu_a_flood_of_misses_is_bounded(iodev, checked):
         assert statuses == {b"\xaa"}, "unmapped memory written"
         assert iotlb_stats(iodev)["iotlb_timeouts"] == n and iotlb_stats(iodev)["parked"] == 0
         elapsed = time.monotonic() - t0
-        assert n <= sent <= n * (elapsed / 0.1 + 2), (sent, n, elapsed)
+        assert n <= sent <= n * (elapsed / 1.0 + 1), (sent, n, elapsed)
         assert served >= 2
     else:
         assert statuses == {b"\0"}
