@@ -267,14 +267,33 @@ void vq_set_broken(struct dp_vq *vq);
 /* ---- the address gates: every guest address either walker uses goes through one of these
  * three (a vIOMMU hooks in here, once, for both ring formats; see iotlb.h) ---- */
 
+/* Behind a vIOMMU, the common case inline: [addr, addr + len) inside the cache slot of its
+ * first page, with the permission. The host address, or NULL (then vq_iova_map decides). */
+static inline void *vq_iova_cached(const struct dp_vq *vq, uint64_t addr, uint64_t len,
+                                   unsigned perm)
+{
+    const struct iotlb_slot *s = &vq->cache[(addr >> 12) & (IOTLB_CACHE_SLOTS - 1)];
+    if (s->gen == vq->iotlb_gen && len && addr - s->first <= s->last - s->first &&
+        len - 1 <= s->last - addr && (s->perm & perm) == perm)
+        return (void *)(uintptr_t)(addr + s->delta);
+    return NULL;
+}
+
 /* A buffer a descriptor names (a guest-physical address, or an IOVA), into iovecs: the count,
  * or guest_mem_translate's / vq_iova_map's error. */
 static inline int vq_map_buffer(struct dp_vq *vq, uint64_t addr, uint64_t len, int writable,
                                 struct iovec *iov, unsigned max_iov)
 {
-    if (__builtin_expect(vq->iommu != NULL, 0))
-        return vq_iova_map(vq, addr, len, writable ? DP_IOTLB_PERM_WO : DP_IOTLB_PERM_RO, iov,
-                           max_iov);
+    if (__builtin_expect(vq->iommu != NULL, 0)) {
+        unsigned perm = writable ? DP_IOTLB_PERM_WO : DP_IOTLB_PERM_RO;
+        void *host = max_iov ? vq_iova_cached(vq, addr, len, perm) : NULL;
+        if (host) {
+            iov[0].iov_base = host;
+            iov[0].iov_len = len;
+            return 1;
+        }
+        return vq_iova_map(vq, addr, len, perm, iov, max_iov);
+    }
     return guest_mem_translate(vq->mem, addr, len, iov, max_iov);
 }
 
@@ -283,8 +302,14 @@ static inline int vq_map_buffer(struct dp_vq *vq, uint64_t addr, uint64_t len, i
 static inline void *vq_map_piece(struct dp_vq *vq, uint64_t addr, uint64_t len, unsigned perm,
                                  int *err)
 {
-    if (__builtin_expect(vq->iommu != NULL, 0))
+    if (__builtin_expect(vq->iommu != NULL, 0)) {
+        void *host = vq_iova_cached(vq, addr, len, perm);
+        if (host) {
+            *err = 0;
+            return host;
+        }
         return vq_iova_map_contig(vq, addr, len, perm, err);
+    }
     void *p = dp_mem_gpa_to_host(vq->mem, addr, len);
     *err = p ? 0 : -EFAULT;
     return p;

@@ -238,7 +238,9 @@ class VhostUserBlkDevice:
         lib.dp_iommu_set_flags(self.iommu, 0 if iotlb_check else lib.DP_IOMMU_F_NO_CHECK)
         self.backend_fd = -1
         self.iotlb_counters = IotlbCounters()
+        self._err = ffi.new("int *")
         self.vrings = [Vring(i, self._new_vq(i)) for i in range(num_queues)]
+        self._vq_array = ffi.new("struct dp_vq *[]", [v.handle for v in self.vrings])
         self.mem: object | None = None
         self.inflight: InflightBuffer | None = None
         self.log: DirtyLog | None = None
@@ -713,48 +715,63 @@ class VhostUserBlkDevice:
             raise
 
     def _iotlb_update(self, iova: int, size: int, uaddr: int, perm: int) -> None:
-        what = f"IOTLB update iova {iova:#x} size {size:#x} uaddr {uaddr:#x} perm {perm}"
+        # (QEMU sends one per miss, and a guest in strict mode makes one per request: the
+        # path is kept short)
         if self.iotlb_check:
             if size == 0 or iova + size - 1 >= 1 << 64 or uaddr + size - 1 >= 1 << 64:
-                raise MessageError(f"{what}: empty, or past the end of the address space")
-            if perm not in (1, 2, 3):
-                raise MessageError(f"{what}: permission must be 1 (RO), 2 (WO) or 3 (RW)")
-            # The spec: an update lies within the memory regions; one region, here.
-            if self.mem is None or lib.dp_mem_uva_to_host(self.mem, uaddr, size) == ffi.NULL:
-                raise MessageError(f"{what}: not inside one memory region")
-        err = ffi.new("int *")
-        new = lib.dp_iotlb_update(self.iotlb, iova, size, uaddr, perm, int(not self.iotlb_check), err)
+                problem = "empty, or past the end of the address space"
+            elif perm not in (1, 2, 3):
+                problem = "permission must be 1 (RO), 2 (WO) or 3 (RW)"
+            elif self.mem is None or lib.dp_mem_uva_to_host(self.mem, uaddr, size) == ffi.NULL:
+                problem = "not inside one memory region"   # the spec: within the regions
+            else:
+                problem = ""
+            if problem:
+                raise MessageError(f"IOTLB update iova {iova:#x} size {size:#x} uaddr"
+                                   f" {uaddr:#x} perm {perm}: {problem}")
+        new = lib.dp_iotlb_update(self.iotlb, iova, size, uaddr, perm, int(not self.iotlb_check),
+                                  self._err)
         if new == ffi.NULL:
-            raise MessageError(f"{what}: {os.strerror(-err[0])}")
-        self._replace_iotlb(new, 0, 0, update=(iova, size))
+            raise MessageError(f"IOTLB update iova {iova:#x} size {size:#x}:"
+                               f" {os.strerror(-self._err[0])}")
+        rc = lib.dp_vqs_update_iotlb(self._vq_array, len(self.vrings), new, iova, size)
+        self._swap_iotlb(new, rc)
         self.iotlb_counters.updates += 1
-        log.debug("%s (%d entries)", what, lib.dp_iotlb_count(new))
-        for vring in self.vrings:
-            if vring.waiting_iotlb:
-                self._maybe_start(vring)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("IOTLB update iova %#x size %#x uaddr %#x perm %d (%d entries)", iova, size,
+                      uaddr, perm, lib.dp_iotlb_count(new))
+        if self._waiting_rings:
+            for vring in self.vrings:
+                if vring.waiting_iotlb:
+                    self._maybe_start(vring)
+
+    @property
+    def _waiting_rings(self) -> bool:
+        return any(v.waiting_iotlb for v in self.vrings)
 
     def _iotlb_invalidate(self, iova: int, size: int) -> None:
-        what = f"IOTLB invalidate iova {iova:#x} size {size:#x}"
         # size may reach 2^64 - iova: QEMU's "everything" arrives as iova + size == 2^64.
         if size == 0 or iova + size - 1 >= 1 << 64:
-            raise MessageError(f"{what}: empty, or past the end of the address space")
-        err = ffi.new("int *")
-        new = lib.dp_iotlb_invalidate(self.iotlb, iova, size, err)
+            raise MessageError(f"IOTLB invalidate iova {iova:#x} size {size:#x}: empty, or past"
+                               " the end of the address space")
+        new = lib.dp_iotlb_invalidate(self.iotlb, iova, size, self._err)
         if new == ffi.NULL:
-            raise MessageError(f"{what}: {os.strerror(-err[0])}")
+            raise MessageError(f"IOTLB invalidate iova {iova:#x} size {size:#x}:"
+                               f" {os.strerror(-self._err[0])}")
         self._replace_iotlb(new, iova, size)
         self.iotlb_counters.invalidations += 1
-        log.debug("%s (%d entries left)", what, lib.dp_iotlb_count(new))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("IOTLB invalidate iova %#x size %#x (%d entries left)", iova, size,
+                      lib.dp_iotlb_count(new))
 
-    def _replace_iotlb(self, new: object, inval_iova: int, inval_size: int,
-                       update: tuple[int, int] | None = None) -> None:
-        """Publish new to every queue (for an invalidation: waiting until none can use the
-        range), then free the old snapshot, which no queue uses any more."""
-        vqs = ffi.new("struct dp_vq *[]", [v.handle for v in self.vrings])
-        if update is not None:
-            rc = lib.dp_vqs_update_iotlb(vqs, len(self.vrings), new, *update)
-        else:
-            rc = lib.dp_vqs_set_iotlb(vqs, len(self.vrings), new, self.iotlb, inval_iova, inval_size)
+    def _replace_iotlb(self, new: object, inval_iova: int, inval_size: int) -> None:
+        """Publish new to every queue (an invalidation: returns once none can use the range)."""
+        rc = lib.dp_vqs_set_iotlb(self._vq_array, len(self.vrings), new, self.iotlb, inval_iova,
+                                  inval_size)
+        self._swap_iotlb(new, rc)
+
+    def _swap_iotlb(self, new: object, rc: int) -> None:
+        """new is the snapshot now; the old one goes with the last queue that moves off it."""
         old, self.iotlb = self.iotlb, new
         lib.dp_iotlb_free(old)
         if rc < 0:
