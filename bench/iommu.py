@@ -9,7 +9,8 @@ IOPS, median completion latency and the backend's CPU per I/O (its process's uti
 over the run, divided by the I/Os it served), medians over the repetitions, and each
 vIOMMU mode / off:
 
-    python bench/iommu.py [--reps 5] [--seconds 3] [--cells 1:32,2:32] [--json out.json]
+    python bench/iommu.py [--reps 5] [--seconds 3] [--cells 1:32,2:32] [--cpus 0,1]
+                          [--json out.json]
 
 The backend and the load generator share this machine: compare the modes within a run, never
 with a number from another run (other work on the host shifts all of them).
@@ -41,6 +42,9 @@ def main() -> int:
     p.add_argument("--cells", default=",".join(f"{q}:{qd}" for q, qd in CELLS),
                    help="QUEUES:IODEPTH,... (default: 1 and 2 queues at QD32)")
     p.add_argument("--modes", default=",".join(MODES), help="of off,static,strict")
+    p.add_argument("--cpus", default="",
+                   help="pin the load generator's queue i to the i-th CPU of this list (the"
+                        " backend pins its own threads)")
     p.add_argument("--quiet-cores", type=float, default=0.5,
                    help="before each run, wait (up to 10 s) until the host's other work is below this")
     p.add_argument("--json", type=Path, default=None, help="also write every run's figures here")
@@ -64,7 +68,7 @@ def main() -> int:
                     w = Workload(f"randread-{qd}", "randread", "4k", qd)
                     out = run_dataplane_load(backend.socket, w, queues, args.seconds, args.ramp,
                                              work / "run.json", backend, work / "load.log",
-                                             extra=MODES[mode])
+                                             cpus=args.cpus, extra=MODES[mode])
                     if out.error:
                         print(f"q{queues} qd{qd} {mode}: {out.error}")
                         return 1
