@@ -15,6 +15,7 @@
 #include "vhost/dp_vhost.h"
 #include "disk/dp_disk.h"
 #include "blk/dp_blk.h"
+#include "record/dp_record.h"
 #include "engine/dp_engine.h"
 #include "driver/dp_driver.h"
 #include "driver/dp_replay.h"

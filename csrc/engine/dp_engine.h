@@ -27,4 +27,11 @@ int dp_vq_start(struct dp_vq *vq, struct dp_engine *engine);
 int dp_vq_stop(struct dp_vq *vq);
 void dp_vq_free(struct dp_vq *vq);
 
+/* ---- recording what the queue serves (record.c; the recorder is record/dp_record.h) ---- */
+struct dp_recorder;
+/* Record into rec's ring for this queue's index from now on (NULL: stop). Safe while the queue
+ * runs: the swap happens on its thread, so once this returns the old ring is no longer
+ * written. -ERANGE when rec has no ring for this index. */
+int dp_vq_set_recorder(struct dp_vq *vq, struct dp_recorder *rec);
+
 #endif

@@ -21,7 +21,7 @@ enum {
     TAG_MASK = DP_CQE_TAG_MASK,
 };
 
-enum { CMD_ATTACH, CMD_DETACH, CMD_SET_CALL, CMD_EXIT };
+enum { CMD_ATTACH, CMD_DETACH, CMD_SET_CALL, CMD_SET_RECORDER, CMD_EXIT };
 
 struct engine_cmd {
     int op;
@@ -86,5 +86,8 @@ void queue_finish_detaches(struct dp_engine *engine);
 void queue_kicked(struct dp_engine *engine, struct dp_vq *vq, int res);
 void queue_process_avail(struct dp_engine *engine, struct dp_vq *vq);
 void queue_notify(struct dp_vq *vq);
+
+/* record.c: a request into the queue's record ring (vq->rec set): taken (done 0) or completed */
+void queue_record(struct dp_vq *vq, const struct dp_req *req, int done, uint8_t status, uint64_t now);
 
 #endif

@@ -24,6 +24,7 @@ struct dp_blk_dev;
 struct dp_engine;
 struct engine_disk;
 struct dp_req;
+struct rec_ring;
 
 struct dp_vq {
     /* ring state: touched only by the thread that serves the queue (or by the control
@@ -59,6 +60,8 @@ struct dp_vq {
     int need_pop;
     int need_notify;
     uint64_t kick_buf;
+    struct rec_ring *rec;         /* recording: the queue's record ring, or NULL */
+    struct rec_ring *rec_next;    /* the ring to swap in (on the engine thread) */
 
     /* inflight tracking (NULL when the front end did not negotiate INFLIGHT_SHMFD) */
     struct inflight_region *inflight;
