@@ -72,6 +72,11 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
                         " (default 50; 0 when they share CPUs with vCPUs)")
     p.add_argument("--metrics", default=None,
                    help="serve Prometheus metrics on [HOST:]PORT (HOST defaults to 127.0.0.1)")
+    p.add_argument("--record", type=Path, default=None, metavar="FILE",
+                   help="record every request served: blktrace files FILE.blktrace.<queue> "
+                        "(blkparse -i FILE reads them), or with --record-format iolog a fio iolog FILE")
+    p.add_argument("--record-format", choices=["blktrace", "iolog"], default=None,
+                   help="format of --record (default blktrace)")
     p.add_argument("--debug-no-inflight", dest="inflight", action="store_false", default=None,
                    help=argparse.SUPPRESS)   # turns reconnect safety off, to prove the tests see it
 
@@ -223,7 +228,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server = VhostUserBlkServer(
             disk,
             ServerOptions(socket_path=cfg.socket, num_queues=cfg.queues, socket_mode=cfg.socket_mode,
-                          socket_group=cfg.socket_group, inflight=cfg.inflight, metrics=cfg.metrics),
+                          socket_group=cfg.socket_group, inflight=cfg.inflight, metrics=cfg.metrics,
+                          record=cfg.record, record_format=cfg.record_format),
             EnginePool.from_plan(placement, poll_ns=cfg.poll_us * 1000))
     except BaseException:
         disk.close()

@@ -20,6 +20,7 @@ from .placement import MAX_CPUS, PER_QUEUE, Policy, parse_cpulist, parse_policy
 
 MAX_QUEUES = 256   # a vhost-user vring index is 8 bits (VHOST_USER_VRING_IDX_MASK)
 CACHE_MODES = ("none", "writeback")
+RECORD_FORMATS = ("blktrace", "iolog")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -46,6 +47,8 @@ class ServeConfig:
     socket_group: str | None = None            # group owning the socket (with socket_mode)
     poll_us: int = 50                          # I/O threads spin this long before sleeping
     inflight: bool = True                      # offer INFLIGHT_SHMFD (off only to debug)
+    record: Path | None = None                 # record every request served to this file
+    record_format: str = "blktrace"            # blktrace (FILE.blktrace.<q>) or iolog (FILE)
 
 
 # ---- one validator per key: (value, where, from_file) -> typed value, or ConfigError ----
@@ -148,6 +151,16 @@ def _metrics(value: Any, where: str, from_file: bool) -> tuple[str, int]:
     return (host or "127.0.0.1", port)
 
 
+def _record(value: Any, where: str, from_file: bool) -> Path:
+    return Path(_string(value, where, "a file to record to"))
+
+
+def _record_format(value: Any, where: str, from_file: bool) -> str:
+    if value not in RECORD_FORMATS:
+        raise _bad(where, " or ".join(RECORD_FORMATS), value)
+    return value
+
+
 def _log_level(value: Any, where: str, from_file: bool) -> str:
     if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
         raise _bad(where, ", ".join(LOG_LEVELS[:-1]) + " or " + LOG_LEVELS[-1], value)
@@ -197,8 +210,10 @@ VALIDATORS: dict[str, Callable[[Any, str, bool], Any]] = {
     "socket_group": lambda v, where, f: _string(v, where),
     "poll_us": _poll_us,
     "inflight": _bool,
+    "record": _record,
+    "record_format": _record_format,
 }
-_PATH_KEYS = ("socket", "disk")   # relative paths in a file are relative to the file
+_PATH_KEYS = ("socket", "disk", "record")   # relative paths in a file are relative to the file
 
 
 def _flag(key: str) -> str:
@@ -262,7 +277,7 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
             typed_path = Path(typed)
             if not typed_path.is_absolute():
                 typed_path = path.parent / typed_path
-            typed = typed_path if canonical == "socket" else str(typed_path)
+            typed = typed_path if canonical in ("socket", "record") else str(typed_path)
         values[canonical] = typed
     return values
 

@@ -143,6 +143,7 @@ class VhostUserBlkDevice:
         self.vrings = [Vring(i, self._new_vq(i)) for i in range(num_queues)]
         self.mem: object | None = None
         self.inflight: InflightBuffer | None = None
+        self.recorder: object | None = None   # a C dp_recorder every queue records into
         self._reset_state()
         self.handlers: dict[int, Callable[[Message], bytes | Message | None]] = {
             Request.GET_FEATURES: self.get_features,
@@ -207,6 +208,14 @@ class VhostUserBlkDevice:
                 lib.dp_vq_set_inflight(vring.handle, ffi.NULL, 0)
             self.inflight.close()
             self.inflight = None
+
+    def set_recorder(self, recorder: object | None) -> None:
+        """Record every queue's requests into recorder (a C dp_recorder; None: stop). Safe
+        while queues run; once it returns, no queue writes into the previous recorder."""
+        self.recorder = recorder
+        handle = ffi.NULL if recorder is None else recorder
+        for vring in self.vrings:
+            check(lib.dp_vq_set_recorder(vring.handle, handle), f"vq{vring.index}: recording")
 
     def stats(self) -> list[dict[str, int]]:
         out = []

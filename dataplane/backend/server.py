@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import select
 import selectors
 import signal
 import socket
 import stat
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from ..disks import Disk
 from ..errors import ConfigError, ProtocolError
@@ -25,10 +29,12 @@ from ..protocol.vhost_user import close_fds, recv_message, send_message
 from . import stats
 from .device import VhostUserBlkDevice
 from .engines import EnginePool
+from .record import Recording
 
 log = logging.getLogger("dataplane.vhost")
 
 MESSAGE_TIMEOUT_S = 5.0
+T = TypeVar("T")
 
 
 @dataclass
@@ -39,6 +45,8 @@ class ServerOptions:
     socket_group: str | None = None
     inflight: bool = True
     metrics: tuple[str, int] | None = None   # Prometheus endpoint (host, port); None: off
+    record: Path | None = None                # record every request served from the start
+    record_format: str = "blktrace"
 
 
 def _group_id(group: str) -> int:
@@ -82,6 +90,10 @@ class VhostUserBlkServer:
         self.conn: socket.socket | None = None
         self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopping = False
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()   # call_in_loop's, for the loop
+        self._loop_thread: threading.Thread | None = None
+        self.recording: Recording | None = None
+        self.record_totals = [{"recorded": 0, "record_dropped": 0} for _ in range(options.num_queues)]
         disk.apply_latency(options.num_queues)
         self.collector = StatsCollector(
             options.num_queues,
@@ -95,6 +107,8 @@ class VhostUserBlkServer:
             self.stats_listener = self._listen_stats()
             if options.metrics is not None:
                 self.metrics_listener = self._listen_metrics(options.metrics)
+            if options.record is not None:
+                self.start_recording(options.record, options.record_format)
         except BaseException:
             self.close()
             raise
@@ -156,7 +170,95 @@ class VhostUserBlkServer:
 
     def snapshot(self) -> dict:
         live = self.device.vrings if self.device is not None else []
-        return self.collector.snapshot(live, self.engines.thread_ids())
+        return self.collector.snapshot(live, self.engines.thread_ids(), self._record_snapshot())
+
+    # ---- recording (on the server's loop: call_in_loop from elsewhere) ----
+
+    def start_recording(self, path: str | os.PathLike[str], fmt: str = "blktrace",
+                        ring_entries: int = 0) -> dict[str, Any]:
+        """Record every request served from now on, on every queue, to `path` (blktrace:
+        path.blktrace.<q>; iolog: path), until stop_recording. Returns the recording's info."""
+        if self.recording is not None:
+            raise ConfigError(f"already recording to {self.recording.path}: stop that first")
+        recording = Recording(Path(path), fmt, self.options.num_queues, ring_entries)
+        self.recording = recording
+        if self.device is not None:
+            try:
+                self.device.set_recorder(recording.handle)
+            except BaseException:
+                self.device.set_recorder(None)
+                self.recording = None
+                recording.close()
+                raise
+        return recording.info()
+
+    def stop_recording(self) -> dict[str, Any]:
+        """Stop recording and finish the file(s): every request recorded so far is in them.
+        Returns the summary (files, bytes, requests, dropped entries, error)."""
+        recording = self.recording
+        if recording is None:
+            raise ConfigError("not recording")
+        if self.device is not None:
+            self.device.set_recorder(None)   # no queue writes its ring once this returns
+        self.recording = None
+        summary = recording.close()
+        for totals, q in zip(self.record_totals, summary["queues"], strict=True):
+            totals["recorded"] += q["requests"]
+            totals["record_dropped"] += q["dropped"]
+        return summary
+
+    def _record_snapshot(self) -> dict[str, Any]:
+        queues = [dict(t) for t in self.record_totals]
+        info = None
+        if self.recording is not None:
+            for totals, q in zip(queues, self.recording.queue_stats(), strict=True):
+                totals["recorded"] += q["requests"]
+                totals["record_dropped"] += q["dropped"]
+            info = self.recording.info()
+        return {"queues": queues, "recording": info}
+
+    def call_in_loop(self, fn: Callable[[], T], timeout: float = 30.0) -> T:
+        """Run fn on the server's loop (where the session's state lives) and return what it
+        returns (or raise what it raised); directly when the loop is not running or this is it."""
+        loop = self._loop_thread
+        if loop is None or loop is threading.current_thread() or not loop.is_alive():
+            return fn()
+        done = threading.Event()
+        box: list[Any] = []
+        self._calls.put((fn, box, done))
+        try:
+            os.write(self._stop_w, b"c")
+        except OSError:
+            pass
+        deadline = time.monotonic() + timeout
+        while not done.wait(0.1):
+            if self._loop_thread is None:
+                self._drain_calls()   # the loop ended after this call was queued
+            elif time.monotonic() > deadline:
+                raise TimeoutError(f"the server's loop did not run the call within {timeout} s")
+        ok, value = box
+        if not ok:
+            raise value
+        return value
+
+    def _run_calls(self) -> None:
+        try:
+            os.read(self._stop_r, 4096)
+        except OSError:
+            pass
+        self._drain_calls()
+
+    def _drain_calls(self) -> None:
+        while True:
+            try:
+                fn, box, done = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                box[:] = [True, fn()]
+            except BaseException as exc:   # handed to the caller
+                box[:] = [False, exc]
+            done.set()
 
     def _serve_stats(self, listener: socket.socket, http: bool) -> None:
         try:
@@ -183,6 +285,7 @@ class VhostUserBlkServer:
             sel.register(self.metrics_listener, selectors.EVENT_READ, "metrics")
         log.info("listening on %s (%s, %d queue(s))", self.options.socket_path,
                  self.disk.description, self.options.num_queues)
+        self._loop_thread = threading.current_thread()
         try:
             while not self._stopping:
                 # The attached front end first: its EOF must free the slot before a new
@@ -195,12 +298,16 @@ class VhostUserBlkServer:
                         self._on_message(sel)
                     elif key.data in ("stats", "metrics"):
                         self._serve_stats(key.fileobj, http=key.data == "metrics")
+                    elif key.data == "stop":
+                        self._run_calls()
                     if self._stopping:
                         break
         finally:
             if self.conn is not None:
                 self._disconnect(sel, "backend shutting down")
             sel.close()
+            self._loop_thread = None
+            self._run_calls()   # a call that came in as the loop ended runs here
 
     def _accept(self, sel: selectors.BaseSelector) -> None:
         try:
@@ -221,6 +328,8 @@ class VhostUserBlkServer:
         self.conn = conn
         self.device = VhostUserBlkDevice(self.disk, self.options.num_queues, self.engines,
                                          inflight=self.options.inflight)
+        if self.recording is not None:
+            self.device.set_recorder(self.recording.handle)
         sel.register(conn, selectors.EVENT_READ, "conn")
         log.info("front end connected")
 
@@ -271,6 +380,8 @@ class VhostUserBlkServer:
         log.info("%s", why)
 
     def close(self) -> None:
+        if self.recording is not None:
+            self.stop_recording()
         self.listener.close()
         self.options.socket_path.unlink(missing_ok=True)
         if self.stats_listener is not None:

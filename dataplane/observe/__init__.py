@@ -2,6 +2,6 @@
 core's latency histograms (hist), and their Prometheus exposition (prometheus, imported only
 where it is served)."""
 
-from .metrics import COUNTERS, GAUGES, StatsCollector, format_table, to_json
+from .metrics import COUNTERS, GAUGES, RECORD_COUNTERS, StatsCollector, format_table, to_json
 
-__all__ = ["COUNTERS", "GAUGES", "StatsCollector", "format_table", "to_json"]
+__all__ = ["COUNTERS", "GAUGES", "RECORD_COUNTERS", "StatsCollector", "format_table", "to_json"]

@@ -2,7 +2,8 @@
 custom collector over the same snapshot `dataplane stats` prints, rendered with the library's
 own encoders (text format 0.0.4, or OpenMetrics when the scraper asks for it).
 
-Metric names: dataplane_<counter>_total and dataplane_<gauge> per queue, and the histogram
+Metric names: dataplane_<counter>_total and dataplane_<gauge> per queue (a recording's counters
+too: dataplane_recorded_total, dataplane_record_dropped_total), and the histogram
 dataplane_request_latency_seconds, all labelled queue and thread.
 """
 
@@ -21,7 +22,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 
 from .hist import hist_cumulative
-from .metrics import COUNTERS, GAUGES
+from .metrics import COUNTERS, GAUGES, RECORD_COUNTERS
 
 # Histogram bucket bounds (seconds) read off the log-linear histogram.
 BUCKETS_S = (5e-6, 10e-6, 20e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3,
@@ -38,7 +39,7 @@ class SnapshotCollector:
     def collect(self) -> Iterator[Metric]:
         queues = self.snapshot()["queues"]
         labels = [[str(q["queue"]), q["thread"]] for q in queues]
-        for name in COUNTERS:
+        for name in COUNTERS + RECORD_COUNTERS:
             family = CounterMetricFamily(f"dataplane_{name}", f"{name.replace('_', ' ')} per virtqueue",
                                          labels=LABELS)
             for q, values in zip(queues, labels, strict=True):
