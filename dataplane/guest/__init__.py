@@ -2,6 +2,8 @@
 vhost-user-blk socket (kit: `python -m dataplane.guest`), and `dataplane demo` (demo)."""
 
 from .kit import (
+    BLKTRACE_START,
+    BLKTRACE_STOP,
     GuestError,
     GuestHandle,
     GuestImage,
@@ -9,12 +11,16 @@ from .kit import (
     GuestTimeout,
     build_guest,
     default_cache_dir,
+    make_scratch,
     qemu_command,
+    read_scratch,
     run_guest,
     start_guest,
 )
 
 __all__ = [
+    "BLKTRACE_START",
+    "BLKTRACE_STOP",
     "GuestError",
     "GuestHandle",
     "GuestImage",
@@ -22,7 +28,9 @@ __all__ = [
     "GuestTimeout",
     "build_guest",
     "default_cache_dir",
+    "make_scratch",
     "qemu_command",
+    "read_scratch",
     "run_guest",
     "start_guest",
 ]

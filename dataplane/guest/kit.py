@@ -1,7 +1,13 @@
 """Build and boot a tiny Linux test guest under QEMU (TCG) with a vhost-user-blk disk.
 
-The guest (Debian kernel + busybox/fio/e2fsprogs initramfs) is built once and cached;
-each boot runs a shell script inside the guest and reports its exit status.
+The guest (Debian kernel + busybox/fio/e2fsprogs/blktrace initramfs) is built once and
+cached; each boot runs a shell script inside the guest and reports its exit status.
+
+A boot may also get a scratch disk (`scratch=PATH`: a raw file the guest sees as the virtio-blk
+disk whose path is in $DP_SCRATCH, QEMU's own device, not the one under test) to carry files
+out: the guest's own blktrace of /dev/vda (BLKTRACE_START / BLKTRACE_STOP below, the kernel
+traces on debugfs, written to the guest's tmpfs, then a tar on the scratch disk) comes back
+with `read_scratch`.
 """
 
 from __future__ import annotations
@@ -49,9 +55,9 @@ REQUIRED_BINARIES: dict[str, str] = {
     "e2fsck": "e2fsck",
     "blkdiscard": "blkdiscard",
     "blockdev": "blockdev",
+    "blktrace": "blktrace",
 }
 OPTIONAL_BINARIES: dict[str, str] = {
-    "blktrace": "blktrace",
     "blkparse": "blkparse",
     "dumpe2fs": "dumpe2fs",
     "tune2fs": "tune2fs",
@@ -62,6 +68,22 @@ GUEST_ALIASES: dict[str, str] = {
     "mkfs.ext2": "mke2fs",
     "fsck.ext4": "e2fsck",
 }
+SCRATCH_SERIAL = "dp-scratch"
+# Trace /dev/vda from the guest's block layer into /tmp/bt (one file per CPU, vda.blktrace.N),
+# then stop (SIGINT makes blktrace write out what it holds) and put the files on the scratch
+# disk. blktrace runs from BLKTRACE_START until BLKTRACE_STOP in the same script. Its threads
+# poll the kernel's per-CPU buffers every 500 ms; stopped sooner than that after the last I/O,
+# blktrace 1.2 may leave that CPU's last events behind: hence the wait first.
+BLKTRACE_START = """mkdir -p /tmp/bt
+blktrace -d /dev/vda -D /tmp/bt -o vda > /tmp/bt.log 2>&1 &
+DP_BT_PID=$!
+i=0; while [ ! -e /tmp/bt/vda.blktrace.0 ] && [ "$i" -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+[ -e /tmp/bt/vda.blktrace.0 ] || { echo "DP-GUEST-WARN blktrace did not start"; cat /tmp/bt.log; }
+"""
+BLKTRACE_STOP = """sleep 1; kill -INT $DP_BT_PID; wait $DP_BT_PID
+sed 's/^/DP-BLKTRACE /' /tmp/bt.log
+tar -cf "$DP_SCRATCH" -C /tmp/bt . && sync
+"""
 BUSYBOX = Path("/bin/busybox")
 _SEARCH_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _EXIT_RE = re.compile(rf"{EXIT_MARKER} (-?\d+)")
@@ -84,6 +106,19 @@ case " $(cat /proc/cmdline) " in
         i=0
         while [ ! -b /dev/vda ] && [ "$i" -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
         [ -b /dev/vda ] || echo "{WARN_MARKER} /dev/vda did not appear"
+        ;;
+esac
+case " $(cat /proc/cmdline) " in
+    *" dpguest.scratch=1 "*)
+        i=0
+        while [ -z "$DP_SCRATCH" ] && [ "$i" -lt 100 ]; do
+            for d in /sys/block/vd*; do
+                [ "$(cat "$d/serial" 2>/dev/null)" = "{SCRATCH_SERIAL}" ] && export DP_SCRATCH=/dev/${{d##*/}}
+            done
+            [ -n "$DP_SCRATCH" ] || sleep 0.1
+            i=$((i + 1))
+        done
+        [ -n "$DP_SCRATCH" ] || echo "{WARN_MARKER} the scratch disk did not appear"
         ;;
 esac
 cd /
@@ -306,8 +341,10 @@ class _Plan:
 
     @property
     def key(self) -> str:
+        # The init script is part of the image: a change to it is a new image.
         blob = json.dumps(
-            [BUILDER_VERSION, self.kernel_package, self.kernel_package_version, self.versions],
+            [BUILDER_VERSION, self.kernel_package, self.kernel_package_version, self.versions,
+             hashlib.sha256(INIT_SCRIPT.encode()).hexdigest()],
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -644,11 +681,15 @@ def qemu_command(
     queue_size: int = 128,
     kernel_args: Sequence[str] = (),
     extra_args: Sequence[str] = (),
+    scratch: Path | None = None,
 ) -> list[str]:
-    """The QEMU argv used to boot ``image`` (exposed for debugging and tests)."""
+    """The QEMU argv used to boot ``image`` (exposed for debugging and tests). ``scratch``: a
+    raw file the guest gets as a second (QEMU virtio-blk) disk, its device in $DP_SCRATCH."""
     append = ["console=ttyS0", "quiet", "panic=-1"]
     if socket is not None:
         append.append("dpguest.disk=1")
+    if scratch is not None:
+        append.append("dpguest.scratch=1")
     append.extend(kernel_args)
     cmd = [
         QEMU_BINARY,
@@ -673,8 +714,33 @@ def qemu_command(
                 f",num-queues={num_queues},queue-size={queue_size}"
             ),
         ]  # fmt: skip
+    if scratch is not None:
+        # After the disk under test, so that it stays /dev/vda; found by serial in the guest.
+        cmd += [
+            "-drive", f"file={scratch},format=raw,if=none,id=scratch,cache=unsafe",
+            "-device", f"virtio-blk-pci,drive=scratch,serial={SCRATCH_SERIAL}",
+        ]  # fmt: skip
     cmd.extend(extra_args)
     return cmd
+
+
+def make_scratch(path: Path, size: int = 256 << 20) -> Path:
+    """A sparse raw file of ``size`` bytes to boot with (``scratch=path``)."""
+    with open(path, "wb") as fh:
+        fh.truncate(size)
+    return path
+
+
+def read_scratch(path: Path) -> dict[str, bytes]:
+    """The files the guest left on the scratch disk with ``tar -cf $DP_SCRATCH`` (name -> data)."""
+    import tarfile
+
+    try:
+        with tarfile.open(path, "r:") as tar:
+            return {m.name.removeprefix("./"): tar.extractfile(m).read()  # type: ignore[union-attr]
+                    for m in tar.getmembers() if m.isfile()}
+    except tarfile.TarError as exc:
+        raise GuestError(f"no tar archive on the scratch disk {path}: {exc}") from None
 
 
 class GuestHandle:
@@ -809,6 +875,7 @@ class BootOptions(TypedDict, total=False):
     queue_size: int
     kernel_args: Sequence[str]
     extra_args: Sequence[str]
+    scratch: Path | None
 
 
 def start_guest(
