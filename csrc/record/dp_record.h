@@ -11,7 +11,7 @@
 #define DP_REC_BLKTRACE 0            /* PATH.blktrace.<q>: blkparse, btt, fio read_iolog */
 #define DP_REC_IOLOG 1               /* PATH: fio iolog v3, three fields more per line */
 #define DP_REC_NONE 2                /* no writer thread: entries wait in the rings (tests) */
-#define DP_REC_DEFAULT_ENTRIES 65536 /* per queue: 2 MiB, ~30 ms at 1M requests/s */
+#define DP_REC_DEFAULT_ENTRIES 262144 /* per queue: 8 MiB, 130 ms at 1M requests/s */
 
 /* The ops a recording knows (virtio-blk's block requests; GET_ID and unknown types are not
  * block I/O and are not recorded). */
@@ -26,6 +26,8 @@ struct dp_recorder_params {
     unsigned queues;             /* rings (queue indexes 0 .. queues-1) */
     unsigned ring_entries;       /* per queue, a power of two (0: DP_REC_DEFAULT_ENTRIES) */
     uint32_t device;             /* blktrace's device field: major << 20 | minor */
+    uint32_t hold_lines;         /* iolog: lines a queue may hold waiting for their completion
+                                    or for the output, at most (0: 1 Mi, 32 MiB) */
     char names[8];               /* iolog: a queue's file name is this + its index ("vq0") */
 };
 

@@ -33,7 +33,7 @@
 #include "record/record.h"
 
 #define LINES_MIN 4096u
-#define LINES_MAX (1u << 20)           /* per queue, waiting lines (32 MiB) */
+#define LINES_MAX (1u << 20)           /* per queue, waiting lines (32 MiB), unless hold_lines */
 #define SLACK_NS 20000000ull           /* a quiet queue's next request is no older than now - 20 ms */
 #define LINE_MAX_BYTES 128u
 
@@ -49,6 +49,8 @@ struct iol_line {
 };
 
 struct iol_queue {
+    char name[24];               /* " vq0 ": the file field, with its spaces */
+    unsigned name_len;
     struct iol_line *lines;      /* circular, cap a power of two */
     uint64_t cap;
     uint64_t head, tail;         /* positions, free-running */
@@ -59,6 +61,7 @@ struct iol_queue {
 
 struct iol_state {
     uint64_t last_us;            /* the last time written */
+    uint64_t hold;               /* lines a queue may hold */
     struct iol_queue q[];
 };
 
@@ -100,10 +103,11 @@ static int grow_slots(struct iol_queue *q, unsigned slot)
     return 0;
 }
 
-/* A free line at the tail, or NULL when the queue already holds LINES_MAX. */
-static struct iol_line *append(struct iol_queue *q)
+/* A free line at the tail, or NULL when the queue already holds hold lines. */
+static struct iol_line *append(struct iol_queue *q, uint64_t hold)
 {
-    if (q->tail - q->head == q->cap && (q->cap >= LINES_MAX || grow_lines(q) < 0))
+    if (q->tail - q->head >= hold ||
+        (q->tail - q->head == q->cap && grow_lines(q) < 0))
         return NULL;
     return line_at(q, q->tail++);
 }
@@ -115,8 +119,10 @@ static int iol_open(struct dp_recorder *rec, const char *path)
     if (!st)
         return -ENOMEM;
     rec->state = st;
+    st->hold = rec->p.hold_lines ? rec->p.hold_lines : LINES_MAX;
     for (unsigned i = 0; i < n; i++) {
         struct iol_queue *q = &st->q[i];
+        q->name_len = (unsigned)snprintf(q->name, sizeof(q->name), " %s%u ", rec->p.names, i);
         q->cap = LINES_MIN;
         q->lines = malloc(q->cap * sizeof(*q->lines));
         q->nslots = 256;
@@ -165,7 +171,7 @@ static int iol_entry(struct dp_recorder *rec, unsigned qi, const struct dp_rec_e
             *pos = -1;
         return 0;   /* taken from the ring before the recording began */
     }
-    if (q->tail - q->head == LINES_MAX) {
+    if (q->tail - q->head >= st->hold) {
         /* A request that never completes holds every later line: let it go without a status. */
         struct iol_line *h = line_at(q, q->head);
         if (h->state == LINE_PENDING)
@@ -175,7 +181,7 @@ static int iol_entry(struct dp_recorder *rec, unsigned qi, const struct dp_rec_e
     if (e->kind == DP_REC_Q && *pos >= 0 && (uint64_t)*pos >= q->head &&
         line_at(q, (uint64_t)*pos)->state == LINE_PENDING)
         line_at(q, (uint64_t)*pos)->state = LINE_UNKNOWN;   /* its completion was lost */
-    l = append(q);
+    l = append(q, st->hold);
     if (!l)
         return -EAGAIN;
     switch (e->kind) {
@@ -199,6 +205,15 @@ static int iol_entry(struct dp_recorder *rec, unsigned qi, const struct dp_rec_e
     return 0;
 }
 
+/* word and a space */
+static char *put_word(char *s, const char *word)
+{
+    while (*word)
+        *s++ = *word++;
+    *s++ = ' ';
+    return s;
+}
+
 static int write_line(struct dp_recorder *rec, unsigned qi, const struct iol_line *l)
 {
     char *p = out_reserve(rec, &rec->outs[0], LINE_MAX_BYTES);
@@ -211,7 +226,8 @@ static int write_line(struct dp_recorder *rec, unsigned qi, const struct iol_lin
         us = st->last_us;   /* a late line (its Q was lost) does not step fio's clock back */
     st->last_us = us;
     s = rec_u64(s, us);
-    s += sprintf(s, " %s%u ", rec->p.names, qi);
+    memcpy(s, st->q[qi].name, st->q[qi].name_len);
+    s += st->q[qi].name_len;
     if (l->state == LINE_DROP) {
         s += sprintf(s, "dropped ");
         s = rec_u64(s, l->offset);
@@ -221,30 +237,20 @@ static int write_line(struct dp_recorder *rec, unsigned qi, const struct iol_lin
     }
     unsigned op = REC_OP(l->info);
     int flush = op == DP_REC_OP_FLUSH;
-    size_t n = strlen(ACTION[op]);
-    memcpy(s, ACTION[op], n);
-    s += n;
-    *s++ = ' ';
+    s = put_word(s, ACTION[op]);
     s = rec_u64(s, flush ? 0 : l->offset);
     *s++ = ' ';
     s = rec_u64(s, flush ? 0 : l->len);
     *s++ = ' ';
-    n = strlen(OP_NAME[op]);
-    memcpy(s, OP_NAME[op], n);
-    s += n;
-    *s++ = ' ';
-    const char *status = STATUS[l->state == LINE_DONE ? REC_STATUS(l->info) : 3];
-    n = strlen(status);
-    memcpy(s, status, n);
-    s += n;
-    *s++ = ' ';
+    s = put_word(s, OP_NAME[op]);
+    s = put_word(s, STATUS[l->state == LINE_DONE ? REC_STATUS(l->info) : 3]);
     s = rec_u64(s, l->state == LINE_DONE ? l->latency_ns : 0);
     *s++ = '\n';
     out_commit(&rec->outs[0], (size_t)(s - p));
     return 0;
 }
 
-static uint64_t iol_pump(struct dp_recorder *rec, uint64_t now, int final)
+static uint64_t iol_pump(struct dp_recorder *rec, uint64_t now, int final, int *blocked)
 {
     struct iol_state *st = rec->state;
     unsigned n = rec->p.queues;
@@ -276,8 +282,10 @@ static uint64_t iol_pump(struct dp_recorder *rec, uint64_t now, int final)
             if (later)
                 break;   /* a quiet queue might still bring an earlier line */
         }
-        if (write_line(rec, (unsigned)best, l) < 0)
+        if (write_line(rec, (unsigned)best, l) < 0) {
+            *blocked = 1;
             break;
+        }
         q->head++;
         written++;
     }

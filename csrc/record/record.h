@@ -43,8 +43,9 @@ struct rec_format {
      * offered again later). */
     int (*entry)(struct dp_recorder *rec, unsigned q, const struct dp_rec_entry *e);
     /* After each round of entries: write what may be written by now (final: everything, the
-     * rings are empty for good). Returns how much it wrote (lines, events). */
-    uint64_t (*pump)(struct dp_recorder *rec, uint64_t now, int final);
+     * rings are empty for good). Returns how much it wrote (lines, events); sets *blocked when
+     * the output could not take all that was ready. */
+    uint64_t (*pump)(struct dp_recorder *rec, uint64_t now, int final, int *blocked);
     /* The trailer, once everything is written. */
     void (*finish)(struct dp_recorder *rec);
     void (*free)(struct dp_recorder *rec);

@@ -4,8 +4,9 @@
  * The writer takes entries from each ring in turn (a batch at a time, so one busy queue does
  * not starve the others), hands them to the format (blktrace.c, iolog.c), and writes the
  * format's buffers out. It polls: when a round finds nothing it writes what is buffered and
- * sleeps, 1 ms at first, doubling up to 8 ms while nothing comes (a ring of 64 Ki entries
- * holds 30 ms at a million requests a second, so it never overflows from the sleep alone).
+ * sleeps, 1 ms at first, doubling up to 8 ms while nothing comes (a ring of 256 Ki entries
+ * holds 130 ms at a million requests a second: the sleep alone never fills it, and a writer
+ * the scheduler keeps waiting for a while on a busy machine has that much slack).
  * Nothing here ever makes the I/O threads wait: they only publish into their rings.
  */
 #define _GNU_SOURCE
@@ -233,7 +234,7 @@ static void *writer_main(void *arg)
         uint64_t n = 0;
         for (unsigned q = 0; q < rec->p.queues; q++)
             n += drain_ring(rec, q, &blocked);
-        n += rec->fmt->pump(rec, now_ns(), 0);
+        n += rec->fmt->pump(rec, now_ns(), 0, &blocked);
         if (stopping && !blocked && rings_empty(rec))
             break;
         if (n && !blocked) {
@@ -266,7 +267,14 @@ static void *writer_main(void *arg)
         if (untold && rec->fmt->entry(rec, q, &last) == 0)
             r->marked += untold;
     }
-    rec->fmt->pump(rec, now_ns(), 1);
+    /* What the format still holds (iolog: lines waiting for the clock), as the output takes it. */
+    for (;;) {
+        int blocked = 0;
+        rec->fmt->pump(rec, now_ns(), 1, &blocked);
+        if (!blocked)
+            break;
+        drain_outputs(rec);   /* progress, or an error (then what is left is discarded) */
+    }
     rec->fmt->finish(rec);
     drain_outputs(rec);
     return NULL;

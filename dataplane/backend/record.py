@@ -43,6 +43,7 @@ class Recording:
     format: str
     queues: int
     ring_entries: int = 0
+    hold_lines: int = 0          # iolog: lines a queue may hold in memory (0: the C default)
     handle: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -55,6 +56,7 @@ class Recording:
         params.format = FORMATS[self.format]
         params.queues = self.queues
         params.ring_entries = entries
+        params.hold_lines = self.hold_lines
         params.names = b"vq"
         err = ffi.new("int *")
         handle = lib.dp_recorder_new(os.fsencode(self.path), params, err)

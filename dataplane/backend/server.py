@@ -175,12 +175,14 @@ class VhostUserBlkServer:
     # ---- recording (on the server's loop: call_in_loop from elsewhere) ----
 
     def start_recording(self, path: str | os.PathLike[str], fmt: str = "blktrace",
-                        ring_entries: int = 0) -> dict[str, Any]:
+                        ring_entries: int = 0, hold_lines: int = 0) -> dict[str, Any]:
         """Record every request served from now on, on every queue, to `path` (blktrace:
-        path.blktrace.<q>; iolog: path), until stop_recording. Returns the recording's info."""
+        path.blktrace.<q>; iolog: path), until stop_recording. Returns the recording's info.
+        ring_entries: each queue's ring (0: 256 Ki); hold_lines: iolog lines a queue may hold
+        in memory (0: 1 Mi)."""
         if self.recording is not None:
             raise ConfigError(f"already recording to {self.recording.path}: stop that first")
-        recording = Recording(Path(path), fmt, self.options.num_queues, ring_entries)
+        recording = Recording(Path(path), fmt, self.options.num_queues, ring_entries, hold_lines)
         self.recording = recording
         if self.device is not None:
             try:

@@ -46,7 +46,7 @@ C_ARROWS = {
     "record": {"util"},
     "engine": {"vhost", "blk", "disk", "record", "util"},
     "driver": {"vhost", "blk", "util"},
-    "bench": {"vhost", "blk", "disk", "engine", "util"},
+    "bench": {"vhost", "blk", "disk", "engine", "record", "util"},
     "core": {"util", "vhost", "disk", "blk", "record", "engine", "driver", "bench"},
 }
 
