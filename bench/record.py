@@ -301,9 +301,10 @@ def writers(args: argparse.Namespace, work: Path) -> list[dict]:
                  "writer_ns_per_entry": writer_s / max(written, 1) * 1e9,
                  "writer_cores": writer_s / (res.ns / 1e9)}
             runs.append(r)
+            share = r["dropped"] / r["entries"]
             print(f"  {rate / 1e6:g}M req/s asked ({r['achieved'] / 1e6:.2f}M played) {kind:22s} "
-                  f"dropped {r['dropped']:>9d} of {r['entries']} entries ({r['dropped'] / r['entries']:.1%}), "
-                  f"writer {r['writer_ns_per_entry']:.1f} ns per entry written, {r['writer_cores']:.2f} cores",
+                  f"dropped {r['dropped']:>9d} of {r['entries']} entries ({share:.1%}), writer "
+                  f"{r['writer_ns_per_entry']:.1f} ns per entry written, {r['writer_cores']:.2f} cores",
                   flush=True)
     return runs
 
