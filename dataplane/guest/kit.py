@@ -69,21 +69,34 @@ GUEST_ALIASES: dict[str, str] = {
     "fsck.ext4": "e2fsck",
 }
 SCRATCH_SERIAL = "dp-scratch"
-# Trace /dev/vda from the guest's block layer into /tmp/bt (one file per CPU, vda.blktrace.N),
-# then stop (SIGINT makes blktrace write out what it holds) and put the files on the scratch
-# disk. blktrace runs from BLKTRACE_START until BLKTRACE_STOP in the same script. Its threads
-# poll the kernel's per-CPU buffers every 500 ms; stopped sooner than that after the last I/O,
-# blktrace 1.2 may leave that CPU's last events behind: hence the wait first.
-BLKTRACE_START = """mkdir -p /tmp/bt
-blktrace -d /dev/vda -D /tmp/bt -o vda > /tmp/bt.log 2>&1 &
+
+
+def blktrace_start(outdir: str = "/tmp/bt", device: str = "vda") -> str:
+    """Guest shell: trace /dev/DEVICE from the guest's block layer into OUTDIR (one file per
+    CPU, DEVICE.blktrace.N, on the guest's tmpfs) until blktrace_stop in the same script."""
+    return f"""mkdir -p {outdir}
+blktrace -d /dev/{device} -D {outdir} -o {device} > {outdir}.log 2>&1 &
 DP_BT_PID=$!
-i=0; while [ ! -e /tmp/bt/vda.blktrace.0 ] && [ "$i" -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
-[ -e /tmp/bt/vda.blktrace.0 ] || { echo "DP-GUEST-WARN blktrace did not start"; cat /tmp/bt.log; }
+i=0; while [ ! -e {outdir}/{device}.blktrace.0 ] && [ "$i" -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+[ -e {outdir}/{device}.blktrace.0 ] || {{ echo "{WARN_MARKER} blktrace did not start"; cat {outdir}.log; }}
 """
-BLKTRACE_STOP = """sleep 1; kill -INT $DP_BT_PID; wait $DP_BT_PID
-sed 's/^/DP-BLKTRACE /' /tmp/bt.log
-tar -cf "$DP_SCRATCH" -C /tmp/bt . && sync
+
+
+def blktrace_stop(outdir: str = "/tmp/bt", tar: bool = True) -> str:
+    """Guest shell: stop blktrace_start's trace (SIGINT: blktrace writes out what it holds; its
+    threads poll the kernel's per-CPU buffers every 500 ms, and stopped sooner than that after
+    the last I/O, blktrace 1.2 may leave a CPU's last events behind: hence the wait first), and
+    with tar put OUTDIR's files on the scratch disk (read_scratch reads them back)."""
+    out = f"""sleep 1; kill -INT $DP_BT_PID; wait $DP_BT_PID
+sed 's/^/DP-BLKTRACE /' {outdir}.log
 """
+    if tar:
+        out += f'tar -cf "$DP_SCRATCH" -C {outdir} . && sync\n'
+    return out
+
+
+BLKTRACE_START = blktrace_start()
+BLKTRACE_STOP = blktrace_stop()
 BUSYBOX = Path("/bin/busybox")
 _SEARCH_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _EXIT_RE = re.compile(rf"{EXIT_MARKER} (-?\d+)")

@@ -116,6 +116,25 @@ def _events(path: Path):
         raise ConfigError(f"{path}: {len(data) - pos} bytes of a truncated record at the end")
 
 
+# blkparse's letters for the events (blktrace_api.h's __BLK_TA_* order, from 1).
+EVENT_LETTERS = "QMFGSRDCPUTIXBAa"
+
+
+def event_counts(path: str | Path) -> dict[str, int]:
+    """How many events of each kind a blktrace holds (blkparse's letters: Q queued, M/F merged,
+    X split, D issued, C completed...; notes and messages are left out), over every per-CPU
+    file of `path`; any blktrace, not only a recording."""
+    counts: dict[str, int] = {}
+    for f in per_cpu_files(path):
+        for t, _ in _events(f):
+            if (t["action"] >> 16) & BLK_TC_NOTIFY:
+                continue
+            what = t["action"] & 0xFF
+            letter = EVENT_LETTERS[what - 1] if 1 <= what <= len(EVENT_LETTERS) else f"#{what}"
+            counts[letter] = counts.get(letter, 0) + 1
+    return counts
+
+
 def _read_blktrace(path: str | Path) -> RecordingContents:
     out = RecordingContents()
     for f in per_cpu_files(path):
