@@ -18,6 +18,8 @@
   given request rate (bench hook dp_bench_record_feed): the C writer thread (blktrace, iolog)
   against a Python thread draining the same ring and formatting blktrace records with numpy,
   the cheapest a Python writer can be. Entries dropped, and the writer's CPU per request.
+  Then the I/O thread's share alone: the two ring pushes of a request, timed in bursts of 32
+  with 16 us between them (2M requests/s) while the C writer drains (dp_bench_record_push).
 
 Numbers are for this machine only and noisy (other jobs share its two CPUs): compare within
 one run.
@@ -306,6 +308,23 @@ def writers(args: argparse.Namespace, work: Path) -> list[dict]:
                   f"dropped {r['dropped']:>9d} of {r['entries']} entries ({share:.1%}), writer "
                   f"{r['writer_ns_per_entry']:.1f} ns per entry written, {r['writer_cores']:.2f} cores",
                   flush=True)
+    pushes = []
+    for _ in range(5):
+        params = ffi.new("struct dp_recorder_params *")
+        params.format, params.queues = lib.DP_REC_BLKTRACE, 1
+        err = ffi.new("int *")
+        path = SHM / f"{work.name}-push"
+        rec = lib.dp_recorder_new(str(path).encode(), params, err)
+        assert rec != ffi.NULL, err[0]
+        res = ffi.new("struct dp_bench_result *")
+        lib.dp_bench_record_push(rec, 0, 2_000_000, 16_000, res)
+        lib.dp_recorder_free(rec)
+        for f in SHM.glob(path.name + "*"):
+            f.unlink()
+        pushes.append(res.ns / res.iterations)
+    runs.append({"writer": "push", "ns_per_request": statistics.median(pushes), "runs": pushes})
+    print(f"  the I/O thread's two pushes per request (2M req/s, C writer draining): median "
+          f"{statistics.median(pushes):.1f} ns, runs {', '.join(f'{p:.1f}' for p in pushes)}")
     return runs
 
 

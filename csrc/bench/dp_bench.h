@@ -42,9 +42,12 @@ int dp_bench_delay_close(int *first_close, unsigned *cqes);
 struct dp_recorder;
 int dp_bench_record_feed(struct dp_recorder *rec, unsigned queue, uint64_t rate, uint64_t ns,
                          struct dp_bench_result *out);
-/* The I/O thread's share alone: n requests' two rec_push calls (prepared entries, no clock),
- * back to back, while the recorder's writer drains the ring (or does not: then most are drops). */
-int dp_bench_record_push(struct dp_recorder *rec, unsigned queue, uint64_t n, struct dp_bench_result *out);
+/* The I/O thread's share alone: n requests' two rec_push calls (prepared entries, no clock) in
+ * bursts of 32, each burst followed by gap_ns of spinning (the rest of an I/O thread's work;
+ * 0: back to back), while the recorder's writer drains the ring (or does not: then most are
+ * drops). out->ns counts the bursts only. */
+int dp_bench_record_push(struct dp_recorder *rec, unsigned queue, uint64_t n, uint64_t gap_ns,
+                         struct dp_bench_result *out);
 /* ==== end of benchmark hooks ==== */
 
 #endif

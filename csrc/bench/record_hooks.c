@@ -54,7 +54,8 @@ int dp_bench_record_feed(struct dp_recorder *rec, unsigned queue, uint64_t rate,
     return 0;
 }
 
-int dp_bench_record_push(struct dp_recorder *rec, unsigned queue, uint64_t n, struct dp_bench_result *out)
+int dp_bench_record_push(struct dp_recorder *rec, unsigned queue, uint64_t n, uint64_t gap_ns,
+                         struct dp_bench_result *out)
 {
     struct rec_ring *r = rec_queue_ring(rec, queue);
     if (!r)
@@ -63,14 +64,21 @@ int dp_bench_record_push(struct dp_recorder *rec, unsigned queue, uint64_t n, st
                               .info = REC_INFO(DP_REC_OP_READ, 0, 0) };
     struct dp_rec_entry c = q;
     c.kind = DP_REC_C;
-    uint64_t t0 = now_ns();
-    for (uint64_t i = 0; i < n; i++) {
-        q.time_ns = c.aux = i;
-        q.slot = c.slot = (uint16_t)(i & 31);
-        rec_push(r, &q);
-        c.time_ns = i + 1;
-        rec_push(r, &c);
+    uint64_t busy = 0;
+    for (uint64_t i = 0; i < n;) {
+        uint64_t t0 = now_ns();
+        for (unsigned k = 0; k < INFLIGHT && i < n; k++, i++) {
+            q.time_ns = c.aux = i;
+            q.slot = c.slot = (uint16_t)(i & (INFLIGHT - 1));
+            rec_push(r, &q);
+            c.time_ns = i + 1;
+            rec_push(r, &c);
+        }
+        uint64_t t1 = now_ns();
+        busy += t1 - t0;
+        while (gap_ns && now_ns() - t1 < gap_ns)
+            cpu_relax();
     }
-    *out = (struct dp_bench_result){ .iterations = n, .ns = now_ns() - t0, .checksum = r->tail };
+    *out = (struct dp_bench_result){ .iterations = n, .ns = busy, .checksum = r->tail };
     return 0;
 }
