@@ -26,6 +26,7 @@ from typing import Any
 from ..core import check, ffi, lib
 from ..errors import ConfigError, DeviceError
 from ..protocol import virtio_blk as vb
+from .packed import PackedVring
 
 log = logging.getLogger("dataplane.load")
 
@@ -416,6 +417,11 @@ class LoadResult:
         return next((q.error for q in self.queues if q.error), 0)
 
     @property
+    def ring(self) -> str:
+        """The virtqueue format the job ran on."""
+        return "packed" if self.features & (1 << vb.VIRTIO_F_RING_PACKED) else "split"
+
+    @property
     def verify_failures(self) -> int:
         return sum(q.verify_failures for q in self.queues)
 
@@ -475,6 +481,7 @@ class LoadResult:
         out["sync"] = {"total_ios": 0, "lat_ns": dict(empty)}
         out.update(job_tail_json(s, int(s.runtime_ns), _merged_clat(s), self.job.iodepth, {
             **dataplane_json(tid, s, int(s.issued)),
+            "ring": self.ring,
             "verify_checked": int(s.verify_checked),
             "verify_failures": int(s.verify_failures),
             "verify_fail_offsets": [int(s.verify_fail_offset[i]) for i in range(
@@ -654,8 +661,9 @@ def _text_job(job: dict[str, Any], when: str) -> list[str]:
     out.append(f"     issued rwts: total={r['total_ios']},{w['total_ios']},0,0 "
                f"short={r['short_ios']},{w['short_ios']},0,0 dropped=0,0,0,0")
     out.append(f"     latency   : target=0, window=0, percentile=100.00%, depth={job['latency_depth']}")
-    out.append(f"     ring      : kicks={dp['kicks']}, interrupts={dp['interrupts']}, "
-               f"bad_used={dp['bad_used']}" + (f", late={dp['late_ios']}" if dp["late_ios"] else ""))
+    out.append(f"     ring      : {dp.get('ring', 'split')}, kicks={dp['kicks']}, "
+               f"interrupts={dp['interrupts']}, bad_used={dp['bad_used']}"
+               + (f", late={dp['late_ios']}" if dp["late_ios"] else ""))
     if dp["verify_checked"] or dp["verify_failures"]:
         line = f"     verify    : sectors={dp['verify_checked']}, bad={dp['verify_failures']}"
         if dp["verify_fail_offsets"]:
@@ -670,8 +678,8 @@ def _text_job(job: dict[str, Any], when: str) -> list[str]:
 
 def hand_over(dev: Any, queue: int, out: Any, arena: int, arena_len: int, indirect: bool) -> None:
     """Fill out (a struct dp_ring_handover) for a C driver thread (load, replay) that takes
-    dev's ring `queue` over and lays its requests out in the guest memory [arena,
-    arena + arena_len), one indirect descriptor each when indirect."""
+    dev's ring `queue` (split or packed) over and lays its requests out in the guest memory
+    [arena, arena + arena_len), one indirect descriptor each when indirect."""
     ring = dev.rings[queue]
     out.desc_host = dev.mem.uva(ring.desc)
     out.avail_host = dev.mem.uva(ring.avail)
@@ -683,6 +691,7 @@ def hand_over(dev: Any, queue: int, out: Any, arena: int, arena_len: int, indire
     out.call_fd = ring.call_fd
     out.event_idx = int(ring.event_idx)
     out.indirect = int(indirect)
+    out.packed = int(isinstance(ring, PackedVring))
     out.arena_host = dev.mem.uva(arena)
     out.arena_gpa = arena
     out.arena_len = arena_len

@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ..cli_common import int_at_least, parse_cpus, render_report, run_command, size_arg
+from ..cli_common import add_ring_argument, int_at_least, parse_cpus, render_report, run_command, size_arg
 from ..errors import ConfigError
 
 TARGETS = ("fio-v3",)
@@ -132,6 +132,7 @@ def add_replay_command(subparsers: argparse._SubParsersAction) -> argparse.Argum
                         help="compare two JSON reports (replay's, load's or fio's) instead of replaying")
     p.add_argument("--queues", type=_positive_int, default=1,
                    help="virtqueues (or --native threads) to replay on (default 1)")
+    add_ring_argument(p)
     p.add_argument("--format", choices=FORMATS, default=None, help="trace format (default: detect)")
     p.add_argument("--events", choices=("queue", "issue"), default="queue",
                    help="blktrace/blkparse: replay queue (Q, default) or issue (D) events")
@@ -196,6 +197,8 @@ def run_replay(args: argparse.Namespace) -> int:
         raise ConfigError("name a TRACE to replay (or use --compare A.json B.json)")
     if args.socket is None and args.native is None:
         raise ConfigError("name the target: --socket PATH (vhost-user-blk) or --native FILE")
+    if args.native is not None and args.ring is not None:
+        raise ConfigError("--ring is the virtqueue format of a --socket replay; --native has none")
     from .detect import open_trace
     from .engine import ReplayOptions
 
@@ -210,7 +213,7 @@ def run_replay(args: argparse.Namespace) -> int:
 
         result = replay_native(args.native, reader, options, queues=args.queues, read_only=args.read_only)
     else:
-        result = _replay_socket(args.socket, reader, options, args.queues)
+        result = _replay_socket(args.socket, reader, options, args.queues, args.ring)
     _write(render_report(result, args.output_format, args.group_reporting), args.output)
     if args.timeseries is not None:
         result.write_timeseries(args.timeseries)
@@ -222,7 +225,7 @@ def run_replay(args: argparse.Namespace) -> int:
     return 0
 
 
-def _replay_socket(socket: Path, reader, options, queues: int):
+def _replay_socket(socket: Path, reader, options, queues: int, ring: str | None = None):
     from ..driver import Device
     from .engine import Geometry, buffer_size, replay_device, replay_memory, ring_size, scan_trace
 
@@ -230,7 +233,7 @@ def _replay_socket(socket: Path, reader, options, queues: int):
     # Buffers are sized before the device's block size is known: assume the largest common one.
     buf = buffer_size(scan, Geometry(capacity=1 << 62, block_size=4096, discard=True, flush=True), options)
     with Device.connect(str(socket), queues=queues, queue_size=ring_size(options.depth, True),
-                        memory=replay_memory(queues, options, buf)) as dev:
+                        memory=replay_memory(queues, options, buf), ring=ring) as dev:
         return replay_device(dev, reader, options, scan=scan, target=str(socket))
 
 

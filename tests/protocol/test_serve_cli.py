@@ -135,3 +135,12 @@ def _sigterm_while_serving(proc: subprocess.Popen, sock: Path, disk_file: Path) 
     data = disk_file.read_bytes()
     assert data[:4096] == b"\1" * 4096 and data[4096:8192] == b"\2" * 4096
     assert data[64 * 512: 64 * 512 + 32 * 4096] == b"\x77" * (32 * 4096)
+
+
+def test_a_socket_path_too_long_for_sockaddr_un_is_one_line(tmp_path):
+    long_dir = tmp_path / ("d" * 60) / ("e" * 40)
+    long_dir.mkdir(parents=True)
+    proc = serve("--socket", str(long_dir / "vm.sock"), "--disk", "null:1M")
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2 and len(err.strip().splitlines()) == 1, err
+    assert "bytes long; a UNIX socket path may have at most 107" in err
