@@ -42,6 +42,7 @@ struct dp_engine;
 struct engine_disk;
 struct dp_req;
 struct rec_ring;
+struct dp_dirty_log;
 
 struct dp_vq {
     /* ring state: touched only by the thread that serves the queue (or by the control
@@ -65,6 +66,7 @@ struct dp_vq {
     int kick_fd;
     int call_fd;
     int err_fd;
+    int logging;                  /* log != NULL: every store into guest memory is logged */
 
     /* serving state: the engine's (engine/queue.c); this room never reads it */
     struct dp_blk_dev *dev;       /* the virtio-blk device the queue serves */
@@ -76,6 +78,7 @@ struct dp_vq {
     int kick_armed;
     int need_pop;
     int need_notify;
+    unsigned mem_drain_left;      /* requests of the previous memory table still in flight */
     uint64_t kick_buf;
     struct rec_ring *rec;         /* recording: the queue's record ring, or NULL */
     struct rec_ring *rec_next;    /* the ring to swap in (on the engine thread) */
@@ -103,6 +106,13 @@ struct dp_vq {
     struct dp_vq_stats stats;
     struct dp_hist latency;       /* pop to completion, ns (engine thread writes) */
 
+    /* dirty logging (dirty_log.c): set through the mailbox while the queue runs */
+    struct dp_dirty_log *log;
+    int log_used;                 /* VHOST_VRING_F_LOG: log used ring writes at log_used_gpa */
+    uint64_t log_used_gpa;
+    /* a new memory table published while the queue runs (engine/queue.c) */
+    uint64_t mem_drain_seq;       /* requests before this one were popped under the old table */
+    void *mem_cmd;                /* the command acknowledged once they are all done */
     struct vq_packed pk;          /* a packed ring's own state (cold for a split ring) */
 };
 

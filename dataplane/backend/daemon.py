@@ -80,6 +80,7 @@ class DaemonOptions:
     rpc_socket: Path | None = None
     remove_grace_s: float = REMOVE_GRACE_S
     serial_control: bool = False     # --debug-serial-control: one export's control work at a time
+    dirty_log: bool = True           # False (--debug-no-dirty-log): LOG_ALL offered, nothing logged
 
 
 def device_info(disk_spec: str) -> DeviceInfo:
@@ -212,8 +213,9 @@ class Daemon:
                 ServerOptions(socket_path=addr.path if addr.type == "unix" else None,
                               num_queues=config.queues, socket_mode=config.socket_mode,
                               socket_group=config.socket_group, inflight=config.inflight,
-                              name=config.name, listener=listener, listener_label=label,
-                              record=config.record, record_format=config.record_format),
+                              dirty_log=self.options.dirty_log, name=config.name, listener=listener,
+                              listener_label=label, record=config.record,
+                              record_format=config.record_format),
                 mapping, serial_lock=self._serial)
         except BaseException:
             self._release(export)

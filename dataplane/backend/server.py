@@ -58,6 +58,7 @@ class ServerOptions:
     socket_mode: int = 0o600
     socket_group: str | None = None
     inflight: bool = True
+    dirty_log: bool = True                   # False: offer LOG_ALL, log nothing (debug only)
     metrics: tuple[str, int] | None = None   # Prometheus endpoint (host, port); None: off
     record: Path | None = None                # record every request served from the start
     record_format: str = "blktrace"
@@ -488,7 +489,8 @@ class VhostUserBlkServer:
         # stops mid-message is dropped instead of holding the control loop (and SIGTERM).
         conn.settimeout(MESSAGE_TIMEOUT_S)
         device = VhostUserBlkDevice(self.disk, self.options.num_queues, self.engines,
-                                    inflight=self.options.inflight)
+                                    inflight=self.options.inflight,
+                                    dirty_log=self.options.dirty_log)
         if self.recording is not None:
             device.set_recorder(self.recording.handle)
         with self._lock:

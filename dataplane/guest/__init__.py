@@ -20,6 +20,7 @@ from .kit import (
     run_guest,
     start_guest,
 )
+from .qmp import Qmp, QmpError
 
 __all__ = [
     "BLKTRACE_START",
@@ -31,6 +32,8 @@ __all__ = [
     "GuestTimeout",
     "blktrace_start",
     "blktrace_stop",
+    "Qmp",
+    "QmpError",
     "build_guest",
     "default_cache_dir",
     "make_scratch",

@@ -696,10 +696,16 @@ def qemu_command(
     kernel_args: Sequence[str] = (),
     extra_args: Sequence[str] = (),
     scratch: Path | None = None,
+    memory_slots: int = 0,
+    max_memory_mb: int = 0,
+    memory_kb: int = 0,
 ) -> list[str]:
     """The QEMU argv used to boot ``image`` (exposed for debugging and tests); ``packed``:
     the disk's virtqueues are packed rings (``packed=on``). ``scratch``: a raw file the guest
-    gets as a second (QEMU virtio-blk) disk, its device in $DP_SCRATCH."""
+    gets as a second (QEMU virtio-blk) disk, its device in $DP_SCRATCH. memory_slots and
+    max_memory_mb make room for hot-plugged DIMMs (`-m SIZE,slots=N,maxmem=MAX`); memory_kb,
+    when set, is the RAM size in KiB instead of memory_mb."""
+    size = f"{memory_kb}K" if memory_kb else f"{memory_mb}M"
     append = ["console=ttyS0", "quiet", "panic=-1"]
     if socket is not None:
         append.append("dpguest.disk=1")
@@ -711,8 +717,9 @@ def qemu_command(
         "-accel", "tcg,thread=multi",
         "-cpu", "max",
         "-smp", str(smp),
-        "-m", f"{memory_mb}M",
-        "-object", f"memory-backend-memfd,id=mem,size={memory_mb}M,share=on",
+        "-m", size + (f",slots={memory_slots},maxmem={max_memory_mb or 2 * memory_mb}M"
+                      if memory_slots else ""),
+        "-object", f"memory-backend-memfd,id=mem,size={size},share=on",
         "-numa", "node,memdev=mem",
         "-nographic", "-nodefaults",
         "-serial", "stdio",
@@ -893,6 +900,9 @@ class BootOptions(TypedDict, total=False):
     kernel_args: Sequence[str]
     extra_args: Sequence[str]
     scratch: Path | None
+    memory_slots: int
+    max_memory_mb: int
+    memory_kb: int
 
 
 def initrd_with_script(image: GuestImage, script: str, out: Path) -> Path:
