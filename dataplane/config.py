@@ -76,7 +76,7 @@ def _socket(value: Any, where: str, from_file: bool) -> Path:
 
 
 def _disk(value: Any, where: str, from_file: bool) -> str:
-    return _string(value, where, "a file, a block device or null:SIZE")
+    return _string(value, where, "a file, a block device, null:SIZE or rbd:POOL/IMAGE")
 
 
 def _queues(value: Any, where: str, from_file: bool) -> int:
@@ -258,7 +258,7 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
             raise ConfigError(f"{name}: {canonical} is set twice (as {spelled[canonical]} and {key})")
         spelled[canonical] = key
         typed = VALIDATORS[canonical](value, f"{name}: {key}", True)
-        if canonical in _PATH_KEYS and not (typed == "null" or str(typed).startswith("null:")):
+        if canonical in _PATH_KEYS and not (typed == "null" or str(typed).startswith(("null:", "rbd:"))):
             typed_path = Path(typed)
             if not typed_path.is_absolute():
                 typed_path = path.parent / typed_path
