@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import base64
 import ctypes
+import itertools
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -43,10 +45,11 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
-__all__ = ["CephCluster", "CephClusterError", "CephUnavailable", "missing_tools"]
+__all__ = ["CephCluster", "CephClusterError", "CephUnavailable", "RbdImage", "missing_tools"]
 
 # tool -> Debian package that ships it
 REQUIRED_TOOLS: Mapping[str, str] = {
@@ -135,6 +138,30 @@ def asok_command(path: Path | str, prefix: str, timeout: float = 5.0, **args: ob
         return text  # some commands (`heap`) answer in plain text
 
 
+@dataclass
+class RbdImage:
+    """An image of a cluster, and the `--disk` spec that reaches it as client.<client_id>."""
+
+    cluster: CephCluster
+    name: str
+    size: int
+
+    @property
+    def spec(self) -> str:
+        return f"{self.cluster.pool}/{self.name}"
+
+    def disk(self, *options: str, timeout: int = 10) -> str:
+        """`rbd:POOL/NAME,conf=...,id=...,keyring=...,timeout=N[,option...]` for dataplane."""
+        c = self.cluster
+        base = (f"rbd:{self.spec},conf={c.conf_path},id={c.client_id},keyring={c.keyring_path},"
+                f"timeout={timeout}")
+        return ",".join([base, *options])
+
+    def export(self) -> bytes:
+        """The whole image, read by `rbd export` (a client other than the code under test)."""
+        return self.cluster.export_image(self.name)
+
+
 class CephCluster:
     """One monitor and one memstore OSD on 127.0.0.1, cephx on, a size-1 pool `rbd` initialised for RBD.
 
@@ -170,6 +197,7 @@ class CephCluster:
         self.started_at = 0.0
         self.startup_s = 0.0
         self.timings: dict[str, float] = {}  # step -> seconds, of the last start()
+        self._image_serial = itertools.count(1)
 
     # ---------------------------------------------------------------- paths
     @property
@@ -559,6 +587,13 @@ class CephCluster:
             args += ["--rbd-default-features", "0"]
         self.rbd(*args)
         return spec
+
+    def new_image(self, label: str, size: int, *, features: Sequence[str] | None = None) -> RbdImage:
+        """A new image named after `label` (a test's name) and a counter, for a test's own use."""
+        base = re.sub(r"[^A-Za-z0-9_-]+", "-", label)[-60:].strip("-") or "img"
+        name = f"{base}-{next(self._image_serial)}"
+        self.create_image(name, size, features=features)
+        return RbdImage(self, name, size)
 
     def image_features(self, name: str) -> list[str]:
         info = json.loads(self.rbd("info", "--format", "json", f"{self.pool}/{name}"))

@@ -4,7 +4,6 @@ backend, one Ceph cluster for the session's RBD tests, and a rebuild of a stale 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -12,7 +11,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -35,7 +33,7 @@ def _rebuild_if_stale() -> None:
 
 _rebuild_if_stale()
 
-from ceph_cluster import CephCluster  # noqa: E402  (tests/ is on sys.path, as for this file)
+from ceph_cluster import CephCluster, RbdImage  # noqa: E402  (tests/ is on sys.path, as for this file)
 from serve_process import ServeProcess  # noqa: E402
 
 from dataplane.backend import EnginePool, ServerOptions, VhostUserBlkServer  # noqa: E402
@@ -178,49 +176,13 @@ def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
         cluster.stop()
 
 
-@dataclass
-class RbdTestImage:
-    """An image of a test cluster and the `--disk` spec that reaches it as client.dataplane."""
-
-    cluster: CephCluster
-    name: str
-    size: int
-
-    @property
-    def spec(self) -> str:
-        return f"{self.cluster.pool}/{self.name}"
-
-    def disk(self, *options: str, timeout: int = 10) -> str:
-        """rbd:POOL/NAME,conf=...,id=...,keyring=...,timeout=N[,options]"""
-        c = self.cluster
-        base = (f"rbd:{self.spec},conf={c.conf_path},id={c.client_id},keyring={c.keyring_path},"
-                f"timeout={timeout}")
-        return ",".join([base, *options])
-
-    def export(self) -> bytes:
-        """The whole image, read by `rbd export` (another client than the code under test)."""
-        return self.cluster.export_image(self.name)
-
-
-_image_names: dict[str, int] = {}
-
-
-def make_rbd_image(cluster: CephCluster, test_name: str, size: int = 64 << 20,
-                   features: list[str] | None = None) -> RbdTestImage:
-    """A new image named after the test (images live as long as the cluster)."""
-    base = re.sub(r"[^A-Za-z0-9_-]+", "-", test_name)[-60:].strip("-") or "img"
-    n = _image_names[base] = _image_names.get(base, 0) + 1
-    name = f"{base}-{n}"
-    cluster.create_image(name, size, features=features)
-    return RbdTestImage(cluster, name, size)
-
-
 @pytest.fixture
 def rbd_image(ceph: CephCluster, request: pytest.FixtureRequest):
-    """Factory: rbd_image(size=64 MiB, features=None) -> RbdTestImage on the session cluster."""
+    """Factory: rbd_image(size=64 MiB, features=None) -> an image of the session cluster, named
+    after the test, with the `--disk rbd:...` spec that reaches it (ceph_cluster.RbdImage)."""
 
-    def make(size: int = 64 << 20, features: list[str] | None = None) -> RbdTestImage:
-        return make_rbd_image(ceph, request.node.name, size, features)
+    def make(size: int = 64 << 20, features: list[str] | None = None) -> RbdImage:
+        return ceph.new_image(request.node.name, size, features=features)
 
     return make
 

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_rbd_image
 from serve_process import ServeProcess
 
 from dataplane.driver import Device
@@ -252,18 +251,18 @@ def test_open_errors_name_the_cause(ceph, tmp_path):
     from dataplane.disks import open_disk
     from dataplane.errors import ConfigError
 
-    make_rbd_image(ceph, "errors", 4 * MiB)
+    name = ceph.new_image("errors", 4 * MiB).name
     base = f"conf={ceph.conf_path},id={ceph.client_id},timeout=3"
     wrong_key = tmp_path / "wrong.keyring"
     wrong_key.write_text(f"[client.{ceph.client_id}]\n\tkey = AQBfkUBmAAAAABAAxIWWvp6fkGs37jt8v69Ajg==\n")
     cases = [
         (f"rbd:nopool/x,{base}", "pool 'nopool' does not exist"),
         (f"rbd:rbd/nosuchimage,{base}", "image 'nosuchimage' does not exist in pool 'rbd'"),
-        (f"rbd:rbd/errors-1@nosnap,{base}", "snapshot 'nosnap' does not exist"),
-        (f"rbd:rbd/errors-1,{base},keyring={tmp_path}/none", "no key for this client"),
-        (f"rbd:rbd/errors-1,{base},keyring={wrong_key}", "authentication refused"),
-        (f"rbd:rbd/errors-1,{base},no_such_option=1", "no_such_option=1: librados has no such option"),
-        (f"rbd:rbd/errors-1,conf={tmp_path}/missing.conf", f"cannot read the Ceph configuration {tmp_path}"),
+        (f"rbd:rbd/{name}@nosnap,{base}", "snapshot 'nosnap' does not exist"),
+        (f"rbd:rbd/{name},{base},keyring={tmp_path}/none", "no key for this client"),
+        (f"rbd:rbd/{name},{base},keyring={wrong_key}", "authentication refused"),
+        (f"rbd:rbd/{name},{base},no_such_option=1", "no_such_option=1: librados has no such option"),
+        (f"rbd:rbd/{name},conf={tmp_path}/missing.conf", f"cannot read the Ceph configuration {tmp_path}"),
     ]
     for spec, message in cases:
         t0 = time.monotonic()
@@ -276,7 +275,7 @@ def test_a_dead_monitor_or_a_hung_osd_bounds_the_open(ceph):
     from dataplane.disks import open_disk
     from dataplane.errors import ConfigError
 
-    img = make_rbd_image(ceph, "deadmon", 4 * MiB)
+    img = ceph.new_image("deadmon", 4 * MiB)
     import socket
 
     with socket.socket() as s:      # a port nobody listens on
@@ -340,7 +339,7 @@ def test_a_killed_osd_ends_in_errors_and_the_other_export_keeps_serving(start_ba
 
     cluster = CephCluster(tmp_path / "c").start()
     try:
-        img = make_rbd_image(cluster, "killed", 16 * MiB)
+        img = cluster.new_image("killed", 16 * MiB)
         rbd = start_backend(img.disk(timeout=3), queues=2)
         other = start_backend(str(disk_file), queues=2)
         load = subprocess.Popen(
