@@ -163,6 +163,28 @@ def rbd_table(summary: list[report.Summary], records: list) -> list[str]:
     return lines
 
 
+def poll0_lines(summary: list[report.Summary]) -> list[str]:
+    """dataplane with --poll-us 0 next to its default, when the run had it (--poll0)."""
+    idx = {(s.cell, s.system): s for s in summary}
+    rows = []
+    for s in summary:
+        if s.system != POLL0.key:
+            continue
+        dp, qsd, fio = (idx.get((s.cell, k)) for k in ("dataplane", "qsd", "fio"))
+        _, workload, q = s.cell.split("/")
+
+        def over(other: report.Summary | None, s: report.Summary = s) -> str:
+            return f"{s.iops / other.iops:.2f}x" if other and other.iops and s.iops else "–"
+
+        rows.append(f"| {workload} | {q[1:]} | {s.iops:.0f} | {over(dp)} | {over(qsd)} | {over(fio)} "
+                    f"| {s.clat_p50_us:.0f} / {s.clat_p99_us:.0f} | {s.cpu_s_per_mio:.1f} |")
+    if not rows:
+        return []
+    return ["", f"{POLL0.about}:", "",
+            "| workload | queues | IOPS | vs dataplane (poll 50) | vs qsd | vs fio | p50 / p99 µs "
+            "| CPU µs/I/O |", "|---|---:|---:|---:|---:|---:|---|---|", *rows]
+
+
 def summary_markdown(summary: list[report.Summary], records: list, machine: dict) -> str:
     met = {k: 0 for k in GOALS}
     total = 0
@@ -187,7 +209,7 @@ def summary_markdown(summary: list[report.Summary], records: list, machine: dict
         " cluster's own CPU per I/O (OSD + monitor) is in the last column.", "",
         *rbd_table(summary, records), "",
         f"Goals met: dp/qsd ≥ 1.0 in {met['qsd']} of {total} cells, dp/fio ≥ 0.95 in {met['fio']}"
-        f" of {total}.", "",
+        f" of {total}.", *poll0_lines(summary), "",
         *[line for line in report.machine_lines(machine) if not line.startswith("* file:")],
         f"* ceph: {machine['rbd'].get('version', '?')}; {where}", "",
         "Systems:", "",
