@@ -167,6 +167,7 @@ class RbdImage:
 
     def closed(self) -> None:
         """After the C disk is gone: this process no longer owns anything of the image."""
+        self.handle = None
         if self.record is not None:
             self.record.unlink(missing_ok=True)
             self.record = None
@@ -316,9 +317,14 @@ def reclaim_lock(image: RbdImage) -> None:
         log.info("rbd %s: %s holds the exclusive lock%s", image.spec.name, owner,
                  "" if image.spec.lock_break else f" ({DEBUG_NO_LOCK_BREAK}: never reclaimed)")
     me = os.getpid()
-    record = folder / f"{me}.json"
-    tmp = folder / f".{me}.tmp"
-    tmp.write_text(json.dumps({"pid": me, "start": _start_time(me), "addr": image.addr,
-                               "image_id": image.image_id}))
-    tmp.replace(record)
+    name = f"{me}-{image.addr.rpartition('/')[2] or 'client'}"   # one per connection of this process
+    record, tmp = folder / f"{name}.json", folder / f".{name}.tmp"
+    try:
+        tmp.write_text(json.dumps({"pid": me, "start": _start_time(me), "addr": image.addr,
+                                   "image_id": image.image_id}))
+        tmp.replace(record)
+    except OSError as exc:
+        log.warning("rbd %s: cannot write the owner record %s (%s): a restart after a crash will"
+                    " wait for the old lock to expire", image.spec.name, record, exc.strerror)
+        return
     image.record = record

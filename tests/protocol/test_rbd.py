@@ -424,24 +424,28 @@ def test_librados_threads_keep_the_control_planes_cpus(rbd_image, start_serve, t
     is opened, on the unpinned control thread, before any I/O thread pins itself."""
     img = rbd_image(size=4 * MiB)
     serve = start_serve("serve", tmp_path / "v.sock", img.disk(), "--queues", "2")
+
+    def cpus_of(task: Path) -> str:
+        return re.search(r"Cpus_allowed_list:\s*(\S+)", (task / "status").read_text()).group(1)
+
     with Device.connect(str(tmp_path / "v.sock"), queues=2) as dev:
         dev.write(0, b"a" * 4096, queue=1)
-        affinity = {}
-        for task in Path(f"/proc/{serve.proc.pid}/task").iterdir():
-            name = (task / "comm").read_text().strip()
-            cpus = re.search(r"Cpus_allowed_list:\s*(\S+)", (task / "status").read_text()).group(1)
-            affinity.setdefault(name, set()).add(cpus)
-    main = affinity.pop("python", None) or affinity.pop(Path(sys.executable).name[:15])
-    ceph_threads = {n: c for n, c in affinity.items() if n.startswith(("msgr-worker", "io_context_pool",
-                                                                      "ms_dispatch", "safe_timer"))}
+        tasks = Path(f"/proc/{serve.proc.pid}/task")
+        main = cpus_of(tasks / str(serve.proc.pid))            # the control plane's thread
+        affinity: dict[str, set[str]] = {}
+        for task in tasks.iterdir():
+            affinity.setdefault((task / "comm").read_text().strip(), set()).add(cpus_of(task))
+    ceph_threads = {n: c for n, c in affinity.items()
+                    if n.startswith(("msgr-worker", "io_context_pool", "ms_dispatch", "safe_timer"))}
     assert len(ceph_threads) >= 3, affinity
-    assert all(c == main for c in ceph_threads.values()), (main, ceph_threads)
+    assert all(c == {main} for c in ceph_threads.values()), (main, ceph_threads)
     plan = subprocess.run([sys.executable, "-m", "dataplane", "plan", "--disk", img.disk(), "--queues",
                            "2", "--json"], capture_output=True, text=True, check=True)
     pinned = {f"dp-vq{r['virtqueue']}": r["host_cpu"] for r in json.loads(plan.stdout)["rows"]}
     for name, cpu in pinned.items():
         if cpu is not None and cpu >= 0:
             assert affinity[name] == {str(cpu)}, (name, affinity)
+            assert {str(cpu)} != {main}   # so a librados thread made by it would show
 
 
 def test_latency_options_stack_on_an_rbd_disk(start_backend, rbd_image):
