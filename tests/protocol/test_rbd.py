@@ -161,6 +161,21 @@ def test_a_snapshot_is_a_read_only_disk(start_backend, rbd_image):
     assert img.export()[MiB: MiB + 8192] == pattern(8, 8192)
 
 
+def test_read_only_opens_the_image_read_only(start_backend, rbd_image):
+    """--read-only: rbd_open_read_only, so no write can take the exclusive lock, and no
+    owner record is kept."""
+    img = rbd_image(size=4 * MiB)
+    img.cluster.write_image(img.name, 0, pattern(6, 4096))
+    backend = start_backend(img.disk(), queues=1, read_only=True)
+    with Device.connect(backend.socket) as dev:
+        assert dev.features & (1 << vb.VIRTIO_BLK_F_RO)
+        assert dev.read(0, 4096) == pattern(6, 4096)
+        req = dev.submit(vb.ReqType.OUT, 0, data=b"w" * 4096)
+        assert dev.wait([req])[id(req)][0] == vb.Status.IOERR
+    assert backend.disk.rbd.lock_owner() is None and backend.disk.rbd.record is None
+    assert img.export()[:4096] == pattern(6, 4096)
+
+
 # ---- durability and the write cache ----
 
 def test_a_flushed_write_survives_a_sigkill_of_the_backend(rbd_image, start_serve, tmp_path):
