@@ -1,5 +1,5 @@
-"""Command line: `dataplane serve | demo | load`. Errors are one line on stderr and exit status 2
-(no traceback unless --debug)."""
+"""Command line: `dataplane serve | plan | stats | rpc | demo | load | trace | replay`. Errors
+are one line on stderr and exit status 2 (no traceback unless --debug)."""
 
 from __future__ import annotations
 
@@ -11,32 +11,57 @@ import signal
 import sys
 from pathlib import Path
 
-from .cli_common import count_arg, parse_cpus, positive_int, render_report, run_command, size_arg, time_arg
-from .errors import DataplaneError
+from .cli_common import (
+    add_ring_argument,
+    count_arg,
+    parse_cpus,
+    positive_int,
+    render_report,
+    run_command,
+    size_arg,
+    time_arg,
+)
+from .errors import ConfigError, DataplaneError
 
 log = logging.getLogger("dataplane")
 
 
+def _export_of(record: logging.LogRecord) -> str:
+    """The export a log line is about: each export's control loop runs on a thread called
+    export:NAME (backend.daemon)."""
+    name = record.threadName or ""
+    return name[7:] if name.startswith("export:") else ""
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, msg (and exc when there is one)."""
+    """One JSON object per line: ts, level, logger, msg (and export, exc when there is one)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        import json
-
         entry = {"ts": round(record.created, 6), "level": record.levelname.lower(),
                  "logger": record.name, "msg": record.getMessage()}
+        if _export_of(record):
+            entry["export"] = _export_of(record)
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry)
 
 
+class TextFormatter(logging.Formatter):
+    """time level logger: [export] message"""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:   # noqa: N802 (logging's name)
+        export = _export_of(record)
+        if export:
+            record.message = f"[{export}] {record.message}"
+        return super().formatMessage(record)
+
+
 def _setup_logging(level: str, fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
-                                               datefmt="%H:%M:%S"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper()))
@@ -60,6 +85,11 @@ def add_disk_options(p: argparse.ArgumentParser) -> None:
 
 def add_serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--socket", type=Path, default=None, help="UNIX socket path to listen on")
+    p.add_argument("--socket-fd", default=None, metavar="N|NAME",
+                   help="serve on a listening socket handed over instead: a descriptor number, or the"
+                        " name systemd gave it (socket activation, LISTEN_FDNAMES)")
+    p.add_argument("--name", default=None,
+                   help="the export's name in RPC, metrics and logs (default: the socket's stem)")
     p.add_argument("--read-only", action=argparse.BooleanOptionalAction, default=None,
                    help="advertise RO; writes fail with IOERR")
     p.add_argument("--cache", choices=["none", "writeback"], default=None,
@@ -72,8 +102,16 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
                         " (default 50; 0 when they share CPUs with vCPUs)")
     p.add_argument("--metrics", default=None,
                    help="serve Prometheus metrics on [HOST:]PORT (HOST defaults to 127.0.0.1)")
+    p.add_argument("--rpc-socket", type=Path, default=None,
+                   help="JSON-RPC 2.0 management socket (mode 0600): add, remove and inspect exports"
+                        " while serving (`dataplane rpc`)")
+    p.add_argument("--io-threads", default=None,
+                   help="I/O threads shared by the exports when there are several (default: one per"
+                        " CPU not running a vCPU)")
     p.add_argument("--debug-no-inflight", dest="inflight", action="store_false", default=None,
                    help=argparse.SUPPRESS)   # turns reconnect safety off, to prove the tests see it
+    p.add_argument("--debug-serial-control", action="store_true", help=argparse.SUPPRESS)
+    # one export's control work at a time (as one blocking loop would): proves the isolation test
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,9 +131,24 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--socket", type=Path, required=True, help="the backend's vhost-user socket")
     stats.add_argument("--json", action="store_true", help="print the JSON snapshot")
 
-    plan = sub.add_parser("plan", help="show where each virtqueue's I/O thread would run, and why")
+    plan = sub.add_parser("plan", help="show where each virtqueue's I/O thread would run, and why"
+                                       " (every export's, with --config FILE of [[export]] tables)")
     add_disk_options(plan)
+    plan.add_argument("--io-threads", default=None, help=argparse.SUPPRESS)
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    rpc = sub.add_parser("rpc", help="call a method of a running `dataplane serve --rpc-socket`",
+                         description="Call a JSON-RPC method and print its result as JSON. Values"
+                         " are JSON when they parse as JSON (2, true, [0, 1]), else strings; a.b=v"
+                         " sets member b of object a (addr.type=fd).")
+    rpc.add_argument("method", help="export_add, export_remove, export_list, export_get, stats,"
+                                    " log_level_set, threads, methods")
+    rpc.add_argument("--param", "-p", action="append", default=[], metavar="KEY=VALUE",
+                     help="a parameter (repeat for more)")
+    rpc.add_argument("--socket", default=None,
+                     help="the management socket (default: $DATAPLANE_RPC_SOCKET or"
+                          " /run/dataplane/rpc.sock)")
+    rpc.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer")
 
     demo = sub.add_parser("demo", help="serve a default disk and run a QEMU guest against it")
     demo.add_argument("--disk", default=None,
@@ -117,6 +170,7 @@ def add_load_parser(sub: argparse._SubParsersAction) -> None:
         description="One C thread per queue plays the guest: fio's options and fio's output.")
     load.add_argument("--socket", required=True, help="vhost-user socket of the backend")
     load.add_argument("--queues", type=positive_int, default=1, help="queues to drive (one job each)")
+    add_ring_argument(load)
     load.add_argument("--rw", "--readwrite", dest="rw", default="randread",
                       choices=["read", "write", "randread", "randwrite", "randrw", "rw", "readwrite"])
     load.add_argument("--rwmixread", type=int, default=50, help="percent reads for randrw / rw")
@@ -155,20 +209,57 @@ def _config(args: argparse.Namespace):
     return merge(file_values, vars(args), command=args.command)
 
 
-def make_plan(cfg):
-    """The placement plan for a config: topology from sysfs, the disk's hardware queues."""
-    from .disks import split_disk_options
-    from .placement import BlockDevice, Topology, plan
+def make_pool(cfg):
+    """The I/O thread pool serve would start with: topology from sysfs, each disk's hardware
+    queues. With one export its `single` is the per-queue plan."""
+    from .backend import plan_pool
+    from .placement import Topology
 
     topology = Topology.from_sysfs(allowed=os.sched_getaffinity(0))
-    device = BlockDevice.resolve(split_disk_options(cfg.disk)[0])
-    return plan(topology, device, cfg.queues, cfg.policy, cfg.vcpu_cpus)
+    return plan_pool(topology, cfg.exports, cfg.policy, cfg.io_threads, cfg.vcpu_cpus)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    cfg = _config(args)
-    p = make_plan(cfg)
-    print(p.to_json() if args.json else p.to_table())
+    pool = make_pool(_config(args))
+    shown = pool.single if pool.single is not None else pool
+    print(shown.to_json() if args.json else shown.to_table())
+    return 0
+
+
+def rpc_params(items: list[str]) -> dict:
+    """--param KEY=VALUE ... as JSON-RPC params (VALUE is JSON when it parses, else a string)."""
+    params: dict = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--param {item!r}: expected KEY=VALUE")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        *parents, last = key.split(".")
+        target = params
+        for part in parents:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"--param {item!r}: {part} is not an object")
+        target[last] = value
+    return params
+
+
+def cmd_rpc(args: argparse.Namespace) -> int:
+    from .rpc import DEFAULT_SOCKET, Client, RpcError
+
+    path = args.socket or os.environ.get("DATAPLANE_RPC_SOCKET") or DEFAULT_SOCKET
+    params = rpc_params(args.param)
+    with Client(path, timeout=args.timeout) as client:
+        try:
+            result = client.call(args.method, params or None)
+        except RpcError as exc:
+            print(json.dumps({"error": exc.to_dict()}, indent=2))
+            print(f"dataplane rpc {args.method}: {exc}", file=sys.stderr)
+            return 1
+    print(json.dumps(result, indent=2))
     return 0
 
 
@@ -212,34 +303,22 @@ def _install_sighup(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .backend import EnginePool, ServerOptions, VhostUserBlkServer, install_signal_handlers
-    from .disks import open_disk
+    from .backend import Daemon, DaemonOptions, HandedSockets, install_signal_handlers
 
+    handed = HandedSockets.from_process()   # first: before this process opens sockets of its own
     cfg = _config(args)
     logging.getLogger().setLevel(getattr(logging, (args.log_level or cfg.log_level).upper()))
-    disk = open_disk(cfg.disk, read_only=cfg.read_only, cache=cfg.cache, serial=cfg.serial)
-    try:
-        placement = make_plan(cfg)
-        server = VhostUserBlkServer(
-            disk,
-            ServerOptions(socket_path=cfg.socket, num_queues=cfg.queues, socket_mode=cfg.socket_mode,
-                          socket_group=cfg.socket_group, inflight=cfg.inflight, metrics=cfg.metrics),
-            EnginePool.from_plan(placement, poll_ns=cfg.poll_us * 1000))
-    except BaseException:
-        disk.close()
-        raise
-    for note in placement.notes:
-        log.info("placement: %s", note)
-    for row in placement.rows:
-        log.info("placement: vq%d -> %s on cpu %s (%s)", row.virtqueue, row.thread_name,
-                 row.host_cpu, row.reason)
-    install_signal_handlers(server)
+    daemon = Daemon(DaemonOptions(policy=cfg.policy, vcpu_cpus=cfg.vcpu_cpus, io_threads=cfg.io_threads,
+                                  poll_us=cfg.poll_us, metrics=cfg.metrics, rpc_socket=cfg.rpc_socket,
+                                  serial_control=args.debug_serial_control), handed=handed)
+    # Before any socket appears: a SIGTERM that follows the socket at once still drains.
+    install_signal_handlers(daemon)
     _install_sighup(args)
+    daemon.start(cfg.exports)
     try:
-        server.serve_forever()
+        daemon.serve_forever()
     finally:
-        server.close()
-        disk.close()
+        daemon.close()
     log.info("exited cleanly")
     return 0
 
@@ -258,11 +337,11 @@ def cmd_load(args: argparse.Namespace) -> int:
               runtime=args.runtime, ramp_time=args.ramp, size=args.size, offset=args.offset,
               number_ios=args.number_ios, rate_iops=args.rate_iops, verify=args.verify,
               randseed=args.randseed, indirect=args.indirect, poll_us=args.poll_us, cpus=cpus)
-    ring = job.queue_size(indirect=bool(args.indirect))
-    if ring > 1024:
-        ring = job.queue_size(indirect=True)
-    with Device.connect(args.socket, queues=args.queues, queue_size=ring,
-                        memory=job.memory_needed(args.queues)) as dev:
+    size = job.queue_size(indirect=bool(args.indirect))
+    if size > 1024:
+        size = job.queue_size(indirect=True)
+    with Device.connect(args.socket, queues=args.queues, queue_size=size,
+                        memory=job.memory_needed(args.queues), ring=args.ring) as dev:
         result = dev.load(job)
     report = render_report(result, args.output_format, args.group_reporting)
     if args.output is not None:
@@ -279,8 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.log_level or "info", args.log_format)
-    handlers = {"serve": cmd_serve, "plan": cmd_plan, "stats": cmd_stats, "demo": cmd_demo,
-                "load": cmd_load, "trace": cmd_trace, "replay": cmd_replay}
+    handlers = {"serve": cmd_serve, "plan": cmd_plan, "stats": cmd_stats, "rpc": cmd_rpc,
+                "demo": cmd_demo, "load": cmd_load, "trace": cmd_trace, "replay": cmd_replay}
     return run_command(args, handlers[args.command])
 
 

@@ -75,3 +75,10 @@ def time_arg(text: str) -> float:
         return parse_time(text)
     except DataplaneError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_ring_argument(parser: argparse.ArgumentParser) -> None:
+    """`--ring split|packed`: the virtqueue format a driver command plays the guest with."""
+    parser.add_argument("--ring", choices=("split", "packed"), default=None,
+                        help="virtqueue format (default split, which every backend has; packed "
+                             "needs a backend that offers VIRTIO_F_RING_PACKED)")

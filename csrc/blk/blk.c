@@ -88,6 +88,8 @@ int blk_req_parse(struct dp_req *req, unsigned nseg, unsigned nreadable, int cha
     if (iov_to_buf(seg, nreadable, 0, &hdr, sizeof(hdr)) < sizeof(hdr))
         return VIRTIO_BLK_S_IOERR;
     req->type = hdr.type;
+    if (__atomic_load_n(&dev->failed, __ATOMIC_RELAXED))
+        return VIRTIO_BLK_S_IOERR;
 
     struct iovec *out = seg;
     unsigned nout = nreadable;
@@ -188,4 +190,9 @@ void dp_blk_set_writeback(struct dp_blk_dev *dev, int writeback)
 int dp_blk_get_writeback(const struct dp_blk_dev *dev)
 {
     return __atomic_load_n(&dev->writeback, __ATOMIC_RELAXED);
+}
+
+void dp_blk_set_failed(struct dp_blk_dev *dev, int failed)
+{
+    __atomic_store_n(&dev->failed, failed != 0, __ATOMIC_RELAXED);
 }

@@ -22,6 +22,7 @@ struct dp_blk_dev {
     uint64_t capacity_sectors;
     uint32_t disk_flags;          /* DP_DISK_F_* of the disk */
     int writeback;                /* read by every queue thread, written by the control plane */
+    int failed;                   /* likewise: answer IOERR to everything (dp_blk_set_failed) */
 };
 
 struct dp_vq;

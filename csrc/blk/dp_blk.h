@@ -27,5 +27,8 @@ void dp_blk_dev_free(struct dp_blk_dev *dev);
 /* Writeback cache enabled (1) or write-through (0, every write is FUA). */
 void dp_blk_set_writeback(struct dp_blk_dev *dev, int writeback);
 int dp_blk_get_writeback(const struct dp_blk_dev *dev);
+/* Failed (1): every request from now on completes with IOERR without reaching the disk (an
+ * export being removed by force: the guest sees errors instead of a hang). */
+void dp_blk_set_failed(struct dp_blk_dev *dev, int failed);
 
 #endif

@@ -1,5 +1,6 @@
-/* dp_driver.h — public (cffi): the guest side in C. A split ring the frontend hands over to a
- * driver thread, and the load generator that runs on it. Trace replay is dp_replay.h. */
+/* dp_driver.h — public (cffi): the guest side in C. A ring (split or packed) the frontend
+ * hands over to a driver thread, and the load generator that runs on it. Trace replay is
+ * dp_replay.h. */
 #ifndef DP_DRIVER_PUBLIC_H
 #define DP_DRIVER_PUBLIC_H
 
@@ -8,21 +9,24 @@
 
 /* ==== driver side: the load generator (load.c) ==== */
 
-/* ---- a split ring a frontend set up and hands over to a driver thread (dp_load, dp_replay:
- * the thread plays the guest on it), with guest memory the thread owns during the run for its
+/* ---- a ring a frontend set up and hands over to a driver thread (dp_load, dp_replay: the
+ * thread plays the guest on it), with guest memory the thread owns during the run for its
  * requests (see dp_load_arena_size, dp_replay_arena_size). Host pointers into the frontend's
- * memory; the thread hands its indices back at the end. ---- */
+ * memory; the thread hands its indices back at the end. A packed ring (packed != 0): desc is
+ * its descriptor ring, avail the driver event area, used the device event area; its indices
+ * are positions with the wrap counter in bit 15. ---- */
 struct dp_ring_handover {
     uint64_t desc_host;
     uint64_t avail_host;
     uint64_t used_host;
-    uint32_t num;                /* ring size, a power of two */
+    uint32_t num;                /* ring size: a power of two (split), up to 32768 (packed) */
     uint16_t avail_idx;          /* where the frontend left its avail index */
     uint16_t last_used_idx;      /* and its used index */
     int kick_fd;
     int call_fd;
     int event_idx;               /* VIRTIO_RING_F_EVENT_IDX negotiated */
     int indirect;                /* one indirect descriptor per request (needs INDIRECT_DESC) */
+    int packed;                  /* VIRTIO_F_RING_PACKED negotiated: a packed ring */
     uint64_t arena_host;
     uint64_t arena_gpa;
     uint64_t arena_len;
@@ -108,8 +112,8 @@ struct dp_load_stats {
     uint64_t depth_level[7];
     uint64_t submit_level[7];
     uint64_t complete_level[7];
-    uint16_t avail_idx;          /* ring indices at the end, for the frontend to resume */
-    uint16_t last_used_idx;
+    uint16_t avail_idx;          /* ring indices at the end, for the frontend to resume (packed: */
+    uint16_t last_used_idx;      /* positions, wrap counter in bit 15) */
     uint32_t nsamples;
     uint64_t sample_ns;
     uint64_t sample_ios[2][DP_LOAD_SAMPLES];   /* cumulative counted I/Os at each interval */

@@ -1,7 +1,8 @@
 /* driver.h — the driver (guest) side of a split virtqueue, the life of a per-queue thread
  * that drives it (driver_thread.c), and the load generator's state (load.c); the trace
  * replayer (replay.c) uses all but the last. The device side of the same ring is
- * vhost/virtqueue.h; barrier names here say which of its barriers each one pairs with. */
+ * vhost/virtqueue.h; barrier names here say which of its barriers each one pairs with. A
+ * packed ring's driver side is packed_driver.h. */
 #ifndef DP_DRIVER_H
 #define DP_DRIVER_H
 
@@ -15,6 +16,7 @@
 #include "util/clock.h"
 #include "util/hist.h"
 #include "blk/virtio_blk.h"
+#include "driver/packed_driver.h"
 #include "vhost/vring.h"
 
 /* Barriers, driver side. */
@@ -57,14 +59,16 @@ struct driver_ring {
 /* ---- driver side of the split ring: shared by the load generator (load.c) and the trace
  * replayer (replay.c) ---- */
 
-/* -EINVAL unless h is a ring that holds iodepth requests (3 descriptors each, or one
- * indirect) and an aligned arena of at least arena_need bytes. */
+/* -EINVAL unless h is a ring (split or packed) that holds iodepth requests (3 descriptors
+ * each, or one indirect) and an aligned arena of at least arena_need bytes. */
 static inline int driver_handover_check(const struct dp_ring_handover *h, uint32_t iodepth,
                                         uint64_t arena_need)
 {
     if (!h->desc_host || !h->avail_host || !h->used_host || h->kick_fd < 0 || h->call_fd < 0)
         return -EINVAL;
-    if (h->num == 0 || h->num > 32768 || (h->num & (h->num - 1)))
+    if (h->num == 0 || h->num > 32768 || (!h->packed && (h->num & (h->num - 1))))
+        return -EINVAL;
+    if (h->packed && ((h->avail_idx & 0x7fff) >= h->num || (h->last_used_idx & 0x7fff) >= h->num))
         return -EINVAL;
     if (iodepth > (h->indirect ? h->num : h->num / 3))
         return -EINVAL;
@@ -263,7 +267,10 @@ struct load_slot {
     uint8_t *data;               /* host address of the data buffer */
     struct virtio_blk_outhdr *hdr;
     uint8_t *status;
-    struct vring_desc *data_desc;   /* the descriptor whose WRITE flag says the direction */
+    union {                      /* the descriptor whose WRITE flag says the direction */
+        struct vring_desc *data_desc;
+        struct pvirtq_desc *pdata_desc;   /* packed: in the slot's table or its template */
+    };
     uint32_t generation;         /* verify: the stamp a write carries */
     uint16_t head;
     uint8_t dir;                 /* DP_DIR_* */
@@ -276,6 +283,13 @@ struct dp_load {
     struct dp_load_params p;
     struct driver_ring ring;
     struct load_slot *slots;
+    /* a packed ring: its driver side, each slot's ring descriptors (slot_descs per slot, id =
+     * the slot), and the slots of the batch being issued */
+    int packed;
+    struct driver_packed pring;
+    struct pvirtq_desc *ptmpl;
+    unsigned slot_descs;
+    uint16_t *batch;
     uint16_t *free_slots;        /* stack of free slot numbers */
     unsigned nfree;
     unsigned inflight;

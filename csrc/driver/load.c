@@ -1,6 +1,7 @@
 /* load.c — a load generator that plays the guest: one thread per virtqueue fills the ring
- * with virtio-blk requests (closed loop at a fixed iodepth, or open loop on a schedule),
- * reaps the used ring, and records latency histograms, errors and verify results.
+ * (split or packed) with virtio-blk requests (closed loop at a fixed iodepth, or open loop on
+ * a schedule), reaps the used ring, and records latency histograms, errors and verify
+ * results.
  *
  * The rings were set up by the Python frontend; this thread takes them over for the run and
  * hands back its indices at the end. Everything read from the used ring comes from the
@@ -120,6 +121,52 @@ static void verify_check(struct dp_load *l, struct load_slot *s, uint32_t expect
     }
 }
 
+/* ---- the ring, split or packed ---- */
+
+static inline void ring_add(struct dp_load *l, struct load_slot *s)
+{
+    if (l->packed)
+        driver_packed_add(&l->pring, &l->ptmpl[(size_t)s->head * l->slot_descs], l->slot_descs,
+                          s->head);
+    else
+        driver_ring_add(&l->ring, s->head);
+}
+
+/* Make the added requests the device's; 1 when it asked to be kicked. */
+static inline int ring_publish(struct dp_load *l)
+{
+    return l->packed ? driver_packed_publish(&l->pring) : driver_ring_publish(&l->ring);
+}
+
+static inline int ring_used_pending(struct dp_load *l)
+{
+    return l->packed ? driver_packed_used_pending(&l->pring) : driver_ring_used_pending(&l->ring) != 0;
+}
+
+static inline int ring_enable_interrupts(struct dp_load *l)
+{
+    return l->packed ? driver_packed_enable_interrupts(&l->pring)
+                     : driver_ring_enable_interrupts(&l->ring) != 0;
+}
+
+static inline void ring_disable_interrupts(struct dp_load *l)
+{
+    if (l->packed)
+        driver_packed_disable_interrupts(&l->pring);
+    else
+        driver_ring_disable_interrupts(&l->ring);
+}
+
+/* The direction of a slot's data descriptor (its WRITE flag: the device writes a read). */
+static inline void ring_set_dir(struct dp_load *l, struct load_slot *s, unsigned dir)
+{
+    uint16_t write = dir == DP_DIR_READ ? VRING_DESC_F_WRITE : 0;
+    if (l->packed)
+        s->pdata_desc->flags = (uint16_t)((s->pdata_desc->flags & VRING_DESC_F_NEXT) | write);
+    else
+        s->data_desc->flags = VRING_DESC_F_NEXT | write;
+}
+
 /* ---- requests ---- */
 
 static uint64_t pick_block(struct dp_load *l, unsigned dir)
@@ -178,7 +225,7 @@ static void prep_request(struct dp_load *l, struct load_slot *s, uint64_t t_sche
     s->hdr->sector = s->offset >> SECTOR_SHIFT;
     *s->status = STATUS_UNSET;   /* a device that never writes it is caught */
     if (s->desc_dir != dir) {
-        s->data_desc->flags = VRING_DESC_F_NEXT | (dir == DP_DIR_READ ? VRING_DESC_F_WRITE : 0);
+        ring_set_dir(l, s, dir);
         s->desc_dir = (uint8_t)dir;
     }
     if (l->p.verify) {
@@ -227,7 +274,8 @@ static int issue_batch(struct dp_load *l, uint64_t now, int *issuing)
         struct load_slot *s = &l->slots[l->free_slots[--l->nfree]];
         prep_request(l, s, t_sched, counted);
         l->stats.depth_level[depth_bucket(l->inflight)]++;
-        driver_ring_add(&l->ring, s->head);
+        ring_add(l, s);
+        l->batch[added] = (uint16_t)(s - l->slots);
         l->sched_k++;
         added++;
         if (counted && l->p.number_ios && ++l->issued_counted >= l->p.number_ios)
@@ -236,16 +284,15 @@ static int issue_batch(struct dp_load *l, uint64_t now, int *issuing)
     if (!added)
         return 0;
     uint64_t t_submit = now_ns();
-    for (uint16_t i = l->ring.published_idx; i != l->ring.avail_idx; i++) {
-        uint16_t head = l->ring.avail->ring[i & (l->ring.num - 1)];
-        struct load_slot *s = &l->slots[l->head_to_slot[head]];
+    for (unsigned i = 0; i < added; i++) {
+        struct load_slot *s = &l->slots[l->batch[i]];
         s->t_submit = t_submit;
         if (l->p.rate_iops && t_submit - s->t_sched > 1000000000ull / l->p.rate_iops)
             l->stats.late_ios++;
     }
     l->stats.issued += added;
     l->stats.submit_level[batch_bucket(added)]++;
-    if (driver_ring_publish(&l->ring)) {
+    if (ring_publish(l)) {
         int rc = driver_ring_kick(&l->ring);
         if (rc < 0)
             return rc;
@@ -302,10 +349,39 @@ static void complete_request(struct dp_load *l, struct load_slot *s, uint32_t le
     l->free_slots[l->nfree++] = (uint16_t)(s - l->slots);
 }
 
+/* A packed ring's used descriptors, each ending one request (an id that is no slot of ours in
+ * flight: -EPROTO; so no request completes twice). */
+static int reap_packed(struct dp_load *l, uint64_t *now)
+{
+    struct driver_packed *r = &l->pring;
+    unsigned n = 0;
+    uint64_t t = 0;
+    while (driver_packed_used_pending(r)) {
+        uint32_t len;
+        uint16_t id = driver_packed_used_id(r, &len);
+        if (!t)
+            t = now_ns();
+        if (id >= l->p.iodepth || !l->slots[id].inflight) {
+            l->stats.bad_used++;
+            return -EPROTO;
+        }
+        driver_packed_consume(r, l->slot_descs);
+        complete_request(l, &l->slots[id], len, t);
+        n++;
+    }
+    if (!n)
+        return 0;
+    l->stats.complete_level[batch_bucket(n)]++;
+    *now = t;
+    return (int)n;
+}
+
 /* Consume the used ring. Returns completions reaped (and the time seen, in *now), or -EPROTO
  * when the backend published something no request matches. */
 static int reap(struct dp_load *l, uint64_t *now)
 {
+    if (l->packed)
+        return reap_packed(l, now);
     struct driver_ring *r = &l->ring;
     uint16_t n = driver_ring_used_pending(r);
     if (!n)
@@ -341,16 +417,16 @@ static int wait_idle(struct dp_load *l, uint64_t now, uint64_t deadline)
     if (l->inflight) {
         if (l->p.poll_ns) {
             uint64_t until = now + l->p.poll_ns < deadline ? now + l->p.poll_ns : deadline;
-            while (!driver_ring_used_pending(r)) {
+            while (!ring_used_pending(l)) {
                 cpu_relax();
                 if (now_ns() >= until)
                     break;
             }
-            if (driver_ring_used_pending(r))
+            if (ring_used_pending(l))
                 return 0;
         }
-        if (driver_ring_enable_interrupts(r)) {
-            driver_ring_disable_interrupts(r);
+        if (ring_enable_interrupts(l)) {
+            ring_disable_interrupts(l);
             return 0;
         }
     } else if (deadline - now < SPIN_BELOW_NS) {
@@ -374,7 +450,7 @@ static int wait_idle(struct dp_load *l, uint64_t now, uint64_t deadline)
         l->stats.interrupts++;
     }
     if (l->inflight)
-        driver_ring_disable_interrupts(r);
+        ring_disable_interrupts(l);
     return 0;
 }
 
@@ -400,7 +476,7 @@ static int load_run(struct dp_load *l)
     l->ramp_end = now + l->p.ramp_ns;
     l->end = l->p.runtime_ns ? l->ramp_end + l->p.runtime_ns : UINT64_MAX;
     l->last_completion = l->ramp_end;
-    driver_ring_disable_interrupts(&l->ring);
+    ring_disable_interrupts(l);
 
     for (;;) {
         if (!l->ramp_done && now >= l->ramp_end) {
@@ -462,6 +538,12 @@ static int load_run(struct dp_load *l)
     st->runtime_ns = l->last_completion > l->ramp_end ? l->last_completion - l->ramp_end : 0;
     st->verify_generation = l->p.verify_generation;
 
+    if (l->packed) {
+        driver_packed_hand_back(&l->pring);
+        st->avail_idx = driver_packed_avail_pos(&l->pring);
+        st->last_used_idx = driver_packed_used_pos(&l->pring);
+        return rc;
+    }
     struct driver_ring *r = &l->ring;
     driver_ring_hand_back(r);
     st->avail_idx = r->avail_idx;
@@ -506,7 +588,61 @@ static int check_params(const struct dp_load_params *p)
     return 0;
 }
 
-/* Lay out each slot's buffers and write its descriptors once; per request only the data
+/* A packed ring: each slot's list is written into the ring per request, from the slot's
+ * template (id = the slot): one indirect descriptor to its table, or header, data, status. */
+static void setup_packed_slot(struct dp_load *l, struct load_slot *s, unsigned i,
+                              uint64_t data_gpa, uint64_t meta_gpa, uint8_t *meta_host)
+{
+    struct pvirtq_desc chain[3] = {
+        { .addr = meta_gpa, .len = 16, .flags = VRING_DESC_F_NEXT },
+        { .addr = data_gpa, .len = l->p.bs, .flags = VRING_DESC_F_NEXT | VRING_DESC_F_WRITE },
+        { .addr = meta_gpa + 16, .len = 1, .flags = VRING_DESC_F_WRITE },
+    };
+    struct pvirtq_desc *tmpl = &l->ptmpl[(size_t)i * l->slot_descs];
+    if (l->p.ring.indirect) {
+        struct pvirtq_desc *table = (struct pvirtq_desc *)(meta_host + 32);
+        for (unsigned k = 0; k < 3; k++)   /* only WRITE is valid in an indirect table */
+            table[k] = (struct pvirtq_desc){ .addr = chain[k].addr, .len = chain[k].len,
+                                             .flags = chain[k].flags & VRING_DESC_F_WRITE };
+        tmpl[0] = (struct pvirtq_desc){ .addr = meta_gpa + 32, .len = sizeof(chain),
+                                        .flags = VRING_DESC_F_INDIRECT };
+        s->pdata_desc = &table[1];
+    } else {
+        memcpy(tmpl, chain, sizeof(chain));
+        s->pdata_desc = &tmpl[1];
+    }
+    s->head = (uint16_t)i;
+}
+
+/* A split ring: each slot's chain is written once, into its indirect table (head: the slot)
+ * or into three descriptors of the table (head: 3 x the slot). */
+static void setup_split_slot(struct dp_load *l, struct load_slot *s, unsigned i,
+                             uint64_t data_gpa, uint64_t meta_gpa, uint8_t *meta_host)
+{
+    struct vring_desc chain[3] = {
+        { .addr = meta_gpa, .len = 16, .flags = VRING_DESC_F_NEXT },
+        { .addr = data_gpa, .len = l->p.bs, .flags = VRING_DESC_F_NEXT | VRING_DESC_F_WRITE },
+        { .addr = meta_gpa + 16, .len = 1, .flags = VRING_DESC_F_WRITE },
+    };
+    if (l->p.ring.indirect) {
+        struct vring_desc *table = (struct vring_desc *)(meta_host + 32);
+        chain[0].next = 1;
+        chain[1].next = 2;
+        memcpy(table, chain, sizeof(chain));
+        s->head = (uint16_t)i;
+        l->ring.desc[i] = (struct vring_desc){ .addr = meta_gpa + 32, .len = sizeof(chain),
+                                               .flags = VRING_DESC_F_INDIRECT };
+        s->data_desc = &table[1];
+    } else {
+        s->head = (uint16_t)(3 * i);
+        chain[0].next = (uint16_t)(3 * i + 1);
+        chain[1].next = (uint16_t)(3 * i + 2);
+        memcpy(&l->ring.desc[3 * i], chain, sizeof(chain));
+        s->data_desc = &l->ring.desc[3 * i + 1];
+    }
+}
+
+/* Lay out each slot's buffers and its descriptors once; per request only the data
  * descriptor's direction flag changes. */
 static void setup_slots(struct dp_load *l)
 {
@@ -524,29 +660,11 @@ static void setup_slots(struct dp_load *l)
         s->hdr = (struct virtio_blk_outhdr *)meta_host;
         s->status = meta_host + 16;
         memset(s->data, 0, p->bs);
-
-        struct vring_desc chain[3] = {
-            { .addr = meta_gpa, .len = 16, .flags = VRING_DESC_F_NEXT },
-            { .addr = data_gpa, .len = p->bs, .flags = VRING_DESC_F_NEXT | VRING_DESC_F_WRITE },
-            { .addr = meta_gpa + 16, .len = 1, .flags = VRING_DESC_F_WRITE },
-        };
         s->desc_dir = DP_DIR_READ;
-        if (p->ring.indirect) {
-            struct vring_desc *table = (struct vring_desc *)(meta_host + 32);
-            chain[0].next = 1;
-            chain[1].next = 2;
-            memcpy(table, chain, sizeof(chain));
-            s->head = (uint16_t)i;
-            l->ring.desc[i] = (struct vring_desc){ .addr = meta_gpa + 32, .len = sizeof(chain),
-                                                   .flags = VRING_DESC_F_INDIRECT };
-            s->data_desc = &table[1];
-        } else {
-            s->head = (uint16_t)(3 * i);
-            chain[0].next = (uint16_t)(3 * i + 1);
-            chain[1].next = (uint16_t)(3 * i + 2);
-            memcpy(&l->ring.desc[3 * i], chain, sizeof(chain));
-            s->data_desc = &l->ring.desc[3 * i + 1];
-        }
+        if (l->packed)
+            setup_packed_slot(l, s, i, data_gpa, meta_gpa, meta_host);
+        else
+            setup_split_slot(l, s, i, data_gpa, meta_gpa, meta_host);
         l->head_to_slot[s->head] = (uint16_t)i;
         l->free_slots[l->nfree++] = (uint16_t)(p->iodepth - 1 - i);
     }
@@ -569,16 +687,23 @@ struct dp_load *dp_load_start(const struct dp_load_params *params, int *err)
     if (!l->p.timeout_ns)
         l->p.timeout_ns = DEFAULT_TIMEOUT_NS;
     l->stats.sample_ns = l->p.sample_ns ? l->p.sample_ns : DEFAULT_SAMPLE_NS;
-    l->ring = driver_ring_of(&params->ring);
+    l->ring = driver_ring_of(&params->ring);   /* (its kick and call fds serve a packed ring too) */
+    l->packed = params->ring.packed != 0;
+    if (l->packed) {
+        l->pring = driver_packed_of(&params->ring);
+        l->slot_descs = params->ring.indirect ? 1 : 3;
+        l->ptmpl = calloc((size_t)params->iodepth * l->slot_descs, sizeof(*l->ptmpl));
+    }
     l->nblocks = params->size / params->bs;
     uint64_t seed = params->seed ^ ((uint64_t)params->queue << 32);
     l->rng = splitmix64(&seed) | 1;
     l->slots = calloc(params->iodepth, sizeof(*l->slots));
     l->free_slots = calloc(params->iodepth, sizeof(*l->free_slots));
     l->head_to_slot = calloc(params->ring.num, sizeof(*l->head_to_slot));
+    l->batch = calloc(params->iodepth, sizeof(*l->batch));
     if (rc < 0)
         goto fail;
-    if (!l->slots || !l->free_slots || !l->head_to_slot) {
+    if (!l->slots || !l->free_slots || !l->head_to_slot || !l->batch || (l->packed && !l->ptmpl)) {
         rc = -ENOMEM;
         goto fail;
     }
@@ -638,5 +763,7 @@ void dp_load_free(struct dp_load *load)
     free(load->slots);
     free(load->free_slots);
     free(load->head_to_slot);
+    free(load->batch);
+    free(load->ptmpl);
     free(load);
 }

@@ -1,7 +1,8 @@
 /* replay.c — trace replay: one thread per queue issues the records Python feeds it, in feed
  * order, either on the trace's schedule (timed, open loop: lateness is measured as issue lag)
- * or as fast as iodepth allows (afap, closed loop), through a split virtqueue (playing the
- * guest, like load.c) or through an io_uring on a file (the bare-metal baseline).
+ * or as fast as iodepth allows (afap, closed loop), through a virtqueue, split or packed
+ * (playing the guest, like load.c), or through an io_uring on a file (the bare-metal
+ * baseline).
  *
  * Order within a queue: records are issued in feed order; one that overlaps a request in
  * flight waits for it when either writes (a flush waits for every write in flight), and the
@@ -164,7 +165,12 @@ static inline void series_at(struct dp_replay *r, uint64_t now)
     __atomic_store_n(&r->horizon, second, __ATOMIC_RELEASE);
 }
 
-/* ---- transport: the driver side of a split virtqueue ---- */
+/* ---- transport: the driver side of a virtqueue ---- */
+
+static const uint32_t op_type[DP_REPLAY_OPS] = { VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+                                                 VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_DISCARD };
+
+static void packed_prep(struct dp_replay *r, struct replay_slot *s, int data);
 
 /* The slot's chain is rewritten only when its op changes; otherwise the header's sector, the
  * data length or the discard range is all that differs from the slot's previous request. */
@@ -183,6 +189,10 @@ static void vring_prep(struct dp_replay *r, struct replay_slot *s)
         range->flags = 0;
     }
     *status = STATUS_UNSET;   /* a device that never writes it is caught */
+    if (r->packed) {
+        packed_prep(r, s, data);
+        return;
+    }
     /* Descriptors are plain stores: the release store of avail->idx publishes them. */
     if (s->layout == s->op) {
         /* Only a changed length is stored: an unchanged line stays shared with the device's
@@ -193,11 +203,9 @@ static void vring_prep(struct dp_replay *r, struct replay_slot *s)
         return;
     }
 
-    static const uint32_t type[DP_REPLAY_OPS] = { VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH,
-                                                  VIRTIO_BLK_T_DISCARD };
     struct vring_desc chain[3];
     unsigned n = 0;
-    hdr->type = type[s->op];
+    hdr->type = op_type[s->op];
     hdr->ioprio = 0;
     chain[n++] = (struct vring_desc){ .addr = s->meta_gpa, .len = 16, .flags = VRING_DESC_F_NEXT };
     if (data)
@@ -221,9 +229,52 @@ static void vring_prep(struct dp_replay *r, struct replay_slot *s)
     driver_ring_add(&r->ring, s->head);
 }
 
+/* A packed ring: the slot's list is laid out in its template (direct) or its table (indirect)
+ * when its op changes, as vring_prep does; each request then writes it into the ring (the
+ * header, status and range are vring_prep's). */
+static void packed_prep(struct dp_replay *r, struct replay_slot *s, int data)
+{
+    unsigned slot = (unsigned)(s - r->slots);
+    struct pvirtq_desc *tmpl = &r->ptmpl[slot * 3];
+    if (s->layout != s->op) {
+        struct virtio_blk_outhdr *hdr = (struct virtio_blk_outhdr *)s->meta;
+        struct pvirtq_desc chain[3];
+        unsigned n = 0;
+        hdr->type = op_type[s->op];
+        hdr->ioprio = 0;
+        chain[n++] = (struct pvirtq_desc){ .addr = s->meta_gpa, .len = 16 };
+        if (data)
+            chain[n++] = (struct pvirtq_desc){ .addr = s->data_gpa, .len = s->length,
+                                               .flags = s->op == DP_REPLAY_OP_READ ? VRING_DESC_F_WRITE : 0 };
+        else if (s->op == DP_REPLAY_OP_TRIM)
+            chain[n++] = (struct pvirtq_desc){ .addr = s->meta_gpa + 32,
+                                               .len = sizeof(struct virtio_blk_discard_write_zeroes) };
+        chain[n++] = (struct pvirtq_desc){ .addr = s->meta_gpa + 16, .len = 1, .flags = VRING_DESC_F_WRITE };
+        if (r->p.ring.indirect) {   /* only WRITE is valid in an indirect table */
+            struct pvirtq_desc *table = (struct pvirtq_desc *)(s->meta + 64);
+            memcpy(table, chain, n * sizeof(chain[0]));
+            tmpl[0] = (struct pvirtq_desc){ .addr = s->meta_gpa + 64,
+                                            .len = n * (uint32_t)sizeof(chain[0]),
+                                            .flags = VRING_DESC_F_INDIRECT };
+            s->pdata_desc = &table[1];
+            s->ring_descs = 1;
+        } else {
+            for (unsigned i = 0; i + 1 < n; i++)
+                chain[i].flags |= VRING_DESC_F_NEXT;
+            memcpy(tmpl, chain, n * sizeof(chain[0]));
+            s->pdata_desc = &tmpl[1];
+            s->ring_descs = (uint8_t)n;
+        }
+        s->layout = s->op;
+    } else if (data && s->pdata_desc->len != s->length) {
+        s->pdata_desc->len = s->length;
+    }
+    driver_packed_add(&r->pring, tmpl, s->ring_descs, (uint16_t)slot);
+}
+
 static int vring_submit(struct dp_replay *r)
 {
-    if (!driver_ring_publish(&r->ring))
+    if (r->packed ? !driver_packed_publish(&r->pring) : !driver_ring_publish(&r->ring))
         return 0;
     int rc = driver_ring_kick(&r->ring);
     if (rc < 0)
@@ -476,8 +527,50 @@ static void complete_slot(struct dp_replay *r, struct replay_slot *s, int ok, in
     r->free_slots[r->nfree++] = (uint16_t)(s - r->slots);
 }
 
+/* A used element of a request of ours: its status byte and length, and it is done. */
+static inline void vring_complete(struct dp_replay *r, struct replay_slot *s, uint32_t len,
+                                  uint64_t now)
+{
+    uint8_t status = __atomic_load_n(s->meta + 16, __ATOMIC_RELAXED);
+    uint32_t writable = s->op == DP_REPLAY_OP_READ ? s->length + 1 : 1;
+    int ok = status == VIRTIO_BLK_S_OK, short_io = 0;
+    unsigned err_class = status;
+    if (len > writable) {
+        /* the device claims to have written more than it was given */
+        r->c.bad_used++;
+        ok = 0;
+        err_class = STATUS_UNSET;
+    } else if (ok && s->op == DP_REPLAY_OP_READ && len < writable) {
+        short_io = 1;
+    }
+    complete_slot(r, s, ok, short_io, status, err_class, now);
+}
+
+/* A packed ring's used descriptors, each ending one request (an id that is no slot of ours in
+ * flight: -EPROTO). */
+static int packed_reap(struct dp_replay *r, uint64_t now)
+{
+    unsigned n = 0;
+    while (driver_packed_used_pending(&r->pring)) {
+        uint32_t len;
+        uint16_t id = driver_packed_used_id(&r->pring, &len);
+        if (id >= r->p.iodepth || !r->slots[id].inflight) {
+            r->c.bad_used++;
+            return -EPROTO;
+        }
+        driver_packed_consume(&r->pring, r->slots[id].ring_descs);
+        vring_complete(r, &r->slots[id], len, now);
+        n++;
+    }
+    if (n)
+        r->c.complete_level[batch_bucket(n)]++;
+    return (int)n;
+}
+
 static int vring_reap(struct dp_replay *r, uint64_t now)
 {
+    if (r->packed)
+        return packed_reap(r, now);
     struct driver_ring *ring = &r->ring;
     uint16_t n = driver_ring_used_pending(ring);
     if (!n)
@@ -493,20 +586,7 @@ static int vring_reap(struct dp_replay *r, uint64_t now)
             r->c.bad_used++;
             return -EPROTO;
         }
-        struct replay_slot *s = &r->slots[slot];
-        uint8_t status = __atomic_load_n(s->meta + 16, __ATOMIC_RELAXED);
-        uint32_t writable = s->op == DP_REPLAY_OP_READ ? s->length + 1 : 1;
-        int ok = status == VIRTIO_BLK_S_OK, short_io = 0;
-        unsigned err_class = status;
-        if (len > writable) {
-            /* the device claims to have written more than it was given */
-            r->c.bad_used++;
-            ok = 0;
-            err_class = STATUS_UNSET;
-        } else if (ok && s->op == DP_REPLAY_OP_READ && len < writable) {
-            short_io = 1;
-        }
-        complete_slot(r, s, ok, short_io, status, err_class, now);
+        vring_complete(r, &r->slots[slot], len, now);
     }
     r->c.complete_level[batch_bucket(n)]++;
     return n;
@@ -545,8 +625,17 @@ static int uring_reap(struct dp_replay *r, uint64_t now)
 static inline int completions_pending(struct dp_replay *r)
 {
     if (r->p.kind == DP_REPLAY_VRING)
-        return driver_ring_used_pending(&r->ring) != 0;
+        return r->packed ? driver_packed_used_pending(&r->pring)
+                         : driver_ring_used_pending(&r->ring) != 0;
     return io_uring_cq_ready(&r->uring) != 0;
+}
+
+static inline void vring_disable_interrupts(struct dp_replay *r)
+{
+    if (r->packed)
+        driver_packed_disable_interrupts(&r->pring);
+    else
+        driver_ring_disable_interrupts(&r->ring);
 }
 
 /* ---- the loop ---- */
@@ -573,8 +662,9 @@ static int wait_idle(struct dp_replay *r, uint64_t now, uint64_t deadline, int w
                 return 0;
         }
         if (r->p.kind == DP_REPLAY_VRING) {
-            if (driver_ring_enable_interrupts(&r->ring)) {
-                driver_ring_disable_interrupts(&r->ring);
+            if (r->packed ? driver_packed_enable_interrupts(&r->pring)
+                          : driver_ring_enable_interrupts(&r->ring) != 0) {
+                vring_disable_interrupts(r);
                 return 0;
             }
         } else if (io_uring_cq_ready(&r->uring)) {
@@ -618,7 +708,7 @@ static int wait_idle(struct dp_replay *r, uint64_t now, uint64_t deadline, int w
         __atomic_store_n(&f->consumer_waiting, 0, __ATOMIC_RELAXED);
 out:
     if (r->inflight && r->p.kind == DP_REPLAY_VRING)
-        driver_ring_disable_interrupts(&r->ring);
+        vring_disable_interrupts(r);
     return 0;
 }
 
@@ -646,7 +736,7 @@ static int replay_run(struct dp_replay *r)
     int rc = 0, issuing = 1, timed = r->p.mode == DP_REPLAY_TIMED;
 
     if (r->p.kind == DP_REPLAY_VRING)
-        driver_ring_disable_interrupts(&r->ring);
+        vring_disable_interrupts(r);
     if (wait_begin(r))
         issuing = 0;
     driver_take_rusage(&usr0, &sys0, &ctx0);
@@ -729,7 +819,11 @@ static int replay_run(struct dp_replay *r)
     series_publish(r);
     __atomic_store_n(&r->horizon, UINT64_MAX, __ATOMIC_RELEASE);
     r->abandoned = r->inflight;   /* an early end leaves requests that may still write buffers */
-    if (r->p.kind == DP_REPLAY_VRING) {
+    if (r->p.kind == DP_REPLAY_VRING && r->packed) {
+        driver_packed_hand_back(&r->pring);
+        r->c.avail_idx = driver_packed_avail_pos(&r->pring);
+        r->c.last_used_idx = driver_packed_used_pos(&r->pring);
+    } else if (r->p.kind == DP_REPLAY_VRING) {
         driver_ring_hand_back(&r->ring);
         r->c.avail_idx = r->ring.avail_idx;
         r->c.last_used_idx = r->ring.last_used_idx;
@@ -783,7 +877,9 @@ static void vring_setup(struct dp_replay *r)
         memset(s->meta, 0, DP_REPLAY_SLOT_META);
         s->layout = NO_LAYOUT;
         memset(s->data, 0, p->buf_size);   /* fault the pages in now, not on the clock */
-        if (p->ring.indirect) {
+        if (r->packed) {
+            s->head = (uint16_t)i;   /* its buffer id; its list is written per request */
+        } else if (p->ring.indirect) {
             s->head = (uint16_t)i;
             r->ring.desc[i] = (struct vring_desc){ .addr = s->meta_gpa + 64, .len = 0,
                                                    .flags = VRING_DESC_F_INDIRECT };
@@ -857,8 +953,12 @@ struct dp_replay *dp_replay_new(const struct dp_replay_params *params, int *err)
     while (cap < feed)
         cap <<= 1;
     r->feed.mask = cap - 1;
-    if (params->kind == DP_REPLAY_VRING)
-        r->ring = driver_ring_of(&params->ring);
+    if (params->kind == DP_REPLAY_VRING) {
+        r->ring = driver_ring_of(&params->ring);   /* (its kick and call fds serve packed too) */
+        r->packed = params->ring.packed != 0;
+        if (r->packed)
+            r->pring = driver_packed_of(&params->ring);
+    }
     driver_cond_init(&r->feed.room);
     if (rc < 0)
         goto fail;
@@ -872,8 +972,11 @@ struct dp_replay *dp_replay_new(const struct dp_replay_params *params, int *err)
     r->series = calloc(REPLAY_SERIES_RING, sizeof(*r->series));
     if (params->kind == DP_REPLAY_VRING)
         r->head_to_slot = calloc(params->ring.num, sizeof(*r->head_to_slot));
+    if (r->packed)
+        r->ptmpl = calloc((size_t)depth * 3, sizeof(*r->ptmpl));
     if (!r->slots || !r->free_slots || !r->inflight_list || !r->batch || !r->feed.buf ||
-        !r->series || (params->kind == DP_REPLAY_VRING && !r->head_to_slot)) {
+        !r->series || (params->kind == DP_REPLAY_VRING && !r->head_to_slot) ||
+        (r->packed && !r->ptmpl)) {
         rc = -ENOMEM;
         goto fail;
     }
@@ -1062,5 +1165,6 @@ void dp_replay_free(struct dp_replay *r)
     free(r->feed.buf);
     free(r->series);
     free(r->head_to_slot);
+    free(r->ptmpl);
     free(r);
 }

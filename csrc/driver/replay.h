@@ -1,6 +1,6 @@
 /* replay.h — the trace replayer's per-queue state (replay.c). One thread takes records from
- * its feed in order and issues them through a transport: the driver side of a split
- * virtqueue (driver.h), or an io_uring on a file. Scheduling, ordering and statistics are
+ * its feed in order and issues them through a transport: the driver side of a virtqueue,
+ * split (driver.h) or packed (packed_driver.h), or an io_uring on a file. Scheduling, ordering and statistics are
  * transport-independent, so a replay through a backend and the bare-metal baseline differ
  * only in where requests go. */
 #ifndef DP_REPLAY_H
@@ -25,13 +25,17 @@ struct replay_slot {
     uint8_t op;
     uint8_t inflight;
     uint8_t layout;              /* vring: the op its descriptors are laid out for */
-    uint16_t head;               /* vring: head descriptor of its chain */
+    uint8_t ring_descs;          /* packed: ring slots its list takes (1 when indirect) */
+    uint16_t head;               /* vring: head descriptor of its chain (packed: its buffer id) */
     uint16_t list_pos;           /* where it sits in the in-flight list */
     uint8_t *data;               /* host address of the data buffer */
     uint64_t data_gpa;           /* vring: guest address of the same */
     uint8_t *meta;               /* vring: header (16), status (1), range (16 at 32), table (48 at 64) */
     uint64_t meta_gpa;
-    struct vring_desc *data_desc;   /* vring: the data descriptor, once laid out */
+    union {                      /* vring: the data descriptor, once laid out */
+        struct vring_desc *data_desc;
+        struct pvirtq_desc *pdata_desc;   /* packed: in its table or its template */
+    };
 };
 
 /* Single producer (dp_replay_feed, a Python thread), single consumer (the replay thread).
@@ -70,6 +74,9 @@ struct dp_replay {
     struct dp_replay_params p;
     /* transports */
     struct driver_ring ring;     /* DP_REPLAY_VRING */
+    int packed;                  /* ... on a packed ring: */
+    struct driver_packed pring;
+    struct pvirtq_desc *ptmpl;   /* each slot's ring descriptors (3 per slot, id = the slot) */
     uint16_t *head_to_slot;
     struct io_uring uring;       /* DP_REPLAY_URING */
     int uring_ready;

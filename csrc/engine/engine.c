@@ -151,11 +151,17 @@ static int poll_for_work(struct dp_engine *engine)
     io_uring_submit(&engine->ring);
     uint64_t now = now_ns(), until = now + window;
     do {
+        /* Every queue with work, not just the first: while one queue always has some, its
+         * thread never enters the kernel, so the kicks of the others (deferred task work)
+         * would not be seen and queues later in the list would starve. */
+        int found = 0;
         for (struct dp_vq *vq = engine->vqs; vq; vq = vq->next)
             if (!vq->stopping && !vq->starved && vq_has_avail(vq)) {
                 vq->need_pop = 1;
-                return 1;
+                found = 1;
             }
+        if (found)
+            return 1;
         if (io_uring_cq_ready(&engine->ring))
             return 1;
         io_uring_get_events(&engine->ring);   /* run deferred completions */

@@ -1,6 +1,7 @@
-/* queue.c — how an engine serves a virtqueue: pop the avail ring, parse each chain into a
- * request, hand it to the queue's disk through its ops table, and publish what the disk
- * completes (status byte, used ring, one interrupt per batch). Also the queue's life on the
+/* queue.c — how an engine serves a virtqueue: pop the ring (split or packed: virtqueue.h
+ * chooses), parse each chain into a request, hand it to the queue's disk through its ops
+ * table, and publish what the disk completes (status byte, used ring, one interrupt per
+ * batch). Also the queue's life on the
  * engine: attach (binding its disk to the engine), drain and detach, and the control plane's
  * side of it (dp_vq_start / dp_vq_stop).
  *
@@ -284,9 +285,7 @@ int queue_attach(struct dp_engine *engine, struct dp_vq *vq)
     int rc = bind_disk(engine, vq);
     if (rc)
         return rc;
-    vq->used_idx = __atomic_load_n(&vq->used->idx, __ATOMIC_ACQUIRE);
-    vq->shadow_avail_idx = vq->last_avail_idx;
-    vq->signalled_used_valid = 0;
+    vq_attach_ring(vq);
     vq->stopping = 0;
     vq->starved = 0;
     vq->need_notify = 0;
@@ -375,14 +374,9 @@ int dp_vq_start(struct dp_vq *vq, struct dp_engine *engine)
     rc = vq_alloc_reqs(vq);
     if (rc)
         return rc;
-    if (vq->inflight_restored) {
-        rc = vq_inflight_recover(vq);
-        if (rc < 0)
-            return rc;
-        vq->inflight_restored = 0;
-        __atomic_store_n(&vq->stats.recovered_out_of_order, vq->recovered_out_of_order,
-                         __ATOMIC_RELAXED);
-    }
+    rc = vq_start_prepare(vq);
+    if (rc < 0)
+        return rc;
     vq->broken = 0;
     __atomic_store_n(&vq->stats.broken, 0, __ATOMIC_RELAXED);
     __atomic_store_n(&vq->stats.inflight, 0, __ATOMIC_RELAXED);

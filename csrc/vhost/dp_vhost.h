@@ -1,5 +1,5 @@
-/* dp_vhost.h — public (cffi): guest memory, the device side of a split virtqueue and its
- * inflight region. Serving a queue (start, stop, call fd) is engine/dp_engine.h. */
+/* dp_vhost.h — public (cffi): guest memory, the device side of a virtqueue (split or packed)
+ * and its inflight region. Serving a queue (start, stop, call fd) is engine/dp_engine.h. */
 #ifndef DP_VHOST_H
 #define DP_VHOST_H
 
@@ -28,6 +28,13 @@ void *dp_mem_uva_to_host(const struct dp_mem *mem, uint64_t uva, uint64_t len);
 /* ---- virtqueue (virtqueue.c) ---- */
 #define DP_VQ_F_EVENT_IDX 1
 #define DP_VQ_F_INDIRECT 2
+/* VIRTIO_F_RING_PACKED: a packed ring. Its addresses (dp_vq_set_addr): desc = the descriptor
+ * ring, avail = the driver event suppression area, used = the device event suppression area. */
+#define DP_VQ_F_PACKED 4
+/* A packed ring's base (GET/SET_VRING_BASE as QEMU encodes it): bits 0-14 the next descriptor
+ * to read, bit 15 the driver ring wrap counter, bits 16-30 the next used slot, bit 31 the
+ * device ring wrap counter. After a reset: 0x80008000. */
+#define DP_VQ_PACKED_BASE_RESET 2147516416
 
 struct dp_vq_stats {
     uint64_t requests;
@@ -59,6 +66,10 @@ struct dp_vq *dp_vq_new(struct dp_blk_dev *dev, unsigned index);
 int dp_vq_set_num(struct dp_vq *vq, unsigned num);
 int dp_vq_set_flags(struct dp_vq *vq, unsigned flags);
 int dp_vq_set_base(struct dp_vq *vq, uint16_t last_avail_idx);
+/* Packed rings: set both positions (each index is checked against the size at start). */
+int dp_vq_set_packed_base(struct dp_vq *vq, uint32_t base);
+/* Packed rings: both positions now (after dp_vq_stop: where a restart continues). */
+uint32_t dp_vq_packed_base(const struct dp_vq *vq);
 /* Ring addresses are front-end user addresses, translated through mem. */
 int dp_vq_set_addr(struct dp_vq *vq, struct dp_mem *mem, uint64_t desc_user_addr,
                    uint64_t avail_user_addr, uint64_t used_user_addr);
@@ -89,13 +100,22 @@ void dp_vq_push_used(struct dp_vq *vq, uint16_t head, uint32_t len);
 int dp_vq_need_notify(struct dp_vq *vq);
 /* Re-enable kicks after draining; returns 1 if new buffers arrived meanwhile. */
 int dp_vq_enable_notify(struct dp_vq *vq);
+/* What dp_vq_start does to the ring before the queue attaches: reconcile (or, packed, set up)
+ * the inflight region; returns the requests it would resubmit, or -errno. */
+int dp_vq_prepare(struct dp_vq *vq);
+/* The heads (packed: buffer ids) the next start resubmits, in order; returns how many. */
+int dp_vq_resubmits(const struct dp_vq *vq, uint16_t *heads, unsigned max);
 
-/* ---- inflight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, split rings) ---- */
-/* Bytes of one queue's region in the shared inflight buffer (64-byte aligned). */
+/* ---- inflight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) ---- */
+/* Bytes of one queue's region in the shared inflight buffer (64-byte aligned): the spec's
+ * QueueRegionSplit, or QueueRegionPacked for a packed ring. */
 uint64_t dp_inflight_queue_size(uint16_t queue_size);
+uint64_t dp_inflight_packed_queue_size(uint16_t queue_size);
 /* Give a stopped queue its region (host address, NULL to turn tracking off). When the region
  * comes from a previous back end (restored != 0), the next dp_vq_start reconciles it with
- * the used ring and resubmits what was in flight, in the order it was popped. */
+ * the used ring and resubmits what was in flight, in the order it was popped. A packed ring
+ * also takes its position from such a region (the front end cannot know it after a crash);
+ * a region that is not restored is set up at the next start from the ring's base. */
 int dp_vq_set_inflight(struct dp_vq *vq, void *region, int restored);
 /* Map / unmap the shared inflight buffer a front end hands over. NULL on failure. */
 void *dp_map_shared(int fd, uint64_t size, uint64_t offset);

@@ -16,7 +16,7 @@ static int cmp_counter(const void *a, const void *b, void *arg)
     return ca < cb ? -1 : ca > cb;
 }
 
-int vq_inflight_recover(struct dp_vq *vq)
+int vq_split_inflight_recover(struct dp_vq *vq)
 {
     struct inflight_region *r = vq->inflight;
     vq->nresubmit = 0;
@@ -61,7 +61,7 @@ int vq_inflight_recover(struct dp_vq *vq)
 
 /* A head the ring broke on is consumed without a used element: it must not stay marked in
  * flight, or the next start (a reconnect, or the driver resetting the ring) resubmits it. */
-void vq_inflight_drop(struct dp_vq *vq, uint16_t head)
+void vq_split_inflight_drop(struct dp_vq *vq, uint16_t head)
 {
     if (vq->inflight && head < vq->num)
         vq->inflight->desc[head].inflight = 0;

@@ -1,5 +1,6 @@
 /* virtqueue.c — the device side of a split virtqueue: walk descriptor chains (direct and
- * indirect), publish used elements, and decide about notifications (EVENT_IDX).
+ * indirect), publish used elements, and decide about notifications (EVENT_IDX); and the queue
+ * object's configuration, whatever its ring format (the packed walker is packed.c).
  *
  * Everything read from the ring is guest-controlled. Indices are bounded before use, each
  * descriptor is copied once before it is looked at, and a chain may not visit more
@@ -51,13 +52,13 @@ static int vq_avail_count(struct dp_vq *vq)
     return n;
 }
 
-int vq_has_avail(struct dp_vq *vq)
+int vq_split_has_avail(struct dp_vq *vq)
 {
     return !vq->broken && vq_avail_count(vq) > 0;
 }
 
-int vq_read_chain(struct dp_vq *vq, uint16_t head, struct vq_chain *chain, struct iovec *iov,
-                  unsigned max_iov)
+int vq_split_read_chain(struct dp_vq *vq, uint16_t head, struct vq_chain *chain, struct iovec *iov,
+                        unsigned max_iov)
 {
     *chain = (struct vq_chain){ .head = head };
     if (head >= vq->num)
@@ -117,7 +118,7 @@ int vq_read_chain(struct dp_vq *vq, uint16_t head, struct vq_chain *chain, struc
     return 1;
 }
 
-int vq_pop(struct dp_vq *vq, struct vq_chain *chain, struct iovec *iov, unsigned max_iov)
+int vq_split_pop(struct dp_vq *vq, struct vq_chain *chain, struct iovec *iov, unsigned max_iov)
 {
     if (vq->broken)
         return -EIO;
@@ -138,7 +139,7 @@ int vq_pop(struct dp_vq *vq, struct vq_chain *chain, struct iovec *iov, unsigned
         inflight_order();
         vq->inflight->desc[head].inflight = 1;
     }
-    int rc = vq_read_chain(vq, head, chain, iov, max_iov);
+    int rc = vq_split_read_chain(vq, head, chain, iov, max_iov);
     if (rc < 0) {
         if (vq->inflight)
             vq->inflight->desc[head].inflight = 0;
@@ -147,7 +148,7 @@ int vq_pop(struct dp_vq *vq, struct vq_chain *chain, struct iovec *iov, unsigned
     return rc;
 }
 
-void vq_push_used(struct dp_vq *vq, uint16_t head, uint32_t len)
+void vq_split_push_used(struct dp_vq *vq, uint16_t head, uint32_t len)
 {
     struct inflight_region *r = vq->inflight;
     if (r) {   /* a batch of one: remember it before it becomes visible */
@@ -168,7 +169,7 @@ void vq_push_used(struct dp_vq *vq, uint16_t head, uint32_t len)
     }
 }
 
-int vq_need_notify(struct dp_vq *vq)
+int vq_split_need_notify(struct dp_vq *vq)
 {
     virtio_store_mb();   /* used->idx before used_event / avail->flags */
     if (!(vq->flags & DP_VQ_F_EVENT_IDX))
@@ -185,14 +186,14 @@ int vq_need_notify(struct dp_vq *vq)
     return (uint16_t)(new - event - 1) < (uint16_t)(new - old);
 }
 
-int vq_enable_notify(struct dp_vq *vq)
+int vq_split_enable_notify(struct dp_vq *vq)
 {
     if (vq->broken)
         return 0;
     if (vq->flags & DP_VQ_F_EVENT_IDX)
         __atomic_store_n(avail_event_ptr(vq), vq->last_avail_idx, __ATOMIC_RELAXED);
     virtio_store_mb();   /* avail_event before the re-read of avail->idx */
-    return vq_has_avail(vq);
+    return vq_split_has_avail(vq);
 }
 
 /* ---- queue object and configuration (control plane, queue stopped) ---- */
@@ -205,6 +206,7 @@ struct dp_vq *dp_vq_new(struct dp_blk_dev *dev, unsigned index)
     vq->index = index;
     vq->dev = dev;
     vq->kick_fd = vq->call_fd = vq->err_fd = -1;
+    vq->pk.device_flags = 0xffff;   /* not written yet */
     return vq;
 }
 
@@ -212,7 +214,8 @@ int dp_vq_set_num(struct dp_vq *vq, unsigned num)
 {
     if (vq->engine)
         return -EBUSY;
-    if (num == 0 || num > DP_MAX_QUEUE_SIZE || (num & (num - 1)))
+    /* A packed ring's size need not be a power of two (virtio 1.2, 2.8.10.1). */
+    if (num == 0 || num > DP_MAX_QUEUE_SIZE || (!vq_is_packed(vq) && (num & (num - 1))))
         return -EINVAL;
     vq->num = num;
     return 0;
@@ -222,6 +225,15 @@ int dp_vq_set_flags(struct dp_vq *vq, unsigned flags)
 {
     if (vq->engine)
         return -EBUSY;
+    if ((flags ^ vq->flags) & DP_VQ_F_PACKED) {
+        /* Another ring format: the areas mean something else now, map them again. */
+        vq->desc = NULL;
+        vq->avail = NULL;
+        vq->used = NULL;
+        vq->pk.desc = NULL;
+        vq->pk.driver = vq->pk.device = NULL;
+        vq->pk.device_flags = 0xffff;
+    }
     vq->flags = flags;
     return 0;
 }
@@ -235,7 +247,7 @@ int dp_vq_set_base(struct dp_vq *vq, uint16_t last_avail_idx)
 }
 
 /* Translate the three ring areas; each must sit inside one region, suitably aligned. */
-int vq_map_rings(struct dp_vq *vq)
+int vq_split_map_rings(struct dp_vq *vq)
 {
     if (!vq->mem || !vq->addr_set || !vq->num)
         return -EINVAL;
@@ -269,7 +281,8 @@ int dp_vq_set_addr(struct dp_vq *vq, struct dp_mem *mem, uint64_t desc_uva, uint
         *vq = saved;
         return rc;
     }
-    vq->used_idx = __atomic_load_n(&vq->used->idx, __ATOMIC_ACQUIRE);
+    if (!vq_is_packed(vq))   /* a packed ring's position is its base */
+        vq->used_idx = __atomic_load_n(&vq->used->idx, __ATOMIC_ACQUIRE);
     return 0;
 }
 
@@ -281,6 +294,8 @@ int dp_vq_set_mem(struct dp_vq *vq, struct dp_mem *mem)
     vq->desc = NULL;
     vq->avail = NULL;
     vq->used = NULL;
+    vq->pk.desc = NULL;
+    vq->pk.driver = vq->pk.device = NULL;
     if (!vq->addr_set || !vq->num)
         return 0;
     return vq_map_rings(vq);
@@ -333,7 +348,25 @@ static int vq_ready_for_test(struct dp_vq *vq)
         return -EBUSY;
     if (!vq->desc && vq_map_rings(vq))
         return -EINVAL;
+    if (vq_is_packed(vq) && (vq->last_avail_idx >= vq->num || vq->used_idx >= vq->num))
+        return -EINVAL;
     return 0;
+}
+
+int dp_vq_prepare(struct dp_vq *vq)
+{
+    int rc = vq_ready_for_test(vq);
+    if (!rc)
+        rc = vq_start_prepare(vq);
+    return rc < 0 ? rc : (int)vq->nresubmit;
+}
+
+int dp_vq_resubmits(const struct dp_vq *vq, uint16_t *heads, unsigned max)
+{
+    unsigned n = vq->nresubmit < max ? vq->nresubmit : max;
+    for (unsigned i = 0; i < n; i++)
+        heads[i] = vq->resubmit[i];
+    return (int)vq->nresubmit;
 }
 
 int dp_vq_pop_chain(struct dp_vq *vq, uint16_t *head, struct dp_seg *segs, unsigned max_segs)

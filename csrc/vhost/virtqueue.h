@@ -1,4 +1,6 @@
-/* virtqueue.h — the device side of a split virtqueue: the queue object and the ring walker. */
+/* virtqueue.h — the device side of a virtqueue: the queue object, and the one place that
+ * dispatches on the ring's format (below): the split walker is virtqueue.c, the packed one
+ * packed.c. The engine only calls the dispatchers. */
 #ifndef DP_VIRTQUEUE_H
 #define DP_VIRTQUEUE_H
 
@@ -9,6 +11,7 @@
 #include "vhost/guest_mem.h"
 #include "vhost/inflight.h"
 #include "vhost/vring.h"
+#include "vhost/vring_packed.h"
 
 /* One popped descriptor chain, translated. Device-readable segments come first. */
 struct vq_chain {
@@ -17,6 +20,20 @@ struct vq_chain {
     unsigned nreadable;
     int err;              /* 0, or why the buffers are unusable (-EFAULT, -E2BIG, -EINVAL) */
     uint8_t *last_byte;   /* last byte of the chain when it is device-writable, else NULL */
+};
+
+/* Packed ring state (DP_VQ_F_PACKED): packed.c's. The ring positions are the queue's
+ * last_avail_idx and used_idx (each in [0, num)), with the wrap counters here. */
+struct vq_packed {
+    struct pvirtq_desc *desc;     /* the descriptor ring (desc_uva) */
+    struct pvirtq_event *driver;  /* driver event suppression (avail_uva): read */
+    struct pvirtq_event *device;  /* device event suppression (used_uva): written */
+    uint8_t avail_wrap;           /* the device's copy of the driver ring wrap counter */
+    uint8_t used_wrap;            /* the device ring wrap counter */
+    uint16_t device_flags;        /* what device->flags holds (0xffff: not written yet) */
+    unsigned in_ring;             /* ring slots fetched whose chain has no used descriptor yet */
+    uint16_t ndesc[DP_MAX_QUEUE_SIZE];   /* per buffer id: ring slots of its chain, 0: not in flight */
+    uint16_t entry[DP_MAX_QUEUE_SIZE];   /* per buffer id: its head entry in the inflight region */
 };
 
 /* The engine's, opaque here. */
@@ -82,24 +99,136 @@ struct dp_vq {
 
     struct dp_vq_stats stats;
     struct dp_hist latency;       /* pop to completion, ns (engine thread writes) */
+
+    struct vq_packed pk;          /* a packed ring's own state (cold for a split ring) */
 };
+
+/* Hidden: called directly inside the module, never through the PLT (only dp_* functions are
+ * the module's surface). */
+#define DP_HIDDEN __attribute__((visibility("hidden")))
+
+/* ---- the split ring (virtqueue.c, inflight.c) ---- */
+DP_HIDDEN int vq_split_pop(struct dp_vq *vq, struct vq_chain *chain, struct iovec *iov, unsigned max_iov);
+DP_HIDDEN void vq_split_push_used(struct dp_vq *vq, uint16_t head, uint32_t len);
+DP_HIDDEN int vq_split_need_notify(struct dp_vq *vq);
+DP_HIDDEN int vq_split_enable_notify(struct dp_vq *vq);
+DP_HIDDEN int vq_split_has_avail(struct dp_vq *vq);
+DP_HIDDEN int vq_split_read_chain(struct dp_vq *vq, uint16_t head, struct vq_chain *chain, struct iovec *iov,
+                        unsigned max_iov);
+DP_HIDDEN int vq_split_map_rings(struct dp_vq *vq);
+DP_HIDDEN int vq_split_inflight_recover(struct dp_vq *vq);
+DP_HIDDEN void vq_split_inflight_drop(struct dp_vq *vq, uint16_t head);
+
+/* ---- the packed ring (packed.c); a chain's head is its buffer id ---- */
+DP_HIDDEN int vq_packed_pop(struct dp_vq *vq, struct vq_chain *chain, struct iovec *iov, unsigned max_iov);
+DP_HIDDEN void vq_packed_push_used(struct dp_vq *vq, uint16_t id, uint32_t len);
+DP_HIDDEN int vq_packed_need_notify(struct dp_vq *vq);
+DP_HIDDEN int vq_packed_enable_notify(struct dp_vq *vq);
+DP_HIDDEN int vq_packed_has_avail(struct dp_vq *vq);
+/* The chain of a buffer in flight, rebuilt from the inflight region (the ring slots it came
+ * from may hold used descriptors by now). */
+DP_HIDDEN int vq_packed_read_saved(struct dp_vq *vq, uint16_t id, struct vq_chain *chain, struct iovec *iov,
+                         unsigned max_iov);
+DP_HIDDEN int vq_packed_map_rings(struct dp_vq *vq);
+/* At start: per-id state cleared, the inflight region set up from the ring position, or (one
+ * from a previous back end) recovered: the ring position and the ids to resubmit come from it. */
+DP_HIDDEN int vq_packed_prepare(struct dp_vq *vq);
+DP_HIDDEN void vq_packed_inflight_drop(struct dp_vq *vq, uint16_t id);
+
+/* ---- what the engine calls: the ring format is chosen here, once per call ---- */
+
+/* The split ring's code stays the straight line (measured: bench/ab_micro.py). */
+static inline int vq_is_packed(const struct dp_vq *vq)
+{
+    return __builtin_expect((vq->flags & DP_VQ_F_PACKED) != 0, 0);
+}
 
 /* Pop one chain into iov. Returns 1 when a chain was consumed (check chain->err),
  * 0 when the ring is empty, -EIO when the ring itself is broken. */
-int vq_pop(struct dp_vq *vq, struct vq_chain *chain, struct iovec *iov, unsigned max_iov);
-void vq_push_used(struct dp_vq *vq, uint16_t head, uint32_t len);
-int vq_need_notify(struct dp_vq *vq);
-int vq_enable_notify(struct dp_vq *vq);
-int vq_has_avail(struct dp_vq *vq);
-/* Walk the chain starting at head (the inflight resubmission path). */
-int vq_read_chain(struct dp_vq *vq, uint16_t head, struct vq_chain *chain, struct iovec *iov,
-                  unsigned max_iov);
-/* Reconcile the inflight region with the used ring and list the heads to resubmit (inflight.c). */
-int vq_inflight_recover(struct dp_vq *vq);
-/* A head consumed without a used element (the ring broke on it) is no longer in flight. */
-void vq_inflight_drop(struct dp_vq *vq, uint16_t head);
+static inline int vq_pop(struct dp_vq *vq, struct vq_chain *chain, struct iovec *iov,
+                         unsigned max_iov)
+{
+    if (vq_is_packed(vq))
+        return vq_packed_pop(vq, chain, iov, max_iov);
+    return vq_split_pop(vq, chain, iov, max_iov);
+}
+
+static inline void vq_push_used(struct dp_vq *vq, uint16_t head, uint32_t len)
+{
+    if (vq_is_packed(vq))
+        vq_packed_push_used(vq, head, len);
+    else
+        vq_split_push_used(vq, head, len);
+}
+
+static inline int vq_need_notify(struct dp_vq *vq)
+{
+    return vq_is_packed(vq) ? vq_packed_need_notify(vq) : vq_split_need_notify(vq);
+}
+
+/* Re-enable kicks after draining; returns 1 if new buffers arrived meanwhile. */
+static inline int vq_enable_notify(struct dp_vq *vq)
+{
+    return vq_is_packed(vq) ? vq_packed_enable_notify(vq) : vq_split_enable_notify(vq);
+}
+
+static inline int vq_has_avail(struct dp_vq *vq)
+{
+    return vq_is_packed(vq) ? vq_packed_has_avail(vq) : vq_split_has_avail(vq);
+}
+
+/* The chain of a head being resubmitted after a restart (split: walked from the descriptor
+ * table again; packed: rebuilt from the inflight region). */
+static inline int vq_read_chain(struct dp_vq *vq, uint16_t head, struct vq_chain *chain,
+                                struct iovec *iov, unsigned max_iov)
+{
+    if (vq_is_packed(vq))
+        return vq_packed_read_saved(vq, head, chain, iov, max_iov);
+    return vq_split_read_chain(vq, head, chain, iov, max_iov);
+}
+
 /* Translate the ring addresses through vq->mem (after SET_VRING_ADDR or a new table). */
-int vq_map_rings(struct dp_vq *vq);
+static inline int vq_map_rings(struct dp_vq *vq)
+{
+    return vq_is_packed(vq) ? vq_packed_map_rings(vq) : vq_split_map_rings(vq);
+}
+
+/* Before a start (control plane, rings mapped): reconcile an inflight region a previous back
+ * end left (split) or set up the packed ring's state. */
+static inline int vq_start_prepare(struct dp_vq *vq)
+{
+    if (vq_is_packed(vq))
+        return vq_packed_prepare(vq);
+    if (!vq->inflight_restored)
+        return 0;
+    int rc = vq_split_inflight_recover(vq);
+    if (rc < 0)
+        return rc;
+    vq->inflight_restored = 0;
+    __atomic_store_n(&vq->stats.recovered_out_of_order, vq->recovered_out_of_order,
+                     __ATOMIC_RELAXED);
+    return 0;
+}
+
+/* On the engine thread, when the queue attaches: where the ring stands. */
+static inline void vq_attach_ring(struct dp_vq *vq)
+{
+    if (!vq_is_packed(vq)) {
+        vq->used_idx = __atomic_load_n(&vq->used->idx, __ATOMIC_ACQUIRE);
+        vq->shadow_avail_idx = vq->last_avail_idx;
+    }
+    vq->signalled_used_valid = 0;
+}
+
+/* A head consumed without a used element (the ring broke on it) is no longer in flight. */
+static inline void vq_inflight_drop(struct dp_vq *vq, uint16_t head)
+{
+    if (vq_is_packed(vq))
+        vq_packed_inflight_drop(vq, head);
+    else
+        vq_split_inflight_drop(vq, head);
+}
+
 /* Mark the ring broken (NEEDS_RESET) and tell the front end through the error fd. */
 void vq_set_broken(struct dp_vq *vq);
 

@@ -59,9 +59,13 @@ PROTOCOL_FEATURES = (
 def device_features(disk: Disk) -> int:
     """Virtio features this backend offers for a disk (from what the disk can do)."""
     caps = disk.capabilities
+    # Packed rings are offered always: a front end takes them only when asked to (QEMU:
+    # `packed=on`), and the same connection may go from one format to the other (SeaBIOS
+    # drives the disk over a split ring before Linux resets it and starts it packed).
     f = [vb.VIRTIO_F_VERSION_1, vb.VIRTIO_RING_F_INDIRECT_DESC, vb.VIRTIO_RING_F_EVENT_IDX,
-         vb.VIRTIO_F_ANY_LAYOUT, vb.VIRTIO_BLK_F_SEG_MAX, vb.VIRTIO_BLK_F_BLK_SIZE,
-         vb.VIRTIO_BLK_F_TOPOLOGY, vb.VIRTIO_BLK_F_MQ, VHOST_USER_F_PROTOCOL_FEATURES]
+         vb.VIRTIO_F_ANY_LAYOUT, vb.VIRTIO_F_RING_PACKED, vb.VIRTIO_BLK_F_SEG_MAX,
+         vb.VIRTIO_BLK_F_BLK_SIZE, vb.VIRTIO_BLK_F_TOPOLOGY, vb.VIRTIO_BLK_F_MQ,
+         VHOST_USER_F_PROTOCOL_FEATURES]
     if caps & lib.DP_DISK_F_FLUSH:
         f += [vb.VIRTIO_BLK_F_FLUSH, vb.VIRTIO_BLK_F_CONFIG_WCE]
     if disk.read_only or caps & lib.DP_DISK_F_READ_ONLY:
@@ -100,6 +104,7 @@ class Vring:
     enabled: bool = False
     started: bool = False        # a kick was received since the last GET_VRING_BASE
     running: bool = False        # attached to its I/O thread
+    packed: bool = False         # the ring format of its base and of its last start
 
     def close_fds(self) -> None:
         for name in ("kick_fd", "call_fd", "err_fd"):
@@ -110,19 +115,31 @@ class Vring:
         self.kick_fd = None
 
 
+def inflight_queue_size(queue_size: int, packed: bool) -> int:
+    """Bytes of one queue's region: the spec's QueueRegionSplit or QueueRegionPacked."""
+    if packed:
+        return lib.dp_inflight_packed_queue_size(queue_size)
+    return lib.dp_inflight_queue_size(queue_size)
+
+
 @dataclass
 class InflightBuffer:
-    """The shared inflight-tracking buffer (INFLIGHT_SHMFD), mapped by the C core."""
+    """The shared inflight-tracking buffer (INFLIGHT_SHMFD), mapped by the C core. Its regions
+    are laid out for the ring format negotiated when the front end handed it over; key (the
+    memfd's device and inode) tells the same buffer handed over again."""
 
     addr: object
     size: int
     num_queues: int
     queue_size: int
+    packed: bool = False
+    key: tuple[int, int] = (0, 0)
 
     def region(self, index: int) -> object | None:
         if index >= self.num_queues:
             return None
-        return ffi.cast("char *", self.addr) + index * lib.dp_inflight_queue_size(self.queue_size)
+        return ffi.cast("char *", self.addr) + index * inflight_queue_size(self.queue_size,
+                                                                           self.packed)
 
     def close(self) -> None:
         lib.dp_unmap_shared(self.addr, self.size)
@@ -143,6 +160,9 @@ class VhostUserBlkDevice:
         self.vrings = [Vring(i, self._new_vq(i)) for i in range(num_queues)]
         self.mem: object | None = None
         self.inflight: InflightBuffer | None = None
+        # (buffer key, queue) a packed ring was started from in this session: its region is
+        # this session's, not a previous back end's (see _attach_inflight)
+        self._inflight_live: set[tuple[tuple[int, int], int]] = set()
         self._reset_state()
         self.handlers: dict[int, Callable[[Message], bytes | Message | None]] = {
             Request.GET_FEATURES: self.get_features,
@@ -185,6 +205,17 @@ class VhostUserBlkDevice:
         """Stop every queue, draining in-flight requests."""
         for vring in self.vrings:
             self._stop(vring)
+
+    def fail_requests(self) -> int:
+        """The export is going away: drain the running queues, then serve them again answering
+        IOERR to every request without touching the disk. Returns how many were running."""
+        running = [v for v in self.vrings if v.running]
+        for vring in running:
+            self._stop(vring)
+        lib.dp_blk_set_failed(self.disk.blk, 1)
+        for vring in running:
+            self._maybe_start(vring, quiet=True)
+        return len(running)
 
     def close(self) -> None:
         """Stop every queue (draining in-flight requests) and release memory and fds."""
@@ -324,7 +355,7 @@ class VhostUserBlkDevice:
         for vring in self.vrings:
             self._stop(vring)
             vring.close_fds()
-            vring.num, vring.addr, vring.base = 0, None, 0
+            vring.num, vring.addr, vring.base, vring.packed = 0, None, 0, False
             vring.enabled = vring.started = False
         self._free_mem()
         self._reset_state()
@@ -335,6 +366,28 @@ class VhostUserBlkDevice:
     @property
     def _protocol_features_acked(self) -> bool:
         return bool(self.features & (1 << VHOST_USER_F_PROTOCOL_FEATURES))
+
+    @property
+    def packed(self) -> bool:
+        """The rings are packed (the format is chosen at every SET_FEATURES)."""
+        return bool(self.features & (1 << vb.VIRTIO_F_RING_PACKED))
+
+    def _vq_flags(self) -> int:
+        flags = 0
+        if self.features & (1 << vb.VIRTIO_RING_F_EVENT_IDX):
+            flags |= lib.DP_VQ_F_EVENT_IDX
+        if self.features & (1 << vb.VIRTIO_RING_F_INDIRECT_DESC):
+            flags |= lib.DP_VQ_F_INDIRECT
+        if self.packed:
+            flags |= lib.DP_VQ_F_PACKED
+        return flags
+
+    def _check_ring_size(self, what: str, num: int) -> None:
+        """Split rings: a power of two; packed rings: any size (virtio 1.2, 2.8.10.1)."""
+        if not 0 < num <= MAX_QUEUE_SIZE or (not self.packed and num & (num - 1)):
+            rule = "up to" if self.packed else "is not a power of 2 up to"
+            raise MessageError(f"{what}: size {num} {rule} {MAX_QUEUE_SIZE}"
+                               + (" is out of range" if self.packed else ""))
 
     # ---- memory ----
 
@@ -389,8 +442,8 @@ class VhostUserBlkDevice:
         vring = self._vring(index)
         if vring.running:
             raise MessageError(f"queue {index} is running")
-        if not 0 < num <= MAX_QUEUE_SIZE or num & (num - 1):
-            raise MessageError(f"queue {index}: size {num} is not a power of 2 up to {MAX_QUEUE_SIZE}")
+        self._check_ring_size(f"queue {index}", num)
+        check(lib.dp_vq_set_flags(vring.handle, self._vq_flags()), f"vq{index}: SET_VRING_NUM")
         check(lib.dp_vq_set_num(vring.handle, num), f"vq{index}: SET_VRING_NUM")
         vring.num = num
 
@@ -401,6 +454,7 @@ class VhostUserBlkDevice:
         if vring.running:
             raise MessageError(f"queue {index} is running")
         if self.mem is not None and vring.num:
+            check(lib.dp_vq_set_flags(vring.handle, self._vq_flags()), f"vq{index}: SET_VRING_ADDR")
             rc = lib.dp_vq_set_addr(vring.handle, self.mem, desc, avail, used)
             if rc < 0:
                 raise MessageError(
@@ -414,9 +468,18 @@ class VhostUserBlkDevice:
         vring = self._vring(index)
         if vring.running:
             raise MessageError(f"queue {index} is running")
+        if self.packed:
+            # bits 0-14 next avail, 15 its wrap counter, 16-30 next used, 31 its wrap counter
+            avail_idx, used_idx = num & 0x7FFF, (num >> 16) & 0x7FFF
+            if vring.num and max(avail_idx, used_idx) >= vring.num:
+                raise MessageError(f"queue {index}: packed base {num:#010x} (avail {avail_idx},"
+                                   f" used {used_idx}) beyond the ring of {vring.num}")
+            vring.base, vring.packed = num, True
+            check(lib.dp_vq_set_packed_base(vring.handle, num), f"vq{index}: SET_VRING_BASE")
+            return
         if num > 0xFFFF:
             raise MessageError(f"queue {index}: base {num} does not fit a split ring index")
-        vring.base = num
+        vring.base, vring.packed = num, False
         check(lib.dp_vq_set_base(vring.handle, num), f"vq{index}: SET_VRING_BASE")
 
     def get_vring_base(self, msg: Message) -> bytes:
@@ -425,7 +488,8 @@ class VhostUserBlkDevice:
         vring = self._vring(index)
         self._stop(vring)
         vring.started = False
-        vring.base = lib.dp_vq_last_avail_idx(vring.handle)
+        vring.base = (lib.dp_vq_packed_base(vring.handle) if vring.packed
+                      else lib.dp_vq_last_avail_idx(vring.handle))
         # The ring is stopped: forget the kick fd, a restart sends a new one.
         if vring.kick_fd is not None and vring.kick_fd >= 0:
             os.close(vring.kick_fd)
@@ -484,26 +548,29 @@ class VhostUserBlkDevice:
         size, offset, num_queues, queue_size = struct.unpack_from("<QQHH", msg.payload)
         if not 0 < num_queues <= self.num_queues:
             raise MessageError(f"{num_queues} queues (the device has {self.num_queues})")
-        if not 0 < queue_size <= MAX_QUEUE_SIZE or queue_size & (queue_size - 1):
-            raise MessageError(f"queue size {queue_size} is not a power of 2 up to {MAX_QUEUE_SIZE}")
+        self._check_ring_size("inflight buffer", queue_size)
         return size, offset, num_queues, queue_size
 
     def get_inflight_fd(self, msg: Message) -> Message:
-        """Allocate a fresh, zeroed buffer; the front end keeps it across our restarts."""
+        """Allocate a fresh, zeroed buffer for the ring format SET_FEATURES chose; the front
+        end keeps it across our restarts."""
         self._no_fds(msg)
         _, _, num_queues, queue_size = self._inflight_payload(msg)
-        per_queue = lib.dp_inflight_queue_size(queue_size)
+        per_queue = inflight_queue_size(queue_size, self.packed)
         size = per_queue * num_queues
         fd = os.memfd_create("dataplane-inflight", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, size)
-            for q in range(num_queues):   # version 1, desc_num (spec's QueueRegionSplit)
-                os.pwrite(fd, struct.pack("<HH", 1, queue_size), q * per_queue + 8)
+            if not self.packed:   # version 1, desc_num (spec's QueueRegionSplit)
+                for q in range(num_queues):
+                    os.pwrite(fd, struct.pack("<HH", 1, queue_size), q * per_queue + 8)
+            # QueueRegionPacked stays at version 0 (uninitialised) until its queue starts: the
+            # region's ring position is the queue's base then.
         except OSError:
             os.close(fd)
             raise
-        log.info("inflight buffer: %d queue(s) of %d descriptors, %d bytes", num_queues,
-                 queue_size, size)
+        log.info("inflight buffer: %d queue(s) of %d descriptors, %d bytes (%s rings)",
+                 num_queues, queue_size, size, "packed" if self.packed else "split")
         return Message(msg.request, VHOST_USER_VERSION | VHOST_USER_REPLY_MASK,
                        INFLIGHT.pack(size, 0, num_queues, queue_size), [fd])
 
@@ -511,16 +578,19 @@ class VhostUserBlkDevice:
         size, offset, num_queues, queue_size = self._inflight_payload(msg)
         if len(msg.fds) != 1:
             raise MessageError(f"expected 1 fd, got {len(msg.fds)}")
-        needed = lib.dp_inflight_queue_size(queue_size) * num_queues
+        needed = inflight_queue_size(queue_size, self.packed) * num_queues
         if size < needed:
-            raise MessageError(f"buffer of {size} bytes, {needed} needed")
+            raise MessageError(f"buffer of {size} bytes, {needed} needed"
+                               f" ({'packed' if self.packed else 'split'} rings)")
         if any(v.running for v in self.vrings):
             raise MessageError("queues are running")
+        st = os.fstat(msg.fds[0])
         addr = lib.dp_map_shared(msg.fds[0], size, offset)
         if addr == ffi.NULL:
             raise MessageError(f"cannot map the inflight buffer ({size} bytes at {offset})")
         self._free_inflight()
-        self.inflight = InflightBuffer(addr, size, num_queues, queue_size)
+        self.inflight = InflightBuffer(addr, size, num_queues, queue_size, self.packed,
+                                       (st.st_dev, st.st_ino))
 
     # ---- config space ----
 
@@ -571,14 +641,17 @@ class VhostUserBlkDevice:
         if vring.running or not self._ready(vring):
             return
         vq = vring.handle
-        flags = 0
-        if self.features & (1 << vb.VIRTIO_RING_F_EVENT_IDX):
-            flags |= lib.DP_VQ_F_EVENT_IDX
-        if self.features & (1 << vb.VIRTIO_RING_F_INDIRECT_DESC):
-            flags |= lib.DP_VQ_F_INDIRECT
         desc, avail, used = vring.addr
         what = f"vq{vring.index}"
-        check(lib.dp_vq_set_flags(vq, flags), what)
+        if vring.packed != self.packed:
+            # No SET_VRING_BASE since the format changed: start where a reset ring starts.
+            vring.packed = self.packed
+            vring.base = int(lib.DP_VQ_PACKED_BASE_RESET) if self.packed else 0
+            log.warning("%s: no base for a %s ring, starting at %#x", what,
+                        "packed" if self.packed else "split", vring.base)
+            check(lib.dp_vq_set_packed_base(vq, vring.base) if self.packed
+                  else lib.dp_vq_set_base(vq, vring.base), what)
+        check(lib.dp_vq_set_flags(vq, self._vq_flags()), what)
         check(lib.dp_vq_set_num(vq, vring.num), what)
         rc = lib.dp_vq_set_addr(vq, self.mem, desc, avail, used)
         if rc < 0:
@@ -587,28 +660,55 @@ class VhostUserBlkDevice:
         check(lib.dp_vq_set_kick_fd(vq, vring.kick_fd), what)
         check(lib.dp_vq_set_call_fd(vq, vring.call_fd), what)
         check(lib.dp_vq_set_err_fd(vq, vring.err_fd), what)
-        self._attach_inflight(vring)
+        restored = self._attach_inflight(vring)
         engine = self.engines.engine_for(vring.index)
         check(lib.dp_vq_start(vq, engine), f"{what}: start")
         vring.running = True
+        packed = vring.packed
+        if packed and self.inflight is not None:
+            self._inflight_live.add((self.inflight.key, vring.index))
+            base = lib.dp_vq_packed_base(vq)
+            if restored and base != vring.base:
+                log.warning("%s: packed ring position %#010x from the inflight region (the front"
+                            " end's base %#010x is stale after a back-end restart)", what, base,
+                            vring.base)
         stats = self._vq_stats(vring)
         if stats.resubmitted:
             log.warning("%s: resubmitted %d request(s) in flight at the previous back end's end"
                         " (%d of them older than a request that had completed)", what,
                         stats.resubmitted, stats.recovered_out_of_order)
         if not quiet:
-            log.info("%s started: size %d, avail_idx %d, thread %s%s", what, vring.num,
-                     lib.dp_vq_last_avail_idx(vq), self.engines.name_for(vring.index),
+            position = (f"packed ring, base {lib.dp_vq_packed_base(vq):#010x}" if packed
+                        else f"avail_idx {lib.dp_vq_last_avail_idx(vq)}")
+            log.info("%s started: size %d, %s, thread %s%s", what, vring.num, position,
+                     self.engines.name_for(vring.index),
                      "" if vring.kick_fd >= 0 else ", polling (no kick fd)")
 
-    def _attach_inflight(self, vring: Vring) -> None:
-        region = self.inflight.region(vring.index) if self.inflight is not None else None
-        if region is not None and self.inflight.queue_size != vring.num:
+    def _attach_inflight(self, vring: Vring) -> bool:
+        """Give the queue its region; returns whether it counts as a previous back end's.
+
+        A split ring's region is reconciled with the used ring at every start (harmless on a
+        region of this session). A packed ring also takes its position from a previous back
+        end's region, since the front end's base is stale then; but after a start in this
+        session the region is ours, drained by GET_VRING_BASE, and the base the front end
+        sends is the truth (it may have reset the ring)."""
+        buf = self.inflight
+        region = buf.region(vring.index) if buf is not None else None
+        if region is not None and buf.queue_size != vring.num:
             log.error("vq%d: inflight buffer is for %d descriptors, the ring has %d: not tracked",
-                      vring.index, self.inflight.queue_size, vring.num)
+                      vring.index, buf.queue_size, vring.num)
             region = None
-        check(lib.dp_vq_set_inflight(vring.handle, region if region is not None else ffi.NULL, 1),
+        if region is not None and buf.packed != self.packed:
+            log.error("vq%d: inflight buffer laid out for %s rings, the ring is %s: not tracked",
+                      vring.index, "packed" if buf.packed else "split",
+                      "packed" if self.packed else "split")
+            region = None
+        restored = region is not None and not (
+            self.packed and (buf.key, vring.index) in self._inflight_live)
+        check(lib.dp_vq_set_inflight(vring.handle, region if region is not None else ffi.NULL,
+                                     1 if restored or not self.packed else 0),
               f"vq{vring.index}: inflight")
+        return restored
 
     @staticmethod
     def _vq_stats(vring: Vring) -> object:

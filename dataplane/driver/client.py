@@ -34,6 +34,12 @@ from .vring import Vring
 # it; tests do, to see what the backend has in flight.
 INFLIGHT_REGION_HEADER = struct.Struct("<QHHHH")
 INFLIGHT_DESC = struct.Struct("<B5xHQ")
+# A packed ring's (QueueRegionPacked): a 32-byte header (features, version, desc_num,
+# free_head, old_free_head, used_idx, old_used_idx, used and old used wrap counters), then one
+# DescStatePacked per ring descriptor fetched (inflight, next, last, num, counter, id, flags,
+# len, addr).
+INFLIGHT_PACKED_HEADER = struct.Struct("<QHHHHHHBB10x")
+INFLIGHT_PACKED_DESC = struct.Struct("<BxHHHQHHIQ")
 
 
 class VhostUserClient:
@@ -99,8 +105,10 @@ class VhostUserClient:
             MEMORY_REGION.pack(gpa, size, uva, off) for gpa, size, uva, off, _ in regions)
         self.call(Request.SET_MEM_TABLE, payload, [r[4] for r in regions])
 
-    def get_inflight_fd(self, num_queues: int, queue_size: int) -> InflightBuffer:
-        """GET_INFLIGHT_FD: the backend allocates a buffer for num_queues rings of queue_size."""
+    def get_inflight_fd(self, num_queues: int, queue_size: int,
+                        packed: bool = False) -> InflightBuffer:
+        """GET_INFLIGHT_FD: the backend allocates a buffer for num_queues rings of queue_size
+        (laid out for the ring format negotiated: packed says which, for in_flight)."""
         msg = self.call(Request.GET_INFLIGHT_FD, INFLIGHT.pack(0, 0, num_queues, queue_size),
                         reply=True, keep_fds=True)
         assert msg is not None
@@ -113,7 +121,7 @@ class VhostUserClient:
             proto.close_fds(msg.fds)
             raise ProtocolError(f"GET_INFLIGHT_FD: buffer of {size} bytes for {nq} queue(s) of "
                                 f"{qs}, asked for {num_queues} of {queue_size}")
-        return InflightBuffer(msg.fds[0], size, offset, nq, qs)
+        return InflightBuffer(msg.fds[0], size, offset, nq, qs, packed)
 
     def set_inflight_fd(self, buf: InflightBuffer) -> None:
         self.call(Request.SET_INFLIGHT_FD,
@@ -146,12 +154,16 @@ class InflightBuffer:
     offset: int
     num_queues: int
     queue_size: int
+    packed: bool = False
 
     def in_flight(self, queue: int) -> list[int]:
-        """Heads the backend has marked in flight on a queue, oldest first (by counter)."""
+        """Heads (packed: buffer ids) the backend has marked in flight on a queue, oldest first
+        (by counter)."""
         region = self.size // self.num_queues
         base = self.offset + queue * region
         data = os.pread(self.fd, region, base)
+        if self.packed:
+            return self._packed_in_flight(data)
         heads = []
         for head in range(self.queue_size):
             flag, _next, counter = INFLIGHT_DESC.unpack_from(
@@ -159,6 +171,22 @@ class InflightBuffer:
             if flag:
                 heads.append((counter, head))
         return [head for _, head in sorted(heads)]
+
+    def _packed_in_flight(self, data: bytes) -> list[int]:
+        """The lists at the last commit point: every entry off the free list that heads one."""
+        hdr = INFLIGHT_PACKED_HEADER.unpack_from(data)
+        if not hdr[1]:
+            return []   # version 0: the queue never started
+        n = self.queue_size
+        entries = [INFLIGHT_PACKED_DESC.unpack_from(data, INFLIGHT_PACKED_HEADER.size + 32 * i)
+                   for i in range(n)]
+        free, e = set(), hdr[4]   # from old_free_head
+        while e < n and e not in free:
+            free.add(e)
+            e = entries[e][1]
+        heads = [(entries[h][4], entries[entries[h][2]][5]) for h in range(n)
+                 if h not in free and entries[h][0] and entries[h][2] < n]
+        return [id_ for _, id_ in sorted(heads)]
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -1,7 +1,8 @@
 """vhost-user frontend: play the guest against any vhost-user-blk backend, no VM needed.
 
 `Device.connect(path, queues=N)` negotiates like QEMU does, shares a memfd as guest memory,
-sets up N split virtqueues and exposes blocking and batched virtio-blk I/O:
+sets up N virtqueues (split, or packed with `ring="packed"` when the backend offers
+VIRTIO_F_RING_PACKED) and exposes blocking and batched virtio-blk I/O:
 
     with Device.connect("/tmp/vhost.sock", queues=2) as dev:
         dev.write(0, b"x" * 4096)
@@ -14,7 +15,10 @@ Like QEMU, the frontend negotiates INFLIGHT_SHMFD when the backend offers it and
 inflight buffer, so that it can play QEMU's part when a backend dies and a new one takes its
 place on the socket: `dev.reconnect()` renegotiates, re-sends the memory table and the kept
 buffer, and restarts each ring at its used index, leaving the requests still in flight in
-guest memory to the new backend (which resubmits them from the buffer).
+guest memory to the new backend (which resubmits them from the buffer). A split ring restarts
+at its used index; a packed ring at the last base the frontend knew (there is no index in
+shared memory to rewind to, so QEMU re-sends a stale one and the backend must take the ring's
+position from the inflight buffer).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from ..errors import DeviceError, ProtocolError
 from ..protocol import virtio_blk as vb
 from ..protocol.vhost_user import VHOST_USER_F_PROTOCOL_FEATURES, VRING_STATE, ProtocolFeature, Request
 from .client import InflightBuffer, VhostUserClient
+from .packed import PackedVring
 from .vring import GuestMemory, Vring
 
 if TYPE_CHECKING:
@@ -50,6 +55,8 @@ DRIVER_FEATURES = sum(1 << b for b in (
     vb.VIRTIO_BLK_F_DISCARD, vb.VIRTIO_BLK_F_WRITE_ZEROES, vb.VIRTIO_BLK_F_RO,
     VHOST_USER_F_PROTOCOL_FEATURES,
 ))
+PACKED_FEATURE = 1 << vb.VIRTIO_F_RING_PACKED
+RINGS = ("split", "packed")
 
 
 @dataclass
@@ -69,7 +76,7 @@ class BlkRequest:
 class Device:
     """A virtio-blk device behind a vhost-user socket, driven from Python."""
 
-    def __init__(self, client: VhostUserClient, mem: GuestMemory, rings: list[Vring],
+    def __init__(self, client: VhostUserClient, mem: GuestMemory, rings: list[Vring | PackedVring],
                  features: int, config: dict[str, int], path: str = "",
                  inflight: InflightBuffer | None = None, want_inflight: bool = True,
                  timeout: float = 10.0) -> None:
@@ -85,31 +92,45 @@ class Device:
         self.want_inflight = want_inflight
         self.timeout = timeout
 
+    @property
+    def ring(self) -> str:
+        """The ring format negotiated: "packed" or "split"."""
+        return "packed" if self.features & PACKED_FEATURE else "split"
+
     @classmethod
     def connect(cls, path: str, queues: int = 1, queue_size: int = 128,
                 memory: int = 64 << 20, features: int = DRIVER_FEATURES,
-                timeout: float = 10.0, inflight: bool = True) -> Device:
+                timeout: float = 10.0, inflight: bool = True, ring: str | None = None) -> Device:
         """Negotiate like QEMU's vhost-user-blk: features, then (when the backend offers
         INFLIGHT_SHMFD and `inflight`) GET_INFLIGHT_FD + SET_INFLIGHT_FD, the memory table,
-        and the rings."""
+        and the rings. ring: "split" (the default: every backend has it) or "packed"
+        (VIRTIO_F_RING_PACKED, which the backend must offer)."""
+        ring = ring or "split"
+        if ring not in RINGS:
+            raise DeviceError(f"ring {ring!r}: expected one of {', '.join(RINGS)}")
+        features = features | PACKED_FEATURE if ring == "packed" else features & ~PACKED_FEATURE
         client = VhostUserClient(path, timeout)
         mem = None
         buf = None
-        rings: list[Vring] = []
+        rings: list[Vring | PackedVring] = []
         try:
             acked, proto = cls._negotiate(client, queues, features, inflight)
+            if ring == "packed" and not acked & PACKED_FEATURE:
+                raise DeviceError(f"{path}: the backend does not offer packed rings"
+                                  " (VIRTIO_F_RING_PACKED)")
             config = vb.parse_config(client.get_config())
             client.set_u64(Request.SET_FEATURES, acked)
             if proto & INFLIGHT_FEATURE:
-                buf = client.get_inflight_fd(queues, queue_size)
+                buf = client.get_inflight_fd(queues, queue_size, bool(acked & PACKED_FEATURE))
                 client.set_inflight_fd(buf)
             mem = GuestMemory(memory)
             client.set_mem_table([(mem.gpa_base, mem.size, mem.user_addr, 0, mem.fd)])
             event_idx = bool(acked & (1 << vb.VIRTIO_RING_F_EVENT_IDX))
+            kind = PackedVring if acked & PACKED_FEATURE else Vring
             for i in range(queues):
-                ring = Vring(mem, i, queue_size, event_idx=event_idx)
-                rings.append(ring)
-                client.setup_vring(ring)
+                vring = kind(mem, i, queue_size, event_idx=event_idx)
+                rings.append(vring)
+                client.setup_vring(vring, base=vring.reconnect_base())
             if acked & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
                 for i in range(queues):
                     client.call(Request.SET_VRING_ENABLE, VRING_STATE.pack(i, 1))
@@ -149,7 +170,8 @@ class Device:
         renegotiate the same features, re-send the memory table and the kept inflight buffer,
         and restart every ring at its used index (QEMU rewinds last_avail_idx to used_idx when
         GET_VRING_BASE cannot be asked). Requests still in flight stay as they are in guest
-        memory: the new backend resubmits them from the inflight buffer."""
+        memory: the new backend resubmits them from the inflight buffer. A packed ring gets the
+        last base the frontend knew, stale as QEMU's is."""
         path = str(path or self.path)
         timeout = self.timeout if timeout is None else timeout
         if self.client is not None:
@@ -163,12 +185,13 @@ class Device:
             client.set_u64(Request.SET_FEATURES, acked)
             if proto & INFLIGHT_FEATURE:
                 if self.inflight is None:   # the previous backend did not track: start now
-                    self.inflight = client.get_inflight_fd(len(self.rings), self.rings[0].num)
+                    self.inflight = client.get_inflight_fd(len(self.rings), self.rings[0].num,
+                                                           self.ring == "packed")
                 client.set_inflight_fd(self.inflight)
             client.set_mem_table([(self.mem.gpa_base, self.mem.size, self.mem.user_addr, 0,
                                    self.mem.fd)])
             for ring in self.rings:
-                client.setup_vring(ring, base=ring.used_idx())
+                client.setup_vring(ring, base=ring.reconnect_base())
             if acked & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
                 for ring in self.rings:
                     client.call(Request.SET_VRING_ENABLE, VRING_STATE.pack(ring.index, 1))
@@ -201,7 +224,7 @@ class Device:
             return
         try:
             for ring in self.rings:
-                self.client.get_vring_base(ring.index)
+                ring.base = self.client.get_vring_base(ring.index)
         except (OSError, ProtocolError, DeviceError):
             pass
         self.client.close()

@@ -26,6 +26,7 @@ from typing import Any
 from ..core import check, ffi, lib
 from ..errors import ConfigError, DeviceError
 from ..protocol import virtio_blk as vb
+from .packed import PackedVring
 
 log = logging.getLogger("dataplane.load")
 
@@ -220,9 +221,10 @@ def _dist(levels: Sequence[int], keys: Sequence[str]) -> dict[str, float]:
 
 
 def dir_json(ds: Any, runtime_ns: int, iops_samples: Sequence[float], bw_samples: Sequence[float],
-             lat_percentiles: bool = False) -> dict[str, Any]:
+             lat_percentiles: bool = False, sample_ms: float = 0.0) -> dict[str, Any]:
     """fio's JSON for one direction of one job. ds: a struct dp_load_dir_stats (ios, bytes, errors,
-    slat/clat/lat histograms); samples: IOPS and KiB/s per interval; lat_percentiles: fio's
+    slat/clat/lat histograms); samples: IOPS and KiB/s per interval of sample_ms (kept as the
+    `iops_series` the charts of --compare --plot draw); lat_percentiles: fio's
     lat_percentiles=1 (open loop, where lat counts from the schedule)."""
     runtime_ms = int(runtime_ns // 1_000_000) if ds.ios else 0
     secs = runtime_ns / 1e9 if runtime_ns else 0.0
@@ -235,7 +237,7 @@ def dir_json(ds: Any, runtime_ns: int, iops_samples: Sequence[float], bw_samples
         lat["percentile"] = _percentiles(ffi.addressof(ds, "lat"))
     bmin, bmax, bmean, bdev = _sample_stats(list(bw_samples))
     imin, imax, imean, idev = _sample_stats(list(iops_samples))
-    return {
+    out = {
         "io_bytes": int(ds.bytes), "io_kbytes": int(ds.bytes // 1024),
         "bw_bytes": bw_bytes, "bw": bw_bytes // 1024,
         "iops": ds.ios / secs if secs else 0.0,
@@ -250,6 +252,9 @@ def dir_json(ds: Any, runtime_ns: int, iops_samples: Sequence[float], bw_samples
         "errors": {"ioerr": int(ds.err_ioerr), "unsupp": int(ds.err_unsupp),
                    "other": int(ds.err_other)},
     }
+    if sample_ms and iops_samples:
+        out["iops_series"] = {"interval_ms": sample_ms, "iops": [round(v, 1) for v in iops_samples]}
+    return out
 
 
 DEPTH_KEYS = ("1", "2", "4", "8", "16", "32", ">=64")
@@ -412,6 +417,11 @@ class LoadResult:
         return next((q.error for q in self.queues if q.error), 0)
 
     @property
+    def ring(self) -> str:
+        """The virtqueue format the job ran on."""
+        return "packed" if self.features & (1 << vb.VIRTIO_F_RING_PACKED) else "split"
+
+    @property
     def verify_failures(self) -> int:
         return sum(q.verify_failures for q in self.queues)
 
@@ -446,7 +456,7 @@ class LoadResult:
             iops_samples = []
         bw_samples = [v * self.job.bs / 1024 for v in iops_samples]
         return dir_json(ds, int(s.runtime_ns), iops_samples, bw_samples,
-                        lat_percentiles=bool(self.job.rate_iops))
+                        lat_percentiles=bool(self.job.rate_iops), sample_ms=s.sample_ns / 1e6)
 
     def _job_error(self, s: Any) -> int:
         if s.error:
@@ -465,12 +475,13 @@ class LoadResult:
         for dname, d in DIRS:
             out[dname] = with_bw_agg(self._dir_json(s, d), bw_agg.get(d, 0))
         out["trim"] = {k: (dict(empty) if k.endswith("_ns") else 0) for k in out["read"]
-                       if k != "errors"}
+                       if k not in ("errors", "iops_series")}
         out["trim"].update(iops=0.0, bw_agg=0.0, bw_mean=0.0, bw_dev=0.0, iops_mean=0.0,
                            iops_stddev=0.0)
         out["sync"] = {"total_ios": 0, "lat_ns": dict(empty)}
         out.update(job_tail_json(s, int(s.runtime_ns), _merged_clat(s), self.job.iodepth, {
             **dataplane_json(tid, s, int(s.issued)),
+            "ring": self.ring,
             "verify_checked": int(s.verify_checked),
             "verify_failures": int(s.verify_failures),
             "verify_fail_offsets": [int(s.verify_fail_offset[i]) for i in range(
@@ -650,8 +661,9 @@ def _text_job(job: dict[str, Any], when: str) -> list[str]:
     out.append(f"     issued rwts: total={r['total_ios']},{w['total_ios']},0,0 "
                f"short={r['short_ios']},{w['short_ios']},0,0 dropped=0,0,0,0")
     out.append(f"     latency   : target=0, window=0, percentile=100.00%, depth={job['latency_depth']}")
-    out.append(f"     ring      : kicks={dp['kicks']}, interrupts={dp['interrupts']}, "
-               f"bad_used={dp['bad_used']}" + (f", late={dp['late_ios']}" if dp["late_ios"] else ""))
+    out.append(f"     ring      : {dp.get('ring', 'split')}, kicks={dp['kicks']}, "
+               f"interrupts={dp['interrupts']}, bad_used={dp['bad_used']}"
+               + (f", late={dp['late_ios']}" if dp["late_ios"] else ""))
     if dp["verify_checked"] or dp["verify_failures"]:
         line = f"     verify    : sectors={dp['verify_checked']}, bad={dp['verify_failures']}"
         if dp["verify_fail_offsets"]:
@@ -666,8 +678,8 @@ def _text_job(job: dict[str, Any], when: str) -> list[str]:
 
 def hand_over(dev: Any, queue: int, out: Any, arena: int, arena_len: int, indirect: bool) -> None:
     """Fill out (a struct dp_ring_handover) for a C driver thread (load, replay) that takes
-    dev's ring `queue` over and lays its requests out in the guest memory [arena,
-    arena + arena_len), one indirect descriptor each when indirect."""
+    dev's ring `queue` (split or packed) over and lays its requests out in the guest memory
+    [arena, arena + arena_len), one indirect descriptor each when indirect."""
     ring = dev.rings[queue]
     out.desc_host = dev.mem.uva(ring.desc)
     out.avail_host = dev.mem.uva(ring.avail)
@@ -679,6 +691,7 @@ def hand_over(dev: Any, queue: int, out: Any, arena: int, arena_len: int, indire
     out.call_fd = ring.call_fd
     out.event_idx = int(ring.event_idx)
     out.indirect = int(indirect)
+    out.packed = int(isinstance(ring, PackedVring))
     out.arena_host = dev.mem.uva(arena)
     out.arena_gpa = arena
     out.arena_len = arena_len

@@ -13,6 +13,7 @@ import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import DeviceError
 
@@ -85,6 +86,24 @@ class GuestMemory:
         os.close(self.fd)
 
 
+def wait_used(ring: Any, timeout: float) -> list[tuple[int, int]]:
+    """A ring's pop_used, waiting up to timeout on its call eventfd for something to pop."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = ring.pop_used()
+        if got:
+            return got
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return []
+        r, _, _ = select.select([ring.call_fd], [], [], min(left, 0.05))
+        if r:
+            try:
+                os.eventfd_read(ring.call_fd)
+            except BlockingIOError:
+                pass
+
+
 @dataclass
 class Vring:
     """Driver side of a split virtqueue living in GuestMemory."""
@@ -100,6 +119,7 @@ class Vring:
     call_fd: int = -1
     avail_idx: int = 0
     last_used_idx: int = 0
+    base: int = 0                     # the last GET_VRING_BASE answer
     free_desc: list[int] = field(default_factory=list)
     chains: dict[int, list[int]] = field(default_factory=dict)   # head -> descriptors used
     # used elements whose head was not in flight: a backend completed something twice, or
@@ -194,20 +214,12 @@ class Vring:
         return out
 
     def wait_used(self, timeout: float) -> list[tuple[int, int]]:
-        deadline = time.monotonic() + timeout
-        while True:
-            got = self.pop_used()
-            if got:
-                return got
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return []
-            r, _, _ = select.select([self.call_fd], [], [], min(left, 0.05))
-            if r:
-                try:
-                    os.eventfd_read(self.call_fd)
-                except BlockingIOError:
-                    pass
+        return wait_used(self, timeout)
+
+    def reconnect_base(self) -> int:
+        """What QEMU re-sends as SET_VRING_BASE after the backend died: the used index
+        (virtio_queue_restore_last_avail_idx)."""
+        return self.used_idx()
 
     def close(self) -> None:
         for fd in (self.kick_fd, self.call_fd):

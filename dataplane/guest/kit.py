@@ -642,10 +642,12 @@ def qemu_command(
     smp: int = 2,
     memory_mb: int = 1024,
     queue_size: int = 128,
+    packed: bool = False,
     kernel_args: Sequence[str] = (),
     extra_args: Sequence[str] = (),
 ) -> list[str]:
-    """The QEMU argv used to boot ``image`` (exposed for debugging and tests)."""
+    """The QEMU argv used to boot ``image`` (exposed for debugging and tests); ``packed``:
+    the disk's virtqueues are packed rings (``packed=on``)."""
     append = ["console=ttyS0", "quiet", "panic=-1"]
     if socket is not None:
         append.append("dpguest.disk=1")
@@ -671,6 +673,7 @@ def qemu_command(
             "-device", (
                 "vhost-user-blk-pci,chardev=vub0"
                 f",num-queues={num_queues},queue-size={queue_size}"
+                + (",packed=on" if packed else "")
             ),
         ]  # fmt: skip
     cmd.extend(extra_args)
@@ -807,8 +810,19 @@ class BootOptions(TypedDict, total=False):
     smp: int
     memory_mb: int
     queue_size: int
+    packed: bool
     kernel_args: Sequence[str]
     extra_args: Sequence[str]
+
+
+def initrd_with_script(image: GuestImage, script: str, out: Path) -> Path:
+    """The guest's initramfs with ``script`` as /test.sh, written to ``out``: what QEMU boots
+    here and what a libvirt domain's <initrd> points at."""
+    with open(out, "wb") as dst, open(image.initramfs, "rb") as base:
+        shutil.copyfileobj(base, dst, 1 << 20)
+        dst.write(b"\0" * (-dst.tell() % 4))
+        dst.write(script_archive(script))
+    return out
 
 
 def start_guest(
@@ -820,17 +834,13 @@ def start_guest(
     **boot: Unpack[BootOptions],
 ) -> GuestHandle:
     """Boot ``image`` running ``script`` as /test.sh; returns immediately. ``boot``: socket
-    (required), num_queues, smp, memory_mb, queue_size, kernel_args, extra_args (see
+    (required), num_queues, smp, memory_mb, queue_size, packed, kernel_args, extra_args (see
     qemu_command)."""
     if shutil.which(QEMU_BINARY) is None:
         raise GuestError(f"{QEMU_BINARY} not installed")
     workdir = Path(tempfile.mkdtemp(prefix="dp-guest-"))
     try:
-        initrd = workdir / "initrd.img"
-        with open(initrd, "wb") as out, open(image.initramfs, "rb") as base:
-            shutil.copyfileobj(base, out, 1 << 20)
-            out.write(b"\0" * (-out.tell() % 4))
-            out.write(script_archive(script))
+        initrd = initrd_with_script(image, script, workdir / "initrd.img")
         cmd = qemu_command(image, initrd, **boot)
         return GuestHandle(cmd, workdir, log_path=log_path, echo=echo)
     except BaseException:
@@ -868,6 +878,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--socket", type=Path, default=None, help="vhost-user-blk backend socket")
     run.add_argument("--queues", type=int, default=2)
     run.add_argument("--queue-size", type=int, default=128)
+    run.add_argument("--packed", action="store_true", help="packed virtqueues (packed=on)")
     run.add_argument("--smp", type=int, default=2)
     run.add_argument("--memory", type=int, default=1024, help="guest RAM in MiB")
     run.add_argument("--timeout", type=float, default=300)
@@ -885,7 +896,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = run_guest(
             image, args.script.read_text(), socket=args.socket, num_queues=args.queues,
-            queue_size=args.queue_size, smp=args.smp, memory_mb=args.memory, timeout=args.timeout,
+            queue_size=args.queue_size, packed=args.packed, smp=args.smp, memory_mb=args.memory,
+            timeout=args.timeout,
             kernel_args=args.append, log_path=args.log, echo=sys.stdout,
         )  # fmt: skip
     except GuestTimeout as exc:

@@ -2,6 +2,17 @@
 core's latency histograms (hist), and their Prometheus exposition (prometheus, imported only
 where it is served)."""
 
-from .metrics import COUNTERS, GAUGES, StatsCollector, format_table, to_json
+from .metrics import (
+    BUCKETS_S,
+    COUNTERS,
+    GAUGES,
+    StatsCollector,
+    clean,
+    format_table,
+    latency_buckets,
+    merge_exports,
+    to_json,
+)
 
-__all__ = ["COUNTERS", "GAUGES", "StatsCollector", "format_table", "to_json"]
+__all__ = ["BUCKETS_S", "COUNTERS", "GAUGES", "StatsCollector", "clean", "format_table", "latency_buckets",
+           "merge_exports", "to_json"]

@@ -3,7 +3,9 @@ histogram per queue) that `dataplane stats` prints as JSON or a table and `serve
 exposes to Prometheus (observe.prometheus).
 
 Counters are cumulative over the server's life: when a front end disconnects its queues'
-counters are folded into per-queue totals.
+counters are folded into per-queue totals. A daemon with many exports has one snapshot per
+export; `merge_exports` puts them side by side (each queue labelled with its export), which is
+what the RPC `stats` method and the Prometheus endpoint both read.
 """
 
 from __future__ import annotations
@@ -14,13 +16,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core import ffi, lib
-from .hist import hist_summary, new_hist
+from .hist import hist_cumulative, hist_summary, new_hist
 
 COUNTERS = ("requests", "reads", "writes", "flushes", "discards", "write_zeroes", "get_ids",
             "unsupported", "errors", "bytes_read", "bytes_written", "kicks", "notifies",
             "bounced", "out_of_order", "resubmitted", "delayed")
 GAUGES = ("inflight", "broken")
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+# Histogram bucket bounds (seconds) read off the log-linear histogram, for Prometheus and RPC.
+BUCKETS_S = (5e-6, 10e-6, 20e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3,
+             20e-3, 50e-3, 100e-3, 1.0)
 
 
 def queue_snapshot(vq: Any) -> tuple[dict[str, int], Any]:
@@ -88,6 +93,33 @@ class StatsCollector:
             snap["configured_latency"] = {"spec": spec.text, "mean_ns": spec.mean_ns(),
                                           **{f"p{p:g}_ns": spec.percentile_ns(p) for p in PERCENTILES}}
         return snap
+
+
+def latency_buckets(h: Any) -> dict[str, Any]:
+    """The latency histogram as Prometheus sees it: cumulative counts at BUCKETS_S (then +Inf),
+    the sum in seconds and the count."""
+    counts = hist_cumulative(h, [round(b * 1e9) for b in BUCKETS_S])
+    return {"le": [*(f"{b:g}" for b in BUCKETS_S), "+Inf"], "counts": [*counts, h.n],
+            "sum_s": h.sum / 1e9, "count": h.n}
+
+
+def merge_exports(snaps: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Snapshots of several exports as one: {"exports": {name: snapshot}, "queues": every
+    queue (each carries its "export")}."""
+    snaps = list(snaps)
+    return {"exports": {s.get("export", ""): s for s in snaps},
+            "queues": [q for s in snaps for q in s["queues"]]}
+
+
+def clean(snap: dict[str, Any]) -> dict[str, Any]:
+    """A snapshot as JSON can carry it: the C histograms become their Prometheus buckets."""
+    out = dict(snap)
+    if "queues" in snap:
+        out["queues"] = [{**{k: v for k, v in q.items() if k != "_hist"},
+                          "latency_buckets": latency_buckets(q["_hist"])} for q in snap["queues"]]
+    if "exports" in snap:
+        out["exports"] = {name: clean(s) for name, s in snap["exports"].items()}
+    return out
 
 
 def to_json(snap: dict[str, Any]) -> str:

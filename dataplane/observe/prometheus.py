@@ -3,7 +3,7 @@ custom collector over the same snapshot `dataplane stats` prints, rendered with 
 own encoders (text format 0.0.4, or OpenMetrics when the scraper asks for it).
 
 Metric names: dataplane_<counter>_total and dataplane_<gauge> per queue, and the histogram
-dataplane_request_latency_seconds, all labelled queue and thread.
+dataplane_request_latency_seconds, all labelled export, queue and thread.
 """
 
 from __future__ import annotations
@@ -20,13 +20,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import choose_encoder
 
-from .hist import hist_cumulative
-from .metrics import COUNTERS, GAUGES
+from .metrics import COUNTERS, GAUGES, latency_buckets
 
-# Histogram bucket bounds (seconds) read off the log-linear histogram.
-BUCKETS_S = (5e-6, 10e-6, 20e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3,
-             20e-3, 50e-3, 100e-3, 1.0)
-LABELS = ("queue", "thread")
+LABELS = ("export", "queue", "thread")
 
 
 class SnapshotCollector:
@@ -37,7 +33,7 @@ class SnapshotCollector:
 
     def collect(self) -> Iterator[Metric]:
         queues = self.snapshot()["queues"]
-        labels = [[str(q["queue"]), q["thread"]] for q in queues]
+        labels = [[q.get("export", ""), str(q["queue"]), q["thread"]] for q in queues]
         for name in COUNTERS:
             family = CounterMetricFamily(f"dataplane_{name}", f"{name.replace('_', ' ')} per virtqueue",
                                          labels=LABELS)
@@ -52,12 +48,10 @@ class SnapshotCollector:
         family = HistogramMetricFamily("dataplane_request_latency_seconds",
                                        "time from popping a request to publishing its completion",
                                        labels=LABELS)
-        bounds_ns = [round(b * 1e9) for b in BUCKETS_S]
         for q, values in zip(queues, labels, strict=True):
-            h = q["_hist"]
-            counts = hist_cumulative(h, bounds_ns)
-            buckets = [(f"{b:g}", c) for b, c in zip(BUCKETS_S, counts, strict=True)]
-            family.add_metric(values, buckets + [("+Inf", h.n)], sum_value=h.sum / 1e9)
+            lat = latency_buckets(q["_hist"])
+            family.add_metric(values, list(zip(lat["le"], lat["counts"], strict=True)),
+                              sum_value=lat["sum_s"])
         yield family
 
 

@@ -64,6 +64,7 @@ class TraceReader:
         self.ignored = 0
         self.skipped_errors: list[TraceFormatError] = []
         self.stream_names: dict[int, str] = {}
+        self.origin_ns: int | None = None  # the first record's time as the trace has it (ns)
 
     def __iter__(self) -> Iterator[np.ndarray]:
         self._reset()
@@ -82,6 +83,7 @@ class TraceReader:
             times = chunk["time_ns"]
             if t0 is None:
                 t0 = int(times[0])
+                self.origin_ns = t0 * self.time_scale
             times -= t0
             if self.time_scale != 1:
                 times *= self.time_scale

@@ -9,7 +9,8 @@ that traced; see blktrace_api.h) each followed by `pdu_len` bytes of payload:
 `action` holds the event in its low 16 bits (__BLK_TA_QUEUE = 1, __BLK_TA_ISSUE = 7, ...,
 plus the __BLK_TA_CGROUP flag 1 << 8) and the categories in its high 16 bits (BLK_TC_READ,
 WRITE, FLUSH, SYNC, ... NOTIFY 1 << 10, DISCARD 1 << 13, FUA 1 << 15). Records come from
-either queue (Q) or issue (D) events, never both. A request with data and the FLUSH category
+one kind of event: queue (Q) or issue (D) to replay, complete (C), merge (M, F) or requeue (R)
+for the charts' queue depth. A request with data and the FLUSH category
 (a REQ_PREFLUSH write: blkparse shows "FWS") becomes a flush record followed by the data
 record, as the block layer would issue it; one without data is a flush; FUA is not kept.
 The stream is the CPU that logged the event.
@@ -49,7 +50,11 @@ TRACE_SIZE = 48
 
 # Event numbers (low byte of action) and category bits (action >> 16), from blktrace_api.h.
 BLK_TA_QUEUE = 1
+BLK_TA_BACKMERGE = 2
+BLK_TA_FRONTMERGE = 3
+BLK_TA_REQUEUE = 6
 BLK_TA_ISSUE = 7
+BLK_TA_COMPLETE = 8
 BLK_TC_READ = 1 << 0
 BLK_TC_WRITE = 1 << 1
 BLK_TC_FLUSH = 1 << 2
@@ -61,7 +66,10 @@ BLK_TC_META = 1 << 12
 BLK_TC_DISCARD = 1 << 13
 BLK_TC_FUA = 1 << 15
 
-EVENTS = {"queue": (BLK_TA_QUEUE, b"Q"), "issue": (BLK_TA_ISSUE, b"D")}
+EVENTS = {"queue": (BLK_TA_QUEUE, b"Q"), "issue": (BLK_TA_ISSUE, b"D"),
+          # not replayed; read by the charts (replay.profile) for queue depth over time
+          "complete": (BLK_TA_COMPLETE, b"C"), "backmerge": (BLK_TA_BACKMERGE, b"M"),
+          "frontmerge": (BLK_TA_FRONTMERGE, b"F"), "requeue": (BLK_TA_REQUEUE, b"R")}
 _FIELDS = [("magic", "u4"), ("sequence", "u4"), ("time", "u8"), ("sector", "u8"), ("bytes", "u4"),
            ("action", "u4"), ("pid", "u4"), ("device", "u4"), ("cpu", "u4"), ("error", "u2"),
            ("pdu_len", "u2")]
@@ -76,7 +84,7 @@ _PER_CPU = re.compile(r"^(?P<dev>.+)\.blktrace\.(?P<cpu>\d+)(?:\.gz)?$")
 
 def _check_events(events: str) -> None:
     if events not in EVENTS:
-        raise ConfigError(f"events must be 'queue' or 'issue', not {events!r}")
+        raise ConfigError(f"events must be one of {', '.join(EVENTS)}, not {events!r}")
 
 
 def per_cpu_files(path: str | Path) -> list[Path]:
@@ -321,6 +329,9 @@ class BlkparseReader(TextTraceReader):
         self.events = events
         self.split_preflush = split_preflush
         self._action = EVENTS[events][1]
+        # C and R lines print a request without data as "SECTOR [error]"; on Q and D lines
+        # "NUMBER [" is a passthrough request's byte count (blkparse_fmt.c, process_default).
+        self._sector_only = events in ("complete", "requeue")
 
     def _fast(self, a: np.ndarray) -> tuple[np.ndarray | None, int, int]:
         """The leading lines that are blank, not events, other events, or well-formed wanted
@@ -372,8 +383,11 @@ class BlkparseReader(TextTraceReader):
         sector, sector_ok = parse_uint(a, s7, e7)
         nsect, nsect_ok = parse_uint(a, *token(9, rows))
         passthrough = ~plus & ~opener7 & sector_ok & opener8
+        no_data = np.zeros(len(rows), bool)
+        if self._sector_only:
+            no_data, passthrough = passthrough, no_data
         ok &= np.where(plus, sector_ok & (sector < (1 << 55)) & nsect_ok & (nsect <= UINT32_MAX >> 9),
-                       opener7 | passthrough)
+                       opener7 | passthrough | no_data)
         good = ignored
         good[rows[ok]] = True
         m = first_false(good)
@@ -425,7 +439,9 @@ class BlkparseReader(TextTraceReader):
         elif payload[0][:1] in (b"[", b"("):
             sector = nbytes = 0
         elif len(payload) >= 2 and payload[0].isdigit() and payload[1][:1] in (b"[", b"("):
-            return None  # a passthrough (pc) request: bytes and a CDB, no sectors
+            if not self._sector_only:
+                return None  # a passthrough (pc) request: bytes and a CDB, no sectors
+            sector = nbytes = 0  # a completion without data
         else:
             found = show(b" ".join(payload))
             raise Malformed(f"expected 'sector + count' after the RWBS field, found {found}")

@@ -1,4 +1,4 @@
-"""`dataplane trace convert | stats` and `dataplane replay`: the trace tools from the command line.
+"""`dataplane trace convert | stats | plot` and `dataplane replay`: the trace tools from the command line.
 
 Wiring (in dataplane/cli.py): `add_trace_commands(sub)` and `add_replay_command(sub)` next to
 serve and demo, and `"trace": replay.cli.run`, `"replay": replay.cli.run_replay` in the
@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ..cli_common import int_at_least, parse_cpus, render_report, run_command, size_arg
+from ..cli_common import add_ring_argument, int_at_least, parse_cpus, render_report, run_command, size_arg
 from ..errors import ConfigError
 
 TARGETS = ("fio-v3",)
@@ -26,7 +26,7 @@ def add_trace_commands(subparsers: argparse._SubParsersAction) -> argparse.Argum
     trace = subparsers.add_parser("trace", help="read block traces: convert them, summarise them",
                                   description="Read block traces (" + ", ".join(FORMATS) + "), "
                                   "plain or gzip'd.")
-    sub = trace.add_subparsers(dest="trace_command", required=True, metavar="{convert,stats}")
+    sub = trace.add_subparsers(dest="trace_command", required=True, metavar="{convert,stats,plot}")
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("input", type=Path, metavar="INPUT",
@@ -47,6 +47,10 @@ def add_trace_commands(subparsers: argparse._SubParsersAction) -> argparse.Argum
     stats = sub.add_parser("stats", help="I/O mix, sizes, rate, footprint and streams of a trace")
     common(stats)
     stats.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    from .plot_cli import add_plot_command
+
+    add_plot_command(sub)
     return trace
 
 
@@ -54,6 +58,10 @@ def run(args: argparse.Namespace) -> int:
     from .convert import format_stats, trace_stats, write_fio_v3
     from .detect import open_trace
 
+    if args.trace_command == "plot":
+        from .plot_cli import run_plot
+
+        return run_plot(args)
     reader = open_trace(args.input, args.format, on_error=args.on_error, events=args.events)
     if args.trace_command == "stats":
         stats = trace_stats(reader)
@@ -124,6 +132,7 @@ def add_replay_command(subparsers: argparse._SubParsersAction) -> argparse.Argum
                         help="compare two JSON reports (replay's, load's or fio's) instead of replaying")
     p.add_argument("--queues", type=_positive_int, default=1,
                    help="virtqueues (or --native threads) to replay on (default 1)")
+    add_ring_argument(p)
     p.add_argument("--format", choices=FORMATS, default=None, help="trace format (default: detect)")
     p.add_argument("--events", choices=("queue", "issue"), default="queue",
                    help="blktrace/blkparse: replay queue (Q, default) or issue (D) events")
@@ -160,6 +169,10 @@ def add_replay_command(subparsers: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("--output", type=Path, default=None, help="write the report here (default: stdout)")
     p.add_argument("--timeseries", type=Path, default=None, metavar="FILE.csv",
                    help="per-second CSV: IOPS, MB/s, mean and p99 latency, issue lag")
+    p.add_argument("--plot", type=Path, default=None, metavar="DIR",
+                   help="with --compare: charts of the two reports into DIR (needs matplotlib)")
+    p.add_argument("--plot-format", choices=("png", "svg"), default="png",
+                   help="--plot image format (default png)")
     return p
 
 
@@ -178,10 +191,14 @@ def run_replay(args: argparse.Namespace) -> int:
     other DataplaneErrors are the caller's: one line, status 2)."""
     if args.compare:
         return _run_compare(args)
+    if args.plot is not None:
+        raise ConfigError("--plot goes with --compare A.json B.json (charts of traces: dataplane trace plot)")
     if args.trace is None:
         raise ConfigError("name a TRACE to replay (or use --compare A.json B.json)")
     if args.socket is None and args.native is None:
         raise ConfigError("name the target: --socket PATH (vhost-user-blk) or --native FILE")
+    if args.native is not None and args.ring is not None:
+        raise ConfigError("--ring is the virtqueue format of a --socket replay; --native has none")
     from .detect import open_trace
     from .engine import ReplayOptions
 
@@ -196,7 +213,7 @@ def run_replay(args: argparse.Namespace) -> int:
 
         result = replay_native(args.native, reader, options, queues=args.queues, read_only=args.read_only)
     else:
-        result = _replay_socket(args.socket, reader, options, args.queues)
+        result = _replay_socket(args.socket, reader, options, args.queues, args.ring)
     _write(render_report(result, args.output_format, args.group_reporting), args.output)
     if args.timeseries is not None:
         result.write_timeseries(args.timeseries)
@@ -208,7 +225,7 @@ def run_replay(args: argparse.Namespace) -> int:
     return 0
 
 
-def _replay_socket(socket: Path, reader, options, queues: int):
+def _replay_socket(socket: Path, reader, options, queues: int, ring: str | None = None):
     from ..driver import Device
     from .engine import Geometry, buffer_size, replay_device, replay_memory, ring_size, scan_trace
 
@@ -216,7 +233,7 @@ def _replay_socket(socket: Path, reader, options, queues: int):
     # Buffers are sized before the device's block size is known: assume the largest common one.
     buf = buffer_size(scan, Geometry(capacity=1 << 62, block_size=4096, discard=True, flush=True), options)
     with Device.connect(str(socket), queues=queues, queue_size=ring_size(options.depth, True),
-                        memory=replay_memory(queues, options, buf)) as dev:
+                        memory=replay_memory(queues, options, buf), ring=ring) as dev:
         return replay_device(dev, reader, options, scan=scan, target=str(socket))
 
 
@@ -224,10 +241,18 @@ def _run_compare(args: argparse.Namespace) -> int:
     from .results import compare_reports, format_compare, load_report
 
     path_a, path_b = args.compare
+    if args.plot is not None:
+        from .charts import require_matplotlib
+
+        require_matplotlib()
     a, b = load_report(path_a), load_report(path_b)
     rows = compare_reports(a, b)
     if not rows:
         raise ConfigError(f"{path_a} and {path_b} hold no I/O to compare")
+    if args.plot is not None:
+        from .plot_cli import plot_reports
+
+        plot_reports([(str(path_a), a), (str(path_b), b)], args.plot, args.plot_format, rows)
     if args.output_format == "json":
         text = json.dumps({"a": str(path_a), "b": str(path_b), "rows": rows}, indent=2) + "\n"
     else:

@@ -739,4 +739,4 @@ def replay_device(dev: Any, reader: TraceReader, options: ReplayOptions,
             if i not in handed_back:   # its thread never started
                 dev.mem.free(arena)
     return ReplayResult.build(engine, reader, scan, mapper, geometry, options, target=target,
-                              native=False)
+                              native=False, ring=dev.ring)

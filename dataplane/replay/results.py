@@ -99,17 +99,19 @@ class ReplayResult:
     reader_ignored: int = 0
     skipped_examples: list[str] = field(default_factory=list)
     interrupted: bool = False
+    ring: str = ""                   # the virtqueue format replayed on ("split", "packed"; native: "")
 
     @classmethod
     def build(cls, engine: EngineRun, reader: Any, scan: TraceScan, mapper: RecordMapper,
-              geometry: Geometry, options: ReplayOptions, *, target: str, native: bool) -> ReplayResult:
+              geometry: Geometry, options: ReplayOptions, *, target: str, native: bool,
+              ring: str = "") -> ReplayResult:
         return cls(runs=engine.runs, series=engine.series, started=engine.started, options=options,
                    trace=str(getattr(reader, "path", "")), trace_format=getattr(reader, "format_name", ""),
                    target=target, native=native, geometry=geometry, scan=scan, mapping=mapper.counters,
                    buf_size=mapper.buf_size, reader_skipped=int(getattr(reader, "skipped", 0)),
                    reader_ignored=int(getattr(reader, "ignored", 0)),
                    skipped_examples=[str(e) for e in getattr(reader, "skipped_errors", [])],
-                   interrupted=engine.interrupted)
+                   interrupted=engine.interrupted, ring=ring)
 
     # ---- what went wrong ----
 
@@ -238,7 +240,7 @@ class ReplayResult:
         out = job_json(unit.name, err, int(round(runtime / 1e9)), self.job_options())
         for dname, op in FIO_DIRS:
             iops, bw = self._samples(unit, op)
-            d = dir_json(unit.ops[op], runtime, iops, bw, lat_percentiles=timed)
+            d = dir_json(unit.ops[op], runtime, iops, bw, lat_percentiles=timed, sample_ms=1000.0)
             out[dname] = with_bw_agg(d, bw_agg.get(op, 0))
         flush = unit.ops[Op.FLUSH]
         sync_lat = _hist_summary(flush.clat)
@@ -268,7 +270,8 @@ class ReplayResult:
                           [self._job_json(u, bw_agg) for u in units]),
             "dataplane_replay": {
                 "trace": self.trace, "format": self.trace_format, "target": self.target,
-                "native": self.native, "mode": self.options.mode, "speed": self.options.speed,
+                "native": self.native, "ring": self.ring, "mode": self.options.mode,
+                "speed": self.options.speed,
                 "iodepth": self.options.depth, "queues": len(self.runs),
                 "queue_map": self.options.queue_map, "fit": self.options.fit,
                 "capacity": self.geometry.capacity, "block_size": self.geometry.block_size,
@@ -320,7 +323,7 @@ class ReplayResult:
         o = self.options
         mode = f"timed (speed {o.speed:g})" if o.mode == "timed" else f"afap (iodepth {o.depth})"
         out = [f"replay: {r['trace']} ({r['format']}) -> {r['target']}"
-               f"{' (io_uring, O_DIRECT)' if self.native else ''}",
+               f"{' (io_uring, O_DIRECT)' if self.native else f' ({self.ring} rings)'}",
                f"  mode={mode}, queues={r['queues']}, queue map={r['queue_map']}, fit={r['fit']}"
                + (f" (offsets x{r['scale']:.4g})" if r["scale"] else "")
                + f", block size={r['block_size']}"]

@@ -199,3 +199,21 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         raise
     yield backend
     _stop_backend(backend)
+
+
+@pytest.fixture(scope="session")
+def libvirtd(tmp_path_factory: pytest.TempPathFactory):
+    """One private libvirtd (system mode, QEMU as libvirt-qemu) for the whole run; skipped,
+    with the reason, only where it cannot start (not root, libvirt not installed, no mount
+    namespace). At the end no test may have left a domain defined."""
+    from libvirt_daemon import LibvirtDaemon, LibvirtUnavailable
+
+    daemon = LibvirtDaemon(tmp_path_factory.mktemp("libvirtd"))
+    try:
+        daemon.start()
+    except LibvirtUnavailable as exc:
+        pytest.skip(f"libvirtd cannot run here: {exc}")
+    yield daemon
+    left = daemon.domains()
+    daemon.stop()
+    assert not left, f"domains left defined by a test: {left}"

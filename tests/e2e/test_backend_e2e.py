@@ -145,11 +145,12 @@ def _finish(backend: Backend, result: GuestResult) -> Run:
     return run
 
 
-def run_script(image: GuestImage, backend: Backend, body: str, tmp_path: Path) -> Run:
+def run_script(image: GuestImage, backend: Backend, body: str, tmp_path: Path,
+               packed: bool = False) -> Run:
     """Boot the guest against the backend, run PRELUDE + body, wait for the disconnect."""
     try:
         result = run_guest(image, PRELUDE + body + EPILOGUE, socket=backend.socket,
-                           num_queues=backend.queues, timeout=GUEST_TIMEOUT,
+                           num_queues=backend.queues, timeout=GUEST_TIMEOUT, packed=packed,
                            log_path=tmp_path / "console.log")
     except GuestTimeout as exc:
         pytest.fail(f"{exc}\n--- backend log (tail) ---\n{backend.log_tail()}")
@@ -232,10 +233,11 @@ grep -E 'err=|issued rwts' /tmp/fio.out | sed 's/^ */DP-FIO /'
 """
 
 
-def run_fio_guest(image: GuestImage, backend: Backend, body: str, tmp_path: Path) -> Run:
+def run_fio_guest(image: GuestImage, backend: Backend, body: str, tmp_path: Path,
+                  packed: bool = False) -> Run:
     """Like run_script, but checks the backend's I/O threads while fio is running."""
     handle = start_guest(image, PRELUDE + body + EPILOGUE, socket=backend.socket,
-                         num_queues=backend.queues, log_path=tmp_path / "console.log")
+                         num_queues=backend.queues, packed=packed, log_path=tmp_path / "console.log")
     with handle:
         if not handle.wait_for_output("DP-FIO-RUNNING", GUEST_TIMEOUT):
             handle.kill()
@@ -337,12 +339,7 @@ def test_fio_write_verify_per_queue(guest_image: GuestImage, backend: Backend,
         assert data[lo:hi].count(0) == hi - lo, f"data outside fio's regions in [{lo:#x}, {hi:#x})"
 
 
-@pytest.mark.parametrize("backend", STORED_BACKEND_PARAMS, indirect=True)
-def test_filesystem_round_trip(guest_image: GuestImage, backend: Backend,
-                               tmp_path: Path) -> None:
-    """mkfs.ext4, write files, remount with caches dropped, checksums match, fsck clean;
-    the host then checks the image with e2fsck and reads the files back with debugfs."""
-    body = r"""
+EXT4_BODY = r"""
 check mkfs /bin/mkfs.ext4 -q -F /dev/vda
 mkdir -p /mnt
 check mount1 mount -t ext4 /dev/vda /mnt
@@ -366,9 +363,13 @@ check file-count same "$(find /mnt/f1 /mnt/f2 /mnt/dir -type f | wc -l)" 18
 check umount2 umount /mnt
 check fsck /bin/fsck.ext4 -fn /dev/vda
 """
-    run = run_script(guest_image, backend, body, tmp_path)
-    run.assert_checks(["mkfs", "mount1", "write-files", "umount1", "flushbufs", "mount2",
-                       "sums-match", "file-count", "umount2", "fsck"])
+EXT4_CHECKS = ["mkfs", "mount1", "write-files", "umount1", "flushbufs", "mount2", "sums-match",
+               "file-count", "umount2", "fsck"]
+
+
+def assert_ext4_round_trip(run: Run, backend: Backend, tmp_path: Path) -> None:
+    """After EXT4_BODY: FLUSHes were sent, and the host's e2fsck and debugfs agree with the
+    guest about the image and every file in it."""
     sums = {}
     for line in run.markers("DP-SUM"):
         _, digest, name = line.split()
@@ -396,6 +397,16 @@ check fsck /bin/fsck.ext4 -fn /dev/vda
         assert cat.returncode == 0, cat.stderr.decode(errors="replace")
         assert hashlib.sha256(cat.stdout).hexdigest() == digest, (
             f"/{name} read by the host's debugfs differs from what the guest wrote")
+
+
+@pytest.mark.parametrize("backend", STORED_BACKEND_PARAMS, indirect=True)
+def test_filesystem_round_trip(guest_image: GuestImage, backend: Backend,
+                               tmp_path: Path) -> None:
+    """mkfs.ext4, write files, remount with caches dropped, checksums match, fsck clean;
+    the host then checks the image with e2fsck and reads the files back with debugfs."""
+    run = run_script(guest_image, backend, EXT4_BODY, tmp_path)
+    run.assert_checks(EXT4_CHECKS)
+    assert_ext4_round_trip(run, backend, tmp_path)
 
 
 # Discard: fill [64, 72) MiB, discard [65, 69) MiB. Write zeroes (sector granular): fill
@@ -517,3 +528,58 @@ check null-fio-region-zero same "$(disk_md5 1M 0 4)" "$(zero_md5 1M 4)"
                        "null-fio-region-zero"])
     assert_fio_clean(run, n)
     assert_queue_stats(run, n)
+
+
+# --------------------------------------------------------------------------- packed rings
+
+# The guest's own view: virtio feature bit 34 (VIRTIO_F_RING_PACKED) in the features it acked.
+PACKED_BODY = r"""
+check packed-acked same "$(cut -c35 /sys/block/vda/device/features)" 1
+"""
+
+
+def assert_packed_negotiated(run: Run, queues: int) -> None:
+    """The backend acked VIRTIO_F_RING_PACKED and started every queue as a packed ring (after
+    SeaBIOS's split ring on the same connection), and served it."""
+    log = run.backend.read_log()
+    acked = [line for line in log.splitlines() if "features acked:" in line]
+    assert acked and "VIRTIO_F_RING_PACKED" in acked[-1], f"features: {acked}{run.diag()}"
+    for i in range(queues):
+        assert f"vq{i} started: size 128, packed ring, base 0x80008000" in log, run.diag()
+    assert "(packed rings)" in log, f"no packed inflight buffer{run.diag()}"
+
+
+PACKED_PARAMS = [pytest.param(("file", 2), id="file-q2")]
+
+
+@pytest.mark.parametrize("backend", PACKED_PARAMS, indirect=True)
+def test_packed_rings_fio_verify_then_ext4(guest_image: GuestImage, backend: Backend,
+                                           tmp_path: Path) -> None:
+    """A guest with `packed=on` and 2 queues: fio randwrite + crc32c verify, one job per queue,
+    then the ext4 round trip on the same disk; the guest acked VIRTIO_F_RING_PACKED."""
+    n = backend.queues
+    body = PACKED_BODY + fio_body(n, {"rw": "randwrite", "verify": "crc32c", "do_verify": "1",
+                                      "verify_fatal": "1", "verify_state_save": "0"}) + EXT4_BODY
+    run = run_fio_guest(guest_image, backend, body, tmp_path, packed=True)
+    run.assert_checks(["packed-acked", "fio-observed-running", "fio-exit-status", *EXT4_CHECKS])
+    assert_fio_clean(run, n)
+    assert_queue_stats(run, n)
+    assert_packed_negotiated(run, n)
+    assert_ext4_round_trip(run, backend, tmp_path)
+
+
+@pytest.mark.parametrize("backend", [pytest.param(("null", 2), id="null-q2")], indirect=True)
+def test_packed_rings_on_a_null_disk(guest_image: GuestImage, backend: Backend,
+                                     tmp_path: Path) -> None:
+    """The same guest on a null disk: fio randrw on both packed queues, zero reads."""
+    n = backend.queues
+    body = PACKED_BODY + fio_body(n, {"rw": "randrw", "rwmixread": "50"}) + r"""
+check null-fill fill_mib 200 2
+check null-reads-zero mib_is 200 2 $ZERO_MIB_MD5
+"""
+    run = run_fio_guest(guest_image, backend, body, tmp_path, packed=True)
+    run.assert_checks(["packed-acked", "fio-observed-running", "fio-exit-status", "null-fill",
+                       "null-reads-zero"])
+    assert_fio_clean(run, n)
+    assert_queue_stats(run, n)
+    assert_packed_negotiated(run, n)

@@ -14,6 +14,10 @@ that had completed (what a rewind to the used index alone would have lost).
 
 With `--debug-no-inflight` the same run must fail: the guest gets completions twice
 ("id N is not a head!", I/O errors) or never (a hang, caught by the deadline).
+
+Both run with split rings and with packed rings (`packed=on`). With packed rings QEMU cannot
+rewind (there is no index in shared memory, so it re-sends the stale base it last knew): the
+restarted backend must take the ring's position from the inflight buffer too.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ RECONNECT_TIMEOUT = 20.0     # QEMU retries every second (reconnect=1)
 RUNNING_TIMEOUT = 90.0       # boot + fio's first writes
 FINISH_MARGIN = 60.0         # after fio's runtime: final verify pass, power-off
 FAILURE_MARKERS = ("is not a head", "I/O error", "verify:", "DP-FIO-RC ")
+STALL_SAMPLES = 6            # DP-IO samples (2 s apart) without a completed I/O: lost requests
 
 FIO_JOB = f"""[global]
 filename=/dev/vda
@@ -81,8 +86,14 @@ while [ "$(awk '{{print $5}}' /sys/block/vda/stat)" = "$w0" ] && kill -0 $fpid 2
     i=$((i + 1))
 done
 echo DP-FIO-RUNNING
+# Completed I/Os every 2 s: a guest whose requests were lost shows it as a standstill.
+(while sleep 2; do echo "DP-IO $(awk '{{print $1 + $5}}' /sys/block/vda/stat)"; done) &
+ipid=$!
 wait $fpid
-echo "DP-FIO-RC $?"
+frc=$?
+kill $ipid
+wait $ipid 2>/dev/null
+echo "DP-FIO-RC $frc"
 grep -E 'err=|issued rwts|verify' /tmp/fio.out | sed 's/^ */DP-FIO /'
 dmesg | grep -E 'I/O error|not a head|virtio' | sed 's/^/DP-DMESG /'
 echo DP-DONE
@@ -112,17 +123,25 @@ class Run:
     def failure_seen(self) -> bool:
         rc = self.markers("DP-FIO-RC ")
         return (any(m in self.output for m in FAILURE_MARKERS[:3])
-                or bool(rc and rc != ["DP-FIO-RC 0"]))
+                or bool(rc and rc != ["DP-FIO-RC 0"]) or self.stalled())
+
+    def stalled(self) -> bool:
+        """fio still running, and no I/O completed for STALL_SAMPLES samples: a hang."""
+        io = self.markers("DP-IO ")[-STALL_SAMPLES:]
+        return (len(io) == STALL_SAMPLES and len(set(io)) == 1
+                and not self.markers("DP-FIO-RC"))
 
     def diag(self) -> str:
         logs = "\n".join(f"--- {s.name}: " + "\n".join(
             line for line in s.log().splitlines() if "resubmitted" in line or " ERROR " in line
-            or "connected" in line or "stopped" in line) for s in self.serves)
+            or "connected" in line or "stopped" in line or "inflight region" in line)
+            for s in self.serves)
         return f"\n--- guest console (tail) ---\n{self.output[-4000:]}\n{logs}"
 
 
 def kill_and_restart_under_fio(image: GuestImage, tmp: Path, flags: tuple[str, ...] = (),
-                               stop_on_failure: bool = False, spec: str | None = None) -> Run:
+                               stop_on_failure: bool = False, spec: str | None = None,
+                               packed: bool = False) -> Run:
     """spec: the --disk of every backend (default: a file here, with LATENCY stacked on it)."""
     sock = tmp / "vub.sock"
     if spec is None:
@@ -137,7 +156,8 @@ def kill_and_restart_under_fio(image: GuestImage, tmp: Path, flags: tuple[str, .
         handle = start_guest(
             image, GUEST_SCRIPT, socket=None, num_queues=QUEUES, kernel_args=["dpguest.disk=1"],
             extra_args=["-chardev", f"socket,id=vub0,path={sock},reconnect=1",
-                        "-device", f"vhost-user-blk-pci,chardev=vub0,num-queues={QUEUES},queue-size=128"],
+                        "-device", f"vhost-user-blk-pci,chardev=vub0,num-queues={QUEUES},queue-size=128"
+                        + (",packed=on" if packed else "")],
             log_path=tmp / "console.log")
         assert handle.wait_for_output("DP-FIO-RUNNING", RUNNING_TIMEOUT), (
             f"fio never started{run.diag()}\n{handle.output[-3000:]}")
@@ -185,9 +205,13 @@ def stop_last(run: Run) -> None:
     assert rc == 0, f"{last.name} exited {rc}{run.diag()}"
 
 
-def test_three_backend_kills_under_fio_verify(guest_image: GuestImage, tmp_path: Path) -> None:
-    run = kill_and_restart_under_fio(guest_image, tmp_path)
-    assert_nothing_lost(run)
+RINGS = pytest.mark.parametrize("ring", ["split", "packed"])
+
+
+@RINGS
+def test_three_backend_kills_under_fio_verify(guest_image: GuestImage, tmp_path: Path, ring: str) -> None:
+    run = kill_and_restart_under_fio(guest_image, tmp_path, packed=ring == "packed")
+    assert_nothing_lost(run, packed=ring == "packed")
 
 
 def test_three_backend_kills_under_fio_verify_on_rbd(guest_image: GuestImage, ceph: CephCluster,
@@ -203,7 +227,7 @@ def test_three_backend_kills_under_fio_verify_on_rbd(guest_image: GuestImage, ce
     assert broke == [s.name for s in run.restarted()], f"lock reclaimed by {broke}{run.diag()}"
 
 
-def assert_nothing_lost(run: Run) -> None:
+def assert_nothing_lost(run: Run, packed: bool = False) -> None:
     stop_last(run)
     assert run.finished, f"the guest did not finish in time{run.diag()}"
     qualifying = run.out_of_order_restarts()
@@ -221,14 +245,23 @@ def assert_nothing_lost(run: Run) -> None:
         assert " ERROR " not in s.log() and "ring broken" not in s.log(), (
             f"{s.name} logged errors:\n{s.log()[-3000:]}")
         assert s.log().count("front end connected") == 1, f"{s.name}{run.diag()}"
+    if packed:
+        assert "VIRTIO_F_RING_PACKED" in run.serves[0].log(), run.diag()
+        # QEMU re-sent a stale base: each restarted backend took the position from the region
+        for s in run.restarted():
+            assert "packed ring position" in s.log() and "from the inflight region" in s.log(), (
+                f"{s.name}{run.diag()}")
 
 
-def test_the_same_kills_without_inflight_tracking_fail(guest_image: GuestImage, tmp_path: Path) -> None:
-    """--debug-no-inflight: the restarted backend starts at the used index and knows nothing
-    of what was in flight. The guest must notice: double completions ("not a head"), I/O
-    errors, a verify failure, or a hang past the deadline."""
+@RINGS
+def test_the_same_kills_without_inflight_tracking_fail(guest_image: GuestImage, tmp_path: Path,
+                                                       ring: str) -> None:
+    """--debug-no-inflight: the restarted backend starts at the used index (split) or at the
+    stale base (packed) and knows nothing of what was in flight. The guest must notice:
+    double completions ("not a head"), I/O errors, a verify failure, or a hang past the
+    deadline."""
     run = kill_and_restart_under_fio(guest_image, tmp_path, ("--debug-no-inflight",),
-                                     stop_on_failure=True)
+                                     stop_on_failure=True, packed=ring == "packed")
     stop_last(run)
     assert run.kills >= 1, run.diag()
     assert all(s.resubmissions() == {} for s in run.serves), run.diag()

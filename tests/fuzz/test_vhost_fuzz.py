@@ -3,7 +3,8 @@
 Two targets:
 * in-process: message sequences (well-formed structs with hostile values, random bytes,
   random fds) straight into VhostUserBlkDevice.handle(), including sequences that map
-  memory and start queues on rings full of garbage, so the C ring walker is fuzzed too;
+  memory and start queues on rings full of garbage, split or packed, so both C ring walkers
+  are fuzzed too;
 * over the socket: random byte streams, after which the server must still serve a frontend.
 
 Invariants: no exception escapes the handler, no fd is leaked, every started queue stops
@@ -41,7 +42,7 @@ from dataplane.protocol.vhost_user import (
 
 EXAMPLES = int(os.environ.get("DATAPLANE_FUZZ_EXAMPLES", "300"))
 MEM_SIZE = 1 << 20
-CASES = {"in_process": 0, "socket": 0, "kicks": 0}
+CASES = {"in_process": 0, "socket": 0, "kicks": 0, "packed": 0}
 
 pytestmark = pytest.mark.fuzz
 
@@ -50,10 +51,14 @@ def _fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def _garbage_rings(seed: int) -> bytes:
+PACKED_BITS = (0x80, 0x80, 0x80, 0x80, 0x8000, 0x8080, 0)   # mostly AVAIL (wrap 1); USED, both, neither
+
+
+def _garbage_rings(seed: int, packed: bool = False) -> bytes:
     """Memory for _plausible_start's two rings (8 entries at q*4096): small avail indices,
-    descriptors with random flags, next indices, addresses and lengths, and random request
-    headers everywhere else. Deep enough that the C walker sees chains, not just a jump."""
+    descriptors with random flags, next indices (packed: buffer ids and AVAIL/USED bits),
+    addresses and lengths, and random request headers everywhere else. Deep enough that the C
+    walker sees chains, not just a jump."""
     rng = random.Random(seed)
     mem = bytearray(rng.randbytes(64 * 1024))
     for q in range(2):
@@ -62,6 +67,14 @@ def _garbage_rings(seed: int) -> bytes:
             flags = rng.choice([0, 1, 2, 3, 4, 5, 6, 7, 1, 3, 2])
             addr = rng.choice([rng.randrange(0, MEM_SIZE), rng.randrange(0, 2**64), 16384 + 64 * i])
             length = rng.choice([0, 1, 16, 17, 512, 4096, 0xFFFFFFFF, rng.randrange(0, 2**32)])
+            if packed:   # {addr, len, id, flags}: ids mostly in range, fewer indirect tables
+                flags = rng.choice([0, 1, 2, 3, 1, 3, 2, 3, 4, 6])
+                if flags & 4:
+                    addr, length = rng.choice([(16384 + 64 * i, 16 * rng.randrange(0, 5)), (addr, length)])
+                id_ = rng.randrange(0, 8) if rng.random() < 0.9 else rng.randrange(0, 40)
+                struct.pack_into("<QIHH", mem, base + 16 * i, addr, length, id_,
+                                 flags | rng.choice(PACKED_BITS))
+                continue
             struct.pack_into("<QIHH", mem, base + 16 * i, addr, length, flags, rng.randrange(0, 10))
         struct.pack_into("<HH", mem, base + 2048, 0, rng.randrange(0, 10))
         for i in range(9):
@@ -80,7 +93,7 @@ def _make_fd(kind: str) -> int:
         fd = os.memfd_create("fuzz", os.MFD_CLOEXEC)
         os.ftruncate(fd, MEM_SIZE)
         seed = int(kind.partition(":")[2] or 0)
-        os.pwrite(fd, _garbage_rings(seed), 0)
+        os.pwrite(fd, _garbage_rings(seed, packed=kind.startswith("memfd-packed")), 0)
         return fd
     return os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
 
@@ -141,17 +154,20 @@ def message_stream(draw) -> list[tuple[int, int, bytes, list[str]]]:
     return out
 
 
-def _plausible_start(seed: int) -> list[tuple[int, int, bytes, list[str]]]:
-    """A valid start-up sequence whose rings sit in a memfd full of random bytes."""
+def _plausible_start(seed: int, packed: bool = False) -> list[tuple[int, int, bytes, list[str]]]:
+    """A valid start-up sequence whose rings (split, or packed: the descriptor ring, the driver
+    and the device areas at the same offsets) sit in a memfd full of random bytes."""
     uva = 0x7F0000000000
+    features = (1 << 32) | (1 << 28) | (1 << 29) | (1 << 30) | ((1 << 34) if packed else 0)
     seq = [
-        (Request.SET_FEATURES, 1, U64.pack((1 << 32) | (1 << 28) | (1 << 29) | (1 << 30)), []),
+        (Request.SET_FEATURES, 1, U64.pack(features), []),
         (Request.SET_MEM_TABLE, 1, MEMORY_HEADER.pack(1, 0) + MEMORY_REGION.pack(0, MEM_SIZE, uva, 0),
-         [f"memfd:{seed}"]),
+         [f"memfd{'-packed' if packed else ''}:{seed}"]),
     ]
     for q in range(2):
         seq += [
             (Request.SET_VRING_NUM, 1, VRING_STATE.pack(q, 8), []),
+            (Request.SET_VRING_BASE, 1, VRING_STATE.pack(q, 0x80008000 if packed else 0), []),
             (Request.SET_VRING_ADDR, 1, VRING_ADDR.pack(q, 0, uva + q * 4096, uva + q * 4096 + 3072,
                                                        uva + q * 4096 + 2048, 0), []),
             (Request.SET_VRING_KICK, 1, U64.pack(q), ["eventfd"]),
@@ -171,20 +187,22 @@ def campaign_summary() -> str | None:
     """One line for the test run's summary (tests/conftest.py prints it)."""
     if not CASES["in_process"] and not CASES["socket"]:
         return None
-    return (f"fuzz campaign: {CASES['in_process']} in-process message streams, {CASES['socket']} "
-            f"socket byte streams, {CASES['kicks']} kicks on garbage rings "
-            f"(DATAPLANE_FUZZ_EXAMPLES={EXAMPLES})")
+    return (f"fuzz campaign: {CASES['in_process']} in-process message streams ({CASES['packed']} "
+            f"starting packed rings), {CASES['socket']} socket byte streams, {CASES['kicks']} kicks "
+            f"on garbage rings (DATAPLANE_FUZZ_EXAMPLES={EXAMPLES})")
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
-@given(stream=message_stream(), start=st.booleans(), seed=st.integers(0, 2**32), data=st.data())
-def test_random_message_streams_never_crash_hang_or_leak(fuzz_disk, stream, start, seed, data):
+@given(stream=message_stream(), start=st.booleans(), packed=st.booleans(),
+       seed=st.integers(0, 2**32), data=st.data())
+def test_random_message_streams_never_crash_hang_or_leak(fuzz_disk, stream, start, packed, seed, data):
     CASES["in_process"] += 1
+    CASES["packed"] += int(start and packed)
     before = _fd_count()
     engines = EnginePool(ring_entries=64)
     device = VhostUserBlkDevice(fuzz_disk, 2, engines)
     try:
-        sequence = (_plausible_start(seed) if start else []) + stream
+        sequence = (_plausible_start(seed, packed) if start else []) + stream
         for req, flags, payload, fd_kinds in sequence:
             fds = [_make_fd(k) for k in fd_kinds]
             msg = Message(req, flags, payload, fds)

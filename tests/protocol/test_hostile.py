@@ -12,11 +12,13 @@ from __future__ import annotations
 import os
 import select
 import struct
+import time
 
 import pytest
 
 from dataplane.driver import Device
 from dataplane.driver.device import OUTHDR
+from dataplane.driver.packed import BASE_RESET, F_AVAIL, F_USED, PDESC, avail_bits
 from dataplane.driver.vring import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
 from dataplane.protocol import virtio_blk as vb
 from dataplane.protocol.vhost_user import Request
@@ -218,3 +220,180 @@ def test_a_broken_ring_is_served_again_after_the_front_end_resets_it(dev):
 
 
 
+
+
+# ---- packed rings: the same guest, the other ring format ----
+
+@pytest.fixture
+def pdev(start_backend, disk_file):
+    backend = start_backend(str(disk_file), queues=2)
+    device = Device.connect(backend.socket, queues=2, ring="packed")
+    device.backend = backend
+    device.err_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    device.client.set_u64(Request.SET_VRING_ERR, 0, [device.err_fd])
+    yield device
+    os.close(device.err_fd)
+    device.client.close()
+    for ring in device.rings:
+        ring.close()
+    device.mem.close()
+
+
+def praw(dev: Device, descs: list[tuple[int, int, int, int]], wrap: int | None = None) -> None:
+    """Write descriptors (addr, len, flags, id) at queue 0's avail position, with the AVAIL/USED
+    bits of its wrap counter (or of `wrap`) unless flags carry their own, the head last; kick."""
+    ring = dev.rings[0]
+    start, lap = ring.next_avail, ring.avail_wrap
+    slots = []
+    for _ in descs:
+        slots.append((ring.next_avail, ring.avail_wrap))
+        ring.advance()
+    for (slot, slot_wrap), (addr, length, flags, id_) in reversed(list(zip(slots, descs, strict=True))):
+        if not flags & (F_AVAIL | F_USED):
+            flags |= avail_bits(slot_wrap if wrap is None else wrap)
+        ring.write_desc(slot, addr, length, flags, id_)
+    ring.chains[descs[-1][3]] = []
+    ring.ndesc[descs[-1][3]] = len(descs)
+    ring.kick()
+    assert (start, lap) != (ring.next_avail, ring.avail_wrap) or not descs
+
+
+def read_chain(dev: Device, sector: int = 0) -> tuple[list[tuple[int, int, int]], int]:
+    """A well-formed read of 4 KiB: (addr, len, flags) x 3, and its status byte's address."""
+    st = status_buf(dev)
+    return [(header(dev, vb.ReqType.IN, sector), 16, VRING_DESC_F_NEXT),
+            (dev.mem.alloc(4096, 4096), 4096, W | VRING_DESC_F_NEXT), (st, 1, W)], st
+
+
+def nothing_happens(dev: Device, status_gpa: int, wait: float = 0.3) -> bool:
+    """The device neither took a request from queue 0 nor broke the ring."""
+    before = dev.backend.device.stats()[0]["requests"]
+    time.sleep(wait)
+    return (dev.backend.device.stats()[0]["requests"] == before
+            and dev.mem.read(status_gpa, 1) == b"\xee" and not ring_broke(dev, 0))
+
+
+def test_packed_wrong_wrap_bits_are_not_available_and_the_ring_goes_on(pdev):
+    chain, st = read_chain(pdev)
+    ring = pdev.rings[0]
+    praw(pdev, [(a, n, f, 0) for a, n, f in chain], wrap=0)          # last lap's bits
+    assert nothing_happens(pdev, st)
+    ring.write_desc(0, chain[0][0], 16, VRING_DESC_F_NEXT | F_AVAIL | F_USED, 0)
+    ring.kick()                                  # AVAIL flipped, USED along with it: "used"
+    assert nothing_happens(pdev, st)
+    ring.write_desc(0, chain[0][0], 16, VRING_DESC_F_NEXT, 0)
+    ring.kick()                                  # neither bit
+    assert nothing_happens(pdev, st)
+    for slot in (2, 1, 0):                       # now it is available, the head last
+        addr, length, flags = chain[slot]
+        ring.write_desc(slot, addr, length, flags | avail_bits(1), 0)
+    ring.kick()
+    assert answer(pdev, st) == vb.Status.OK
+    assert pdev.read(0, 512) == bytes(512)
+    other_queue_still_serves(pdev)
+
+
+def test_packed_id_out_of_range_breaks_the_ring(pdev):
+    chain, _ = read_chain(pdev)
+    praw(pdev, [(a, n, f, pdev.rings[0].num) for a, n, f in chain])
+    assert ring_broke(pdev)
+    other_queue_still_serves(pdev)
+
+
+def test_packed_id_made_available_twice_breaks_the_ring_before_it_completes_twice(start_backend, disk_file):
+    """The id of a request still in flight (a slow disk holds it), published again: completing
+    both would hand a Linux guest the same id twice ("id N is not a head!")."""
+    backend = start_backend(f"{disk_file},latency=fixed:300ms", queues=2)
+    dev = Device.connect(backend.socket, queues=2, ring="packed")
+    dev.err_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        dev.client.set_u64(Request.SET_VRING_ERR, 0, [dev.err_fd])
+        first, st1 = read_chain(dev)
+        praw(dev, [(a, n, f, 5) for a, n, f in first])
+        again, _ = read_chain(dev, 8)
+        praw(dev, [(a, n, f, 5) for a, n, f in again])
+        assert ring_broke(dev)
+        time.sleep(0.5)
+        used = dev.rings[0].pop_used()
+        assert [id_ for id_, _ in used] == [5]          # the first one, once
+        assert dev.mem.read(st1, 1)[0] == vb.Status.OK
+        other_queue_still_serves(dev)
+    finally:
+        os.close(dev.err_fd)
+        dev.client.close()
+        for ring in dev.rings:
+            ring.close()
+        dev.mem.close()
+
+
+def test_packed_list_longer_than_the_ring_breaks_it(pdev):
+    h = header(pdev, vb.ReqType.IN, 0)
+    n = pdev.rings[0].num
+    praw(pdev, [(h, 16, VRING_DESC_F_NEXT, 0)] * n)
+    assert ring_broke(pdev)
+    other_queue_still_serves(pdev)
+
+
+def test_packed_list_whose_tail_is_not_available_breaks_the_ring(pdev):
+    chain, _ = read_chain(pdev)
+    ring = pdev.rings[0]
+    descs = [(a, n, f, 0) for a, n, f in chain]
+    descs[2] = (*descs[2][:2], W | avail_bits(0), 0)   # the last lap's bits on the tail
+    praw(pdev, descs)
+    assert ring_broke(pdev)
+    assert ring.next_avail == 3
+    other_queue_still_serves(pdev)
+
+
+def test_packed_indirect_in_indirect_breaks_the_ring(pdev):
+    inner = pdev.mem.alloc(16, 16)
+    pdev.mem.write(inner, PDESC.pack(status_buf(pdev), 1, 0, W))
+    outer = pdev.mem.alloc(16, 16)
+    pdev.mem.write(outer, PDESC.pack(inner, 16, 0, VRING_DESC_F_INDIRECT))
+    praw(pdev, [(outer, 16, VRING_DESC_F_INDIRECT, 0)])
+    assert ring_broke(pdev)
+    other_queue_still_serves(pdev)
+
+
+def test_packed_indirect_inside_a_list_breaks_the_ring(pdev):
+    table = pdev.mem.alloc(16, 16)
+    pdev.mem.write(table, PDESC.pack(status_buf(pdev), 1, 0, W))
+    praw(pdev, [(header(pdev, vb.ReqType.IN, 0), 16, VRING_DESC_F_NEXT, 0),
+                (table, 16, VRING_DESC_F_INDIRECT, 0)])
+    assert ring_broke(pdev)
+    other_queue_still_serves(pdev)
+
+
+def test_packed_next_inside_an_indirect_table_breaks_the_ring(pdev):
+    table = pdev.mem.alloc(32, 16)
+    pdev.mem.write(table, PDESC.pack(header(pdev, vb.ReqType.IN, 0), 16, 0, VRING_DESC_F_NEXT)
+                   + PDESC.pack(status_buf(pdev), 1, 0, W))
+    praw(pdev, [(table, 32, VRING_DESC_F_INDIRECT, 0)])
+    assert ring_broke(pdev)
+    other_queue_still_serves(pdev)
+
+
+def test_packed_buffer_outside_every_region_is_ioerr(pdev):
+    st = status_buf(pdev)
+    praw(pdev, [(header(pdev, vb.ReqType.IN, 0), 16, VRING_DESC_F_NEXT, 0),
+                (pdev.mem.size + 4096, 4096, W | VRING_DESC_F_NEXT, 0), (st, 1, W, 0)])
+    assert answer(pdev, st) == vb.Status.IOERR
+    assert pdev.read(0, 512) == bytes(512)   # and queue 0 goes on
+    other_queue_still_serves(pdev)
+
+
+def test_packed_status_byte_missing_breaks_the_ring(pdev):
+    praw(pdev, [(header(pdev, vb.ReqType.FLUSH, 0), 16, 0, 0)])
+    assert ring_broke(pdev)
+    other_queue_still_serves(pdev)
+
+
+def test_a_broken_packed_ring_is_served_again_after_the_front_end_resets_it(pdev):
+    praw(pdev, [(header(pdev, vb.ReqType.FLUSH, 0), 16, 0, 0)])
+    assert ring_broke(pdev)
+    ring = pdev.rings[0]
+    pdev.client.get_vring_base(0)
+    ring.reset()
+    pdev.client.call(Request.SET_VRING_BASE, struct.pack("<II", 0, BASE_RESET))
+    pdev.client.set_u64(Request.SET_VRING_KICK, 0, [ring.kick_fd])
+    assert pdev.read(0, 4096) == bytes(4096)

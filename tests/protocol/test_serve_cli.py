@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -27,6 +28,22 @@ def wait_socket(path: Path, proc: subprocess.Popen, timeout: float = 10) -> None
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "socket never appeared"
         time.sleep(0.02)
+
+
+def wait_listening(path: Path, proc: subprocess.Popen, timeout: float = 10) -> None:
+    """Until a connection to path succeeds: a stale socket file refuses them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "nobody ever listened on the socket"
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+            return
+        except OSError:
+            time.sleep(0.02)
+        finally:
+            probe.close()
 
 
 def thread_names(pid: int) -> list[str]:
@@ -69,7 +86,7 @@ def test_socket_in_use_is_exit_2_and_stale_socket_is_replaced(tmp_path):
     assert sock.exists()
     third = serve("--socket", str(sock), "--disk", "null:16M", "--queues", "1")
     try:
-        wait_socket(sock, third)
+        wait_listening(sock, third)   # the stale file is there from the start
         time.sleep(0.3)
         assert third.poll() is None
     finally:
@@ -118,3 +135,12 @@ def _sigterm_while_serving(proc: subprocess.Popen, sock: Path, disk_file: Path) 
     data = disk_file.read_bytes()
     assert data[:4096] == b"\1" * 4096 and data[4096:8192] == b"\2" * 4096
     assert data[64 * 512: 64 * 512 + 32 * 4096] == b"\x77" * (32 * 4096)
+
+
+def test_a_socket_path_too_long_for_sockaddr_un_is_one_line(tmp_path):
+    long_dir = tmp_path / ("d" * 60) / ("e" * 40)
+    long_dir.mkdir(parents=True)
+    proc = serve("--socket", str(long_dir / "vm.sock"), "--disk", "null:1M")
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2 and len(err.strip().splitlines()) == 1, err
+    assert "bytes long; a UNIX socket path may have at most 107" in err

@@ -156,7 +156,7 @@ def test_unknown_key_suggests_the_close_one(tmp_path: Path, key: str, suggestion
 
 def test_unknown_key_far_from_any_lists_the_keys(tmp_path: Path) -> None:
     with pytest.raises(ConfigError,
-                       match=r'unknown key "zzz" \(known keys: cache, disk, inflight, log_level,'):
+                       match=r'unknown key "zzz" \(known keys: cache, disk, export, inflight, io_threads,'):
         load_config(write(tmp_path, "zzz = 1\n"))
     with pytest.raises(ConfigError, match='unknown key "serve"'):
         load_config(write(tmp_path, '[serve]\nqueues = 2\n'))
@@ -196,3 +196,118 @@ def test_required_keys() -> None:
 def test_threads_policy_needs_enough_queues() -> None:
     with pytest.raises(ConfigError, match="threads=8 needs at least as many virtqueues, but queues is 4"):
         merge({"disk": "/d", "policy": Policy("threads", 8)}, {"queues": 4}, command="plan")
+
+
+# ---- exports: [[export]] tables, sockets handed over, export_add's parameters ----
+
+TABLES = """\
+rpc_socket = "rpc.sock"
+vcpu_cpus = "0-1"
+
+[[export]]
+name = "vm1"
+disk = "vm1.img"
+socket = "vm1.sock"
+queues = 2
+socket_group = "kvm"
+socket_mode = "0660"
+
+[[export]]
+disk = "null:1G"
+socket_fd = "vm2"           # systemd socket activation (LISTEN_FDNAMES)
+read_only = true
+serial = "vm2-data"
+
+[[export]]
+name = "vm3"
+disk = "null:2G"
+addr = { type = "fd", str = "7" }
+vcpu_cpus = [4, 5]
+"""
+
+
+def test_export_tables(tmp_path: Path) -> None:
+    from dataplane.config import ExportConfig, SocketAddress
+
+    config = merge(load_config(write(tmp_path, TABLES)), {})
+    assert config.rpc_socket == tmp_path / "rpc.sock" and config.vcpu_cpus == [0, 1]
+    vm1, vm2, vm3 = config.exports
+    assert vm1 == ExportConfig(name="vm1", disk=str(tmp_path / "vm1.img"),
+                               addr=SocketAddress("unix", path=tmp_path / "vm1.sock"), queues=2,
+                               socket_group="kvm", socket_mode=0o660)
+    assert (vm2.name, vm2.addr, vm2.read_only, vm2.serial) == (
+        "vm2", SocketAddress("fd", fd="vm2"), True, "vm2-data")   # the name from the fd's name
+    assert vm2.queues == default_queues()
+    assert (vm3.addr, vm3.vcpu_cpus) == (SocketAddress("fd", fd="7"), (4, 5))
+    assert vm1.to_dict()["socket_mode"] == "0660" and vm3.to_dict()["addr"] == {"type": "fd", "str": "7"}
+
+
+def test_top_level_keys_and_flags_are_one_export(tmp_path: Path) -> None:
+    config = merge(load_config(write(tmp_path, FULL)), {"socket": None, "name": "root"})
+    (export,) = config.exports
+    assert (export.name, export.disk, export.queues, export.read_only, export.cache) == (
+        "root", "/dev/nvme0n1", 8, True, "writeback")
+    assert merge({}, {"socket": Path("/run/x/vm7.sock"), "disk": "null:1G"}).exports[0].name == "vm7"
+    fd = merge({}, {"socket_fd": "3", "disk": "null:1G"}).exports[0]
+    assert (fd.addr.type, fd.addr.fd, fd.name) == ("fd", "3", "export0")
+    # a daemon managed over RPC alone has no export at start
+    assert merge({}, {"rpc_socket": "/run/rpc.sock"}).exports == []
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[[export]]\nname = "a"\ndisk = "null:1G"\nsocket = "/a"\nqueues = -1\n',
+     'config.toml: [[export]] #1 "a": queues: expected a positive integer, got -1'),
+    ('[[export]]\ndisk = "null:1G"\nsocket = "/a"\n[[export]]\nname = "b c"\ndisk = "null:1G"\n',
+     'config.toml: [[export]] #2: name: expected a name of letters, digits and _.:-'),
+    ('[[export]]\nname = "a"\ndisk = "null:1G"\nsocket = "/a"\nqueus = 2\n',
+     'config.toml: [[export]] #1 "a": unknown key "queus" (did you mean "queues"?)'),
+    ('[[export]]\nname = "a"\nsocket = "/a"\n', 'config.toml: [[export]] #1 "a": disk is required'),
+    ('[[export]]\nname = "a"\ndisk = "null:1G"\n',
+     'config.toml: [[export]] #1 "a": socket is required (or socket_fd, or addr'),
+    ('[[export]]\nname = "a"\ndisk = "null:1G"\nsocket = "/a"\nsocket_fd = 3\n',
+     'config.toml: [[export]] #1 "a": socket and socket_fd both say where to listen'),
+    ('[[export]]\nname = "a"\ndisk = "null:1G"\naddr = { type = "tcp", path = "x" }\n',
+     'config.toml: [[export]] #1 "a": addr.type: expected "unix" or "fd", got "tcp"'),
+    ('[[export]]\nname = "a"\ndisk = "null:1G"\naddr = { type = "fd", path = "x" }\n',
+     'config.toml: [[export]] #1 "a": addr: unknown key "path" for type fd (it takes str)'),
+    ('[[export]]\nname = "a"\ndisk = "null:1G"\nsocket_fd = -3\n',
+     'config.toml: [[export]] #1 "a": socket_fd: expected a file descriptor number or a LISTEN_FDNAMES'),
+    ('[[export]]\nname = "a"\ndisk = "null:1G"\nsocket = "/a"\n[[export]]\nname = "a"\ndisk = "null:1G"\n'
+     'socket = "/b"\n', 'config.toml: [[export]] #2: name "a" is already config.toml: [[export]] #1\'s'),
+    ('[[export]]\nname = "a"\ndisk = "null:1G"\nsocket = "/s"\n[[export]]\nname = "b"\ndisk = "null:1G"\n'
+     'socket = "/s"\n',
+     'config.toml: [[export]] #2: socket "/s" is already config.toml: [[export]] #1 "a"\'s'),
+    ('disk = "null:1G"\n[[export]]\nname = "a"\ndisk = "null:1G"\nsocket = "/a"\n',
+     "config.toml: disk is set at the top level, but the file describes its exports as [[export]] tables"),
+    ('export = "vm1"\n', 'config.toml: export must be [[export]] tables (an array of tables), got "vm1"'),
+    ("io_threads = 0\n", "config.toml: io_threads: expected a number of I/O threads from 1 to 1024, got 0"),
+])
+def test_a_bad_export_table_is_one_line_naming_table_and_key(monkeypatch: pytest.MonkeyPatch,
+                                                             tmp_path: Path, text: str, message: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, text)
+    with pytest.raises(ConfigError) as exc:
+        load_config("config.toml")
+    assert str(exc.value).startswith(message), str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+def test_export_flags_with_tables_are_refused(tmp_path: Path) -> None:
+    values = load_config(write(tmp_path, TABLES))
+    with pytest.raises(ConfigError, match=r"^--queues: the config file describes its exports as \[\[export"):
+        merge(values, {"queues": "4"})
+    assert merge(values, {"policy": "shared", "metrics": ":9100"}).policy == Policy("shared")
+
+
+def test_export_add_parameters_go_through_the_same_checks() -> None:
+    from dataplane.config import export_config
+
+    e = export_config({"name": "vm9", "disk": "null:1G", "socket": "/run/vm9.sock", "queues": "3",
+                       "socket_mode": "0660"}, "export_add")
+    assert (e.queues, e.socket_mode, str(e.addr)) == (3, 0o660, "/run/vm9.sock")
+    with pytest.raises(ConfigError, match=r'^export_add "vm9": socket: vm9.sock is a relative path; give an'):
+        export_config({"name": "vm9", "disk": "null:1G", "socket": "vm9.sock"}, "export_add")
+    with pytest.raises(ConfigError, match=r'^export_add "vm9": socket_mode: expected an octal mode in'):
+        export_config({"name": "vm9", "disk": "null:1G", "socket": "/s", "socket_mode": 432}, "export_add")
+    rbd = export_config({"disk": "rbd:pool/image", "socket": "/s"}, "export_add")
+    assert rbd.disk == "rbd:pool/image"      # a disk named by a scheme is not a path

@@ -1,6 +1,6 @@
 """docs/api.md is executable: every ```python block runs, in order, in one namespace, against a
 `dataplane serve` started here (a 64 MiB file, 2 queues). The examples see `SOCKET` (the
-backend's socket) and `TMPDIR` (a scratch directory)."""
+backend's socket), `RPC_SOCKET` (its management socket) and `TMPDIR` (a scratch directory)."""
 
 from __future__ import annotations
 
@@ -58,7 +58,8 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DocSession]:
     log = open(tmp / "serve.log", "w")   # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [sys.executable, "-m", "dataplane", "--log-level", "warning", "serve", "--socket", str(sock),
-         "--disk", str(disk), "--queues", "2", "--cache", "writeback"],
+         "--disk", str(disk), "--queues", "2", "--cache", "writeback",
+         "--rpc-socket", str(tmp / "rpc.sock")],
         cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30
@@ -66,7 +67,8 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DocSession]:
             assert proc.poll() is None, (tmp / "serve.log").read_text()
             assert time.monotonic() < deadline, "dataplane serve did not listen within 30 s"
             time.sleep(0.05)
-        yield DocSession({"__name__": "docs_api", "SOCKET": str(sock), "TMPDIR": str(tmp)})
+        yield DocSession({"__name__": "docs_api", "SOCKET": str(sock), "TMPDIR": str(tmp),
+                          "RPC_SOCKET": str(tmp / "rpc.sock")})
     finally:
         proc.terminate()
         try:
@@ -81,7 +83,7 @@ def test_the_walkthrough_covers_the_api():
     code = "\n".join(c for _, c in BLOCKS)
     assert len(BLOCKS) >= 8
     for api in ("Device.connect", ".submit(", ".wait(", ".load(", "Job(", "dp_hist_percentile",
-                "fetch_stats", "to_json("):
+                "fetch_stats", "to_json(", "rpc.export_add", "export_remove"):
         assert api in code, f"docs/api.md has no example using {api}"
 
 
