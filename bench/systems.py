@@ -268,8 +268,10 @@ def _run(argv: list[str], out_json: Path, timeout: float, backend: Backend | Non
 
 def run_dataplane_load(sock: Path, w: Workload, queues: int, runtime: float, ramp: float,
                        out_json: Path, backend: Backend, log_path: Path, cpus: str = "",
-                       poll_us: int = 0, ring: str | None = None) -> RunOutput:
-    """`dataplane load` against a socket (ring: --ring split|packed; None: load's default)."""
+                       poll_us: int = 0, ring: str | None = None,
+                       extra: tuple[str, ...] = ()) -> RunOutput:
+    """One `dataplane load` run (ring: --ring split|packed; None: load's default); extra: more
+    of its options (--log-all, --mem-regions N)."""
     argv = [sys.executable, "-m", "dataplane", "--log-level", "warning", "load",
             "--socket", str(sock), "--queues", str(queues), "--rw", w.rw, "--bs", w.bs,
             "--iodepth", str(w.iodepth), "--runtime", f"{runtime:g}", "--ramp", f"{ramp:g}",
@@ -280,6 +282,7 @@ def run_dataplane_load(sock: Path, w: Workload, queues: int, runtime: float, ram
         argv += ["--poll-us", str(poll_us)]
     if ring:
         argv += ["--ring", ring]
+    argv += list(extra)
     return _run(argv, out_json, runtime + ramp + 60, backend, log_path)
 
 

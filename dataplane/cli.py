@@ -110,6 +110,16 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
                         " CPU not running a vCPU)")
     p.add_argument("--debug-no-inflight", dest="inflight", action="store_false", default=None,
                    help=argparse.SUPPRESS)   # turns reconnect safety off, to prove the tests see it
+    # The same for migration: LOG_ALL and LOG_SHMFD are offered, nothing is logged.
+    p.add_argument("--debug-no-dirty-log", dest="dirty_log", action="store_false", default=None,
+                   help=argparse.SUPPRESS)
+    # The lost interrupt after a restart: no signal when a queue starts or gets a call fd...
+    p.add_argument("--debug-no-call-on-start", action="store_true", help=argparse.SUPPRESS)
+    # ...and a SIGKILL between the N-th used-index store and its interrupt.
+    p.add_argument("--debug-kill-before-signal", type=positive_int, default=None, metavar="N",
+                   help=argparse.SUPPRESS)
+    # REM_MEM_REG without waiting for the requests in flight (use-after-unmap, to prove the test).
+    p.add_argument("--debug-no-mem-drain", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--debug-serial-control", action="store_true", help=argparse.SUPPRESS)
     # one export's control work at a time (as one blocking loop would): proves the isolation test
 
@@ -195,6 +205,15 @@ def add_load_parser(sub: argparse._SubParsersAction) -> None:
     load.add_argument("--poll-us", dest="poll_us", type=count_arg, default=0,
                       help="spin on the used ring this long before sleeping on the call eventfd")
     load.add_argument("--cpus", default="", help="pin queue i's thread to the i-th CPU of this list")
+    load.add_argument("--mem-regions", dest="mem_regions", type=positive_int, default=1,
+                      help="give guest memory to the backend as this many regions (more than 8"
+                           " need CONFIGURE_MEM_SLOTS: one ADD_MEM_REG each)")
+    load.add_argument("--log-all", dest="log_all", action="store_true",
+                      help="run as under a live migration: a dirty log (SET_LOG_BASE, LOG_ALL,"
+                           " VHOST_VRING_F_LOG) harvested every 100 ms")
+    load.add_argument("--hotplug-every", dest="hotplug_every", type=time_arg, default=0.0,
+                      help="while it runs, hot-plug 1 MiB of memory and remove it again this often"
+                           " (ADD_MEM_REG / REM_MEM_REG)")
     load.add_argument("--group-reporting", "--group_reporting", dest="group_reporting",
                       action="store_true", help="one aggregate job instead of one per queue")
     load.add_argument("--output-format", "--output_format", dest="output_format",
@@ -302,6 +321,20 @@ def _install_sighup(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGHUP, on_sighup)
 
 
+def _debug_switches(args: argparse.Namespace) -> None:
+    """The hidden switches with which tests show what a protection is for (process-wide)."""
+    from .backend import set_debug_switches
+
+    set_debug_switches(args.debug_no_call_on_start, args.debug_kill_before_signal or 0,
+                       args.debug_no_mem_drain)
+    if args.debug_no_call_on_start:
+        log.warning("debug: no interrupt when a queue starts or its call fd changes")
+    if args.debug_kill_before_signal:
+        log.warning("debug: SIGKILL before interrupt number %d", args.debug_kill_before_signal)
+    if args.debug_no_mem_drain:
+        log.warning("debug: memory regions removed under the requests in flight")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .backend import Daemon, DaemonOptions, HandedSockets, install_signal_handlers
 
@@ -310,7 +343,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(getattr(logging, (args.log_level or cfg.log_level).upper()))
     daemon = Daemon(DaemonOptions(policy=cfg.policy, vcpu_cpus=cfg.vcpu_cpus, io_threads=cfg.io_threads,
                                   poll_us=cfg.poll_us, metrics=cfg.metrics, rpc_socket=cfg.rpc_socket,
-                                  serial_control=args.debug_serial_control), handed=handed)
+                                  serial_control=args.debug_serial_control,
+                                  dirty_log=args.dirty_log is not False), handed=handed)
+    _debug_switches(args)
     # Before any socket appears: a SIGTERM that follows the socket at once still drains.
     install_signal_handlers(daemon)
     _install_sighup(args)
@@ -331,6 +366,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_load(args: argparse.Namespace) -> int:
     from .driver import Device, Job
+    from .driver.background import Background
 
     cpus = parse_cpus(args.cpus)
     job = Job(rw=args.rw, rwmixread=args.rwmixread, bs=args.bs, iodepth=args.iodepth,
@@ -340,16 +376,21 @@ def cmd_load(args: argparse.Namespace) -> int:
     size = job.queue_size(indirect=bool(args.indirect))
     if size > 1024:
         size = job.queue_size(indirect=True)
-    with Device.connect(args.socket, queues=args.queues, queue_size=size,
-                        memory=job.memory_needed(args.queues), ring=args.ring) as dev:
-        result = dev.load(job)
+    with Device.connect(args.socket, queues=args.queues, queue_size=size, ring=args.ring,
+                        memory=job.memory_needed(args.queues), regions=args.mem_regions) as dev:
+        with Background(dev, log_all=args.log_all, hotplug_every=args.hotplug_every) as bg:
+            result = dev.load(job)
+    for line in bg.report.lines():
+        log.info("load: %s", line)
     report = render_report(result, args.output_format, args.group_reporting)
     if args.output is not None:
         args.output.write_text(report)
     else:
         sys.stdout.write(report)
-    if result.error or result.verify_failures or result.io_errors:
-        log.error("load: %s", result.summary_of_problems())
+    if result.error or result.verify_failures or result.io_errors or bg.report.error:
+        log.error("load: %s", "; ".join(filter(None, [
+            result.summary_of_problems() if result.error or result.verify_failures
+            or result.io_errors else "", bg.report.error])))
         return 1
     return 0
 

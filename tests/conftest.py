@@ -69,14 +69,16 @@ class RunningBackend:
 @pytest.fixture
 def start_backend(tmp_path: Path) -> Iterator:
     """Factory: start_backend(disk='null:64M', queues=2, read_only=False, cache='none',
-    poll_us=0)."""
+    poll_us=0, dirty_log=True)."""
     started: list[RunningBackend] = []
 
     def start(disk: str = "null:64M", queues: int = 2, read_only: bool = False,
-              cache: str = "none", serial: str = "dp-test", poll_us: int = 0) -> RunningBackend:
+              cache: str = "none", serial: str = "dp-test", poll_us: int = 0,
+              dirty_log: bool = True) -> RunningBackend:
         d = open_disk(disk, read_only=read_only, cache=cache, serial=serial)
         sock = tmp_path / f"vhost{len(started)}.sock"
-        server = VhostUserBlkServer(d, ServerOptions(socket_path=sock, num_queues=queues),
+        server = VhostUserBlkServer(d, ServerOptions(socket_path=sock, num_queues=queues,
+                                                     dirty_log=dirty_log),
                                     EnginePool(poll_ns=poll_us * 1000))
         thread = threading.Thread(target=server.serve_forever, name="vhost-server", daemon=True)
         thread.start()

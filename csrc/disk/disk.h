@@ -77,6 +77,7 @@ struct dp_disk_io {
     unsigned xfer_cnt;
     struct iovec bounce_iov;
     void *bounce;                /* aligned copy when O_DIRECT cannot take the guest's buffers */
+    struct iovec *xfer_copy;     /* what is left to transfer after a short one: iov stays intact */
     uint64_t done;               /* bytes transferred so far (short transfers resubmit) */
     unsigned pending;            /* sub-operations in flight */
     int result;                  /* what to complete with once pending reaches zero */

@@ -57,6 +57,8 @@ static void file_finish(const struct file_engine *fe, struct dp_disk_io *io, int
 {
     free(io->bounce);
     io->bounce = NULL;
+    free(io->xfer_copy);
+    io->xfer_copy = NULL;
     disk_complete(fe->env, io, result);
 }
 
@@ -102,6 +104,17 @@ static void rw_done(struct dp_disk_cqe *cqe, int res)
     }
     io->done += (uint64_t)res;
     if (io->done < io->nbytes) {
+        /* The rest, from a copy of the guest's iovecs: they are the submitter's (which reads
+         * them again after completion, e.g. to log what a read wrote). */
+        if (io->xfer_iov == io->iov) {
+            io->xfer_copy = malloc(io->xfer_cnt * sizeof(struct iovec));
+            if (!io->xfer_copy) {
+                file_finish(fe, io, -EIO);
+                return;
+            }
+            memcpy(io->xfer_copy, io->iov, io->xfer_cnt * sizeof(struct iovec));
+            io->xfer_iov = io->xfer_copy;
+        }
         iov_advance(&io->xfer_iov, &io->xfer_cnt, (size_t)res);
         submit_rw(fe, io);
         return;
@@ -143,6 +156,7 @@ static void file_submit(void *state, void *qstate, struct dp_disk_io *io)
     io->done = 0;
     io->result = 0;
     io->bounce = NULL;
+    io->xfer_copy = NULL;
     switch (io->op) {
     case DP_DISK_READ:
     case DP_DISK_WRITE:

@@ -136,4 +136,10 @@ int dp_load_get_stats(const struct dp_load *load, struct dp_load_stats *out);
 void dp_load_free(struct dp_load *load);
 int dp_load_thread_id(const struct dp_load *load);
 
+/* ==== the front end's side of the dirty log (log_harvest.c) ==== */
+/* Read and clear a dirty log while the device may be marking it, as QEMU does: an atomic
+ * exchange per 64-bit word (bitmap 8-byte aligned, words = its size / 8), the words that
+ * were read into out. Returns the number of bits found set. */
+uint64_t dp_log_harvest(void *bitmap, uint64_t words, uint64_t *out);
+
 #endif

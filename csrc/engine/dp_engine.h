@@ -18,13 +18,32 @@ void dp_engine_set_poll(struct dp_engine *engine, uint64_t poll_ns);
 /* The spin window now, in ns. */
 uint64_t dp_engine_poll_window(const struct dp_engine *engine);
 
-/* ---- serving a virtqueue (engine.c) ---- */
-/* call_fd < 0: no interrupts. Safe while the queue runs (swapped on its engine thread). */
+/* ---- serving a virtqueue (queue.c) ---- */
+/* call_fd < 0: no interrupts. Safe while the queue runs (swapped on its engine thread, which
+ * then signals the new fd once, as a queue does when it starts). */
 int dp_vq_set_call_fd(struct dp_vq *vq, int call_fd);
+/* Publish a memory table to queues, running or not (the caller frees the old table once this
+ * returns). A running queue swaps it on its engine thread; with drain, the call returns only
+ * once every request it popped under the old table has completed (a region went away: none
+ * may still point into it). A queue whose rings are not inside the new table is marked broken
+ * (-EFAULT); its in-flight requests still complete into the old mappings first. */
+int dp_vqs_set_mem(struct dp_vq *const *vqs, unsigned n, struct dp_mem *mem, int drain);
+/* What the queue logs into (log NULL: nothing), and whether it logs its used ring writes at
+ * used_gpa (VHOST_VRING_F_LOG). Safe while the queue runs: once this returns, the queue's
+ * thread writes into no other log. */
+int dp_vq_set_log(struct dp_vq *vq, struct dp_dirty_log *log, int log_used, uint64_t used_gpa);
 /* Attach to an engine and start serving the ring. */
 int dp_vq_start(struct dp_vq *vq, struct dp_engine *engine);
 /* Stop popping, wait for in-flight requests, detach. Returns last_avail_idx or -errno. */
 int dp_vq_stop(struct dp_vq *vq);
 void dp_vq_free(struct dp_vq *vq);
+
+/* ---- debug switches for tests (process-wide) ---- */
+#define DP_DEBUG_NO_START_SIGNAL 1   /* no interrupt when a queue starts or gets a call fd */
+#define DP_DEBUG_NO_MEM_DRAIN 2      /* a new table is acknowledged before old requests are done */
+void dp_debug_set_flags(unsigned flags);
+/* SIGKILL the process at the n-th interrupt any queue is about to send, after the used index
+ * it is for was published (0: never). */
+void dp_debug_kill_before_signal(unsigned nth);
 
 #endif

@@ -40,22 +40,67 @@ void engine_cmd_done(struct dp_engine *engine, struct engine_cmd *cmd, int resul
     pthread_mutex_unlock(&engine->lock);
 }
 
+int engine_post(struct dp_engine *engine, struct engine_cmd *cmd)
+{
+    uint64_t one = 1;
+    cmd->done = 0;
+    cmd->next = NULL;
+    pthread_mutex_lock(&engine->lock);
+    *engine->cmds_tail = cmd;
+    engine->cmds_tail = &cmd->next;
+    pthread_mutex_unlock(&engine->lock);
+    return write(engine->ctl_fd, &one, sizeof(one)) == sizeof(one) ? 0 : -EIO;
+}
+
+int engine_wait(struct dp_engine *engine, struct engine_cmd *cmd)
+{
+    pthread_mutex_lock(&engine->lock);
+    while (!cmd->done)
+        pthread_cond_wait(&engine->cond, &engine->lock);
+    pthread_mutex_unlock(&engine->lock);
+    return cmd->result;
+}
+
 int engine_call(struct dp_engine *engine, int op, struct dp_vq *vq, int arg)
 {
     struct engine_cmd cmd = { .op = op, .vq = vq, .arg = arg };
-    uint64_t one = 1;
-
-    pthread_mutex_lock(&engine->lock);
-    *engine->cmds_tail = &cmd;
-    engine->cmds_tail = &cmd.next;
-    pthread_mutex_unlock(&engine->lock);
-    if (write(engine->ctl_fd, &one, sizeof(one)) != sizeof(one))
+    if (engine_post(engine, &cmd))
         return -EIO;
-    pthread_mutex_lock(&engine->lock);
-    while (!cmd.done)
-        pthread_cond_wait(&engine->cond, &engine->lock);
-    pthread_mutex_unlock(&engine->lock);
-    return cmd.result;
+    return engine_wait(engine, &cmd);
+}
+
+/* ---- debug switches (tests) ---- */
+
+unsigned engine_debug_flags;
+unsigned engine_debug_kill_countdown;
+
+void dp_debug_set_flags(unsigned flags)
+{
+    __atomic_store_n(&engine_debug_flags, flags, __ATOMIC_RELAXED);
+}
+
+void dp_debug_kill_before_signal(unsigned nth)
+{
+    __atomic_store_n(&engine_debug_kill_countdown, nth, __ATOMIC_RELAXED);
+}
+
+void engine_debug_kill_point(void)
+{
+    if (__atomic_sub_fetch(&engine_debug_kill_countdown, 1, __ATOMIC_RELAXED) == 0)
+        kill(getpid(), SIGKILL);
+}
+
+/* A spurious interrupt costs the driver one look at its used ring; a missing one can hang it
+ * for good: a back end that died between publishing a used element and signalling it left
+ * the driver waiting for an interrupt nobody sends (libvhost-user signals on SET_VRING_CALL
+ * for the same reason). So a queue signals once when it starts and when its call fd changes. */
+void engine_signal_call(struct dp_vq *vq)
+{
+    if (vq->call_fd < 0 || (__atomic_load_n(&engine_debug_flags, __ATOMIC_RELAXED) & DP_DEBUG_NO_START_SIGNAL))
+        return;
+    uint64_t one = 1;
+    ssize_t rc = write(vq->call_fd, &one, sizeof(one));
+    (void)rc;
 }
 
 static void run_commands(struct dp_engine *engine)
@@ -77,6 +122,14 @@ static void run_commands(struct dp_engine *engine)
             break;
         case CMD_SET_CALL:
             cmd->vq->call_fd = cmd->arg;
+            engine_signal_call(cmd->vq);
+            engine_cmd_done(engine, cmd, 0);
+            break;
+        case CMD_SET_MEM:
+            queue_set_mem(engine, cmd->vq, cmd);   /* acknowledged once the old table is unused */
+            break;
+        case CMD_SET_LOG:
+            queue_set_log(cmd->vq, cmd->ptr);
             engine_cmd_done(engine, cmd, 0);
             break;
         case CMD_EXIT:

@@ -21,12 +21,13 @@ enum {
     TAG_MASK = DP_CQE_TAG_MASK,
 };
 
-enum { CMD_ATTACH, CMD_DETACH, CMD_SET_CALL, CMD_EXIT };
+enum { CMD_ATTACH, CMD_DETACH, CMD_SET_CALL, CMD_SET_MEM, CMD_SET_LOG, CMD_EXIT };
 
 struct engine_cmd {
     int op;
     int arg;
     struct dp_vq *vq;
+    void *ptr;                    /* SET_MEM: the table; SET_LOG: a struct vq_log_cfg */
     int done;
     int result;
     struct engine_cmd *next;
@@ -74,9 +75,31 @@ struct dp_engine {
 #define STAT_ADD(vq, field, n) \
     __atomic_store_n(&(vq)->stats.field, (vq)->stats.field + (n), __ATOMIC_RELAXED)
 
-/* engine.c: the mailbox */
+/* SET_LOG's payload: what a queue logs into (log NULL: nothing). */
+struct vq_log_cfg {
+    struct dp_dirty_log *log;
+    int log_used;
+    uint64_t used_gpa;
+};
+
+/* engine.c: the mailbox. engine_call = engine_post + engine_wait; posting to several engines
+ * before waiting lets them work at once. */
 int engine_call(struct dp_engine *engine, int op, struct dp_vq *vq, int arg);
+int engine_post(struct dp_engine *engine, struct engine_cmd *cmd);
+int engine_wait(struct dp_engine *engine, struct engine_cmd *cmd);
 void engine_cmd_done(struct dp_engine *engine, struct engine_cmd *cmd, int result);
+/* The call fd has a new value or the queue starts: signal it once (engine.c). */
+void engine_signal_call(struct dp_vq *vq);
+/* dp_debug_kill_before_signal: called where a used index is published and its interrupt is
+ * about to be sent; SIGKILLs the process at the n-th (nothing of it runs after that). */
+extern unsigned engine_debug_kill_countdown;
+extern unsigned engine_debug_flags;              /* DP_DEBUG_* */
+void engine_debug_kill_point(void);
+static inline void engine_debug_before_signal(void)
+{
+    if (__builtin_expect(__atomic_load_n(&engine_debug_kill_countdown, __ATOMIC_RELAXED) != 0, 0))
+        engine_debug_kill_point();
+}
 
 /* queue.c: queues on the engine thread */
 void queue_io_done(void *arg, struct dp_disk_io *io, int result);   /* the disks' complete */
@@ -86,5 +109,7 @@ void queue_finish_detaches(struct dp_engine *engine);
 void queue_kicked(struct dp_engine *engine, struct dp_vq *vq, int res);
 void queue_process_avail(struct dp_engine *engine, struct dp_vq *vq);
 void queue_notify(struct dp_vq *vq);
+void queue_set_mem(struct dp_engine *engine, struct dp_vq *vq, struct engine_cmd *cmd);
+void queue_set_log(struct dp_vq *vq, const struct vq_log_cfg *cfg);
 
 #endif

@@ -17,8 +17,17 @@
 #include "engine/engine.h"
 #include "util/clock.h"
 #include "util/hist.h"
+#include "vhost/dirty_log.h"
 
 /* ---- requests ---- */
+
+/* The last request popped under a memory table the queue no longer uses is done. */
+static void mem_drained(struct dp_vq *vq)
+{
+    struct engine_cmd *cmd = vq->mem_cmd;
+    vq->mem_cmd = NULL;
+    engine_cmd_done(vq->engine, cmd, cmd->result);
+}
 
 static void release_req(struct dp_vq *vq, struct dp_req *req)
 {
@@ -29,10 +38,27 @@ static void release_req(struct dp_vq *vq, struct dp_req *req)
         vq->starved = 0;
         vq->need_pop = 1;
     }
+    if (__builtin_expect(vq->mem_drain_left != 0, 0) && req->seq < vq->mem_drain_seq &&
+        --vq->mem_drain_left == 0)
+        mem_drained(vq);
 }
 
-/* Publish a finished request: status byte, used ring, statistics. */
-static void req_finish(struct dp_req *req, uint8_t status)
+/* Log what a request wrote into guest memory: the data a read or GET_ID put there (all of the
+ * buffers of a read its disk failed: it may have written part of them), and the status byte. */
+static __attribute__((noinline, cold)) void log_request(struct dp_vq *vq, const struct dp_req *req,
+                                                         uint8_t status, int from_disk)
+{
+    if (req->type == VIRTIO_BLK_T_IN || req->type == VIRTIO_BLK_T_GET_ID) {
+        size_t n = status == VIRTIO_BLK_S_OK ? req->used_len - 1
+                   : req->type == VIRTIO_BLK_T_IN && from_disk ? req->io.nbytes : 0;
+        vq_log_iov(vq, req->io.iov, req->io.iovcnt, n);
+    }
+    vq_log_host(vq, req->status, 1);
+}
+
+/* Publish a finished request: status byte, used ring, statistics. from_disk: its disk
+ * executed it (rather than the device answering at once). */
+static void req_finish(struct dp_req *req, uint8_t status, int from_disk)
 {
     struct dp_vq *vq = req->vq;
     if (status == VIRTIO_BLK_S_OK) {
@@ -59,6 +85,8 @@ static void req_finish(struct dp_req *req, uint8_t status)
     hist_add(&vq->latency, now_ns() - req->io.start_ns);
     /* The status byte is ordered before used->idx by the release in vq_push_used. */
     *req->status = status;
+    if (vq_logging(vq))
+        log_request(vq, req, status, from_disk);
     vq_push_used(vq, req->head, req->used_len);
     vq->need_notify = 1;
     release_req(vq, req);
@@ -66,7 +94,7 @@ static void req_finish(struct dp_req *req, uint8_t status)
 
 void queue_io_done(void *arg, struct dp_disk_io *io, int result)
 {
-    req_finish(container_of(io, struct dp_req, io), blk_status(result));
+    req_finish(container_of(io, struct dp_req, io), blk_status(result), 1);
 }
 
 static void count_request(struct dp_vq *vq, uint32_t type)
@@ -104,7 +132,7 @@ static void start_request(struct dp_req *req, const struct vq_chain *chain)
     if (status == VIRTIO_BLK_S_OK)
         status = blk_req_answer(req, vq->dev);
     if (status >= 0) {
-        req_finish(req, (uint8_t)status);
+        req_finish(req, (uint8_t)status, 0);
         return;
     }
     struct engine_disk *d = vq->disk;
@@ -144,6 +172,7 @@ void queue_notify(struct dp_vq *vq)
 {
     vq->need_notify = 0;
     if (vq_need_notify(vq) && vq->call_fd >= 0) {
+        engine_debug_before_signal();
         uint64_t one = 1;
         ssize_t rc = write(vq->call_fd, &one, sizeof(one));
         (void)rc;   /* a full counter still wakes the driver; nothing else to do */
@@ -296,8 +325,40 @@ int queue_attach(struct dp_engine *engine, struct dp_vq *vq)
         arm_kick(engine, vq);
     else
         engine->npolling++;
+    engine_signal_call(vq);
     resubmit_inflight(vq);
     return 0;
+}
+
+/* A new memory table (CMD_SET_MEM): requests popped from now on translate through it. With
+ * drain (cmd->arg), the command is acknowledged once the requests popped before are all done:
+ * then nothing of the queue points into a region the old table had and the new one lacks. */
+void queue_set_mem(struct dp_engine *engine, struct dp_vq *vq, struct engine_cmd *cmd)
+{
+    vq->mem = cmd->ptr;
+    /* The rings' host addresses stay as they were when they cannot be found in the new table:
+     * the requests in flight still complete into them (the old mapping lives until the drain
+     * is acknowledged), and the broken queue touches them no more after that. */
+    cmd->result = vq_map_rings(vq);
+    if (cmd->result)
+        vq_set_broken(vq);
+    uint64_t inflight = vq->stats.inflight;
+    if (!cmd->arg || inflight == 0 ||
+        (__atomic_load_n(&engine_debug_flags, __ATOMIC_RELAXED) & DP_DEBUG_NO_MEM_DRAIN)) {
+        engine_cmd_done(engine, cmd, cmd->result);
+        return;
+    }
+    vq->mem_drain_seq = vq->submit_seq;
+    vq->mem_drain_left = (unsigned)inflight;
+    vq->mem_cmd = cmd;
+}
+
+void queue_set_log(struct dp_vq *vq, const struct vq_log_cfg *cfg)
+{
+    vq->log = cfg->log;
+    vq->log_used = cfg->log != NULL && cfg->log_used;
+    vq->log_used_gpa = cfg->used_gpa;
+    vq->logging = cfg->log != NULL;
 }
 
 void queue_begin_detach(struct dp_engine *engine, struct dp_vq *vq, struct engine_cmd *cmd)
@@ -402,6 +463,52 @@ int dp_vq_set_call_fd(struct dp_vq *vq, int call_fd)
         return engine_call(vq->engine, CMD_SET_CALL, vq, call_fd);
     vq->call_fd = call_fd;
     return 0;
+}
+
+int dp_vqs_set_mem(struct dp_vq *const *vqs, unsigned n, struct dp_mem *mem, int drain)
+{
+    struct engine_cmd *cmds = calloc(n ? n : 1, sizeof(*cmds));
+    if (!cmds)
+        return -ENOMEM;
+    int rc = 0;
+    /* Post to every running queue first, so that their drains overlap. */
+    for (unsigned i = 0; i < n; i++) {
+        struct dp_vq *vq = vqs[i];
+        if (!vq->engine) {
+            int r = dp_vq_set_mem(vq, mem);
+            if (r && vq->addr_set && !rc)
+                rc = r;
+            continue;
+        }
+        cmds[i] = (struct engine_cmd){ .op = CMD_SET_MEM, .vq = vq, .ptr = mem, .arg = drain != 0 };
+        if (engine_post(vq->engine, &cmds[i])) {
+            /* The mailbox is gone: nothing can be published safely any more. */
+            cmds[i].vq = NULL;
+            rc = -EIO;
+        }
+    }
+    for (unsigned i = 0; i < n; i++) {
+        if (cmds[i].vq) {
+            int r = engine_wait(vqs[i]->engine, &cmds[i]);
+            if (r && !rc)
+                rc = r;
+        }
+    }
+    free(cmds);
+    return rc;
+}
+
+int dp_vq_set_log(struct dp_vq *vq, struct dp_dirty_log *log, int log_used, uint64_t used_gpa)
+{
+    struct vq_log_cfg cfg = { .log = log, .log_used = log_used, .used_gpa = used_gpa };
+    if (!vq->engine) {
+        queue_set_log(vq, &cfg);
+        return 0;
+    }
+    struct engine_cmd cmd = { .op = CMD_SET_LOG, .vq = vq, .ptr = &cfg };
+    if (engine_post(vq->engine, &cmd))
+        return -EIO;
+    return engine_wait(vq->engine, &cmd);
 }
 
 void dp_vq_free(struct dp_vq *vq)

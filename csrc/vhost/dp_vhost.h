@@ -1,12 +1,13 @@
-/* dp_vhost.h — public (cffi): guest memory, the device side of a virtqueue (split or packed)
- * and its inflight region. Serving a queue (start, stop, call fd) is engine/dp_engine.h. */
+/* dp_vhost.h — public (cffi): guest memory, the device side of a virtqueue (split or packed),
+ * its inflight region and the dirty log of live migration. Serving a queue (start, stop, call
+ * fd, a new memory table or log while it runs) is engine/dp_engine.h. */
 #ifndef DP_VHOST_H
 #define DP_VHOST_H
 
 #include <stdint.h>
 #include "util/dp_hist.h"
 
-#define DP_MAX_MEM_REGIONS 8
+#define DP_MAX_MEM_REGIONS 512   /* memory slots offered (GET_MAX_MEM_SLOTS) */
 #define DP_MAX_QUEUE_SIZE 1024
 
 /* ---- guest memory: regions and address translation (guest_mem.c) ---- */
@@ -20,10 +21,34 @@ int dp_mem_map_region(struct dp_mem *mem, int fd, uint64_t guest_phys_addr, uint
 int dp_mem_add_region(struct dp_mem *mem, uint64_t guest_phys_addr, uint64_t size,
                       uint64_t user_addr, void *host_addr);
 int dp_mem_region_count(const struct dp_mem *mem);
+/* A new, unpublished table with mem's regions, sharing their mappings: what ADD_MEM_REG and
+ * REM_MEM_REG change and publish. NULL when out of memory. */
+struct dp_mem *dp_mem_clone(const struct dp_mem *mem);
+/* Drop the region matching (guest_phys_addr, size, user_addr) exactly from an unpublished
+ * table (-ENOENT: none does). Its mapping goes with the last table holding it. */
+int dp_mem_remove_region(struct dp_mem *mem, uint64_t guest_phys_addr, uint64_t size,
+                         uint64_t user_addr);
+/* Guest-physical address of a host address inside one of the regions; UINT64_MAX if none. */
+uint64_t dp_mem_host_to_gpa(const struct dp_mem *mem, const void *host);
 /* Host address of [gpa, gpa+len) when it lies in one region, else NULL. */
 void *dp_mem_gpa_to_host(const struct dp_mem *mem, uint64_t gpa, uint64_t len);
 /* Same for a front-end user (virtual) address, as used for vring addresses. */
 void *dp_mem_uva_to_host(const struct dp_mem *mem, uint64_t uva, uint64_t len);
+
+/* ---- dirty log (dirty_log.c): VHOST_F_LOG_ALL with LOG_SHMFD ---- */
+/* One bit per 4 KiB guest-physical page, bit (page % 8) of byte (page / 8), set with an
+ * atomic OR after the device's store into the page. */
+#define DP_LOG_PAGE_SHIFT 12
+struct dp_dirty_log;
+/* Map the log a front end sends with SET_LOG_BASE: size bytes at offset in fd (shared, r/w).
+ * NULL on failure, -errno in *err. */
+struct dp_dirty_log *dp_log_map(int fd, uint64_t size, uint64_t offset, int *err);
+void dp_log_free(struct dp_dirty_log *log);
+uint64_t dp_log_size(const struct dp_dirty_log *log);
+/* Pages the device wrote beyond the end of the log (not marked: the front end sized it). */
+uint64_t dp_log_dropped(const struct dp_dirty_log *log);
+/* Mark [gpa, gpa+len) dirty (the walkers' path, exposed for tests). */
+void dp_log_mark(struct dp_dirty_log *log, uint64_t gpa, uint64_t len);
 
 /* ---- virtqueue (virtqueue.c) ---- */
 #define DP_VQ_F_EVENT_IDX 1

@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "vhost/dirty_log.h"
 #include "vhost/virtqueue.h"
 
 /* ---- guest memory: every translation and every store of this walker ---- */
@@ -58,6 +59,8 @@ static void packed_store_used(struct dp_vq *vq, uint16_t slot, uint16_t id, uint
     __atomic_store_n(&d->id, id, __ATOMIC_RELAXED);
     __atomic_store_n(&d->len, len, __ATOMIC_RELAXED);
     __atomic_store_n(&d->flags, flags, __ATOMIC_RELEASE);
+    if (vq_logging(vq))   /* in the descriptor ring: logged by the GPA of its region */
+        vq_log_host(vq, d, sizeof(*d));
 }
 
 /* The device event suppression area: the offset (EVENT_IDX) before the flags, which are only
@@ -71,7 +74,11 @@ static void packed_store_device_event(struct dp_vq *vq, int with_offset, uint16_
     if (vq->pk.device_flags != flags) {
         __atomic_store_n(&e->flags, flags, __ATOMIC_RELEASE);
         vq->pk.device_flags = flags;
+    } else if (!with_offset) {
+        return;   /* nothing stored */
     }
+    if (vq_logging(vq))   /* the device area is what log_guest_addr names (QEMU: used_phys) */
+        vq_log_used(vq, 0, sizeof(*e));
 }
 
 static struct inflight_packed *packed_region(const struct dp_vq *vq)

@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "virtqueue.h"
+#include "vhost/dirty_log.h"
 
 static uint16_t *used_event_ptr(struct dp_vq *vq)
 {
@@ -148,6 +149,22 @@ int vq_split_pop(struct dp_vq *vq, struct vq_chain *chain, struct iovec *iov, un
     return rc;
 }
 
+/* The used element just published and the index (while the queue logs). */
+static __attribute__((noinline, cold)) void log_push(struct dp_vq *vq)
+{
+    uint64_t slot = (uint16_t)(vq->used_idx - 1) & (vq->num - 1);
+    vq_log_used(vq, offsetof(struct vring_used, ring) + slot * sizeof(struct vring_used_elem),
+                sizeof(struct vring_used_elem));
+    vq_log_used(vq, offsetof(struct vring_used, idx), sizeof(uint16_t));
+}
+
+/* avail_event, at the end of the used ring. */
+static __attribute__((noinline, cold)) void log_avail_event(struct dp_vq *vq)
+{
+    vq_log_used(vq, offsetof(struct vring_used, ring) + vq->num * sizeof(struct vring_used_elem),
+                sizeof(uint16_t));
+}
+
 void vq_split_push_used(struct dp_vq *vq, uint16_t head, uint32_t len)
 {
     struct inflight_region *r = vq->inflight;
@@ -167,6 +184,8 @@ void vq_split_push_used(struct dp_vq *vq, uint16_t head, uint32_t len)
         inflight_order();
         r->used_idx = vq->used_idx;
     }
+    if (vq_logging(vq))
+        log_push(vq);   /* last: a tail call, so the fast path saves no register for it */
 }
 
 int vq_split_need_notify(struct dp_vq *vq)
@@ -190,8 +209,11 @@ int vq_split_enable_notify(struct dp_vq *vq)
 {
     if (vq->broken)
         return 0;
-    if (vq->flags & DP_VQ_F_EVENT_IDX)
+    if (vq->flags & DP_VQ_F_EVENT_IDX) {
         __atomic_store_n(avail_event_ptr(vq), vq->last_avail_idx, __ATOMIC_RELAXED);
+        if (vq_logging(vq))
+            log_avail_event(vq);
+    }
     virtio_store_mb();   /* avail_event before the re-read of avail->idx */
     return vq_split_has_avail(vq);
 }

@@ -41,6 +41,7 @@ struct dp_blk_dev;
 struct dp_engine;
 struct engine_disk;
 struct dp_req;
+struct dp_dirty_log;
 
 struct dp_vq {
     /* ring state: touched only by the thread that serves the queue (or by the control
@@ -64,6 +65,7 @@ struct dp_vq {
     int kick_fd;
     int call_fd;
     int err_fd;
+    int logging;                  /* log != NULL: every store into guest memory is logged */
 
     /* serving state: the engine's (engine/queue.c); this room never reads it */
     struct dp_blk_dev *dev;       /* the virtio-blk device the queue serves */
@@ -75,6 +77,7 @@ struct dp_vq {
     int kick_armed;
     int need_pop;
     int need_notify;
+    unsigned mem_drain_left;      /* requests of the previous memory table still in flight */
     uint64_t kick_buf;
 
     /* inflight tracking (NULL when the front end did not negotiate INFLIGHT_SHMFD) */
@@ -100,6 +103,13 @@ struct dp_vq {
     struct dp_vq_stats stats;
     struct dp_hist latency;       /* pop to completion, ns (engine thread writes) */
 
+    /* dirty logging (dirty_log.c): set through the mailbox while the queue runs */
+    struct dp_dirty_log *log;
+    int log_used;                 /* VHOST_VRING_F_LOG: log used ring writes at log_used_gpa */
+    uint64_t log_used_gpa;
+    /* a new memory table published while the queue runs (engine/queue.c) */
+    uint64_t mem_drain_seq;       /* requests before this one were popped under the old table */
+    void *mem_cmd;                /* the command acknowledged once they are all done */
     struct vq_packed pk;          /* a packed ring's own state (cold for a split ring) */
 };
 

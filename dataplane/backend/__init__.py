@@ -5,7 +5,7 @@ the C core serves queues on (engines), and sockets handed over by systemd (hando
 
 from .daemon import Daemon, DaemonOptions, device_info, plan_pool
 from .device import VhostUserBlkDevice, device_features
-from .engines import EnginePool, EngineView
+from .engines import EnginePool, EngineView, set_debug_switches
 from .handover import HandedSockets, sd_notify
 from .server import ServerOptions, VhostUserBlkServer, install_signal_handlers, prepare_socket_path
 from .stats import fetch_stats, stats_socket_path
@@ -26,5 +26,6 @@ __all__ = [
     "plan_pool",
     "prepare_socket_path",
     "sd_notify",
+    "set_debug_switches",
     "stats_socket_path",
 ]

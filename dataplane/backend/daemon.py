@@ -80,6 +80,7 @@ class DaemonOptions:
     rpc_socket: Path | None = None
     remove_grace_s: float = REMOVE_GRACE_S
     serial_control: bool = False     # --debug-serial-control: one export's control work at a time
+    dirty_log: bool = True           # False (--debug-no-dirty-log): LOG_ALL offered, nothing logged
 
 
 def device_info(disk_spec: str) -> DeviceInfo:
@@ -87,7 +88,7 @@ def device_info(disk_spec: str) -> DeviceInfo:
     (null:, rbd:, ...) has none (threads placed by NUMA and SMT only)."""
     spec = split_disk_options(disk_spec)[0]
     scheme = re.match(r"([a-z][a-z0-9]*):", spec)
-    if scheme and scheme.group(1) != "null" and not os.path.exists(spec):
+    if scheme and scheme.group(1) not in ("null", "rbd") and not os.path.exists(spec):
         return DeviceInfo(spec, mapping_note=f"{scheme.group(1)} disk: no local block device;"
                           " threads are placed by NUMA and SMT only")
     return BlockDevice.resolve(spec)
@@ -212,7 +213,8 @@ class Daemon:
                 ServerOptions(socket_path=addr.path if addr.type == "unix" else None,
                               num_queues=config.queues, socket_mode=config.socket_mode,
                               socket_group=config.socket_group, inflight=config.inflight,
-                              name=config.name, listener=listener, listener_label=label),
+                              dirty_log=self.options.dirty_log, name=config.name, listener=listener,
+                              listener_label=label),
                 mapping, serial_lock=self._serial)
         except BaseException:
             self._release(export)

@@ -8,9 +8,11 @@ per I/O request; the socket and the session's life are backend.server's.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,9 +24,14 @@ from ..protocol.vhost_user import (
     CONFIG_HEADER,
     INFLIGHT,
     INFLIGHT_MIN_SIZE,
+    LOG,
+    MEM_REG,
     MEMORY_HEADER,
     MEMORY_REGION,
     U64,
+    VHOST_F_LOG_ALL,
+    VHOST_LOG_PAGE,
+    VHOST_MEMORY_BASELINE_NREGIONS,
     VHOST_USER_F_PROTOCOL_FEATURES,
     VHOST_USER_MAX_CONFIG_SIZE,
     VHOST_USER_REPLY_MASK,
@@ -32,6 +39,7 @@ from ..protocol.vhost_user import (
     VHOST_USER_VERSION_MASK,
     VHOST_USER_VRING_IDX_MASK,
     VHOST_USER_VRING_NOFD_MASK,
+    VHOST_VRING_F_LOG,
     VRING_ADDR,
     VRING_STATE,
     Message,
@@ -50,10 +58,14 @@ MAX_MEM_REGIONS = int(lib.DP_MAX_MEM_REGIONS)
 
 PROTOCOL_FEATURES = (
     (1 << ProtocolFeature.MQ)
+    | (1 << ProtocolFeature.LOG_SHMFD)
     | (1 << ProtocolFeature.REPLY_ACK)
     | (1 << ProtocolFeature.CONFIG)
     | (1 << ProtocolFeature.INFLIGHT_SHMFD)
+    | (1 << ProtocolFeature.CONFIGURE_MEM_SLOTS)
 )
+LOG_SHMFD = 1 << ProtocolFeature.LOG_SHMFD
+MEM_SLOTS = 1 << ProtocolFeature.CONFIGURE_MEM_SLOTS
 
 
 def device_features(disk: Disk) -> int:
@@ -65,7 +77,7 @@ def device_features(disk: Disk) -> int:
     f = [vb.VIRTIO_F_VERSION_1, vb.VIRTIO_RING_F_INDIRECT_DESC, vb.VIRTIO_RING_F_EVENT_IDX,
          vb.VIRTIO_F_ANY_LAYOUT, vb.VIRTIO_F_RING_PACKED, vb.VIRTIO_BLK_F_SEG_MAX,
          vb.VIRTIO_BLK_F_BLK_SIZE, vb.VIRTIO_BLK_F_TOPOLOGY, vb.VIRTIO_BLK_F_MQ,
-         VHOST_USER_F_PROTOCOL_FEATURES]
+         VHOST_USER_F_PROTOCOL_FEATURES, VHOST_F_LOG_ALL]
     if caps & lib.DP_DISK_F_FLUSH:
         f += [vb.VIRTIO_BLK_F_FLUSH, vb.VIRTIO_BLK_F_CONFIG_WCE]
     if disk.read_only or caps & lib.DP_DISK_F_READ_ONLY:
@@ -97,6 +109,8 @@ class Vring:
     handle: object
     num: int = 0
     addr: tuple[int, int, int] | None = None   # desc, avail, used (front-end user addresses)
+    addr_flags: int = 0          # SET_VRING_ADDR's flags (VHOST_VRING_F_LOG)
+    log_addr: int = 0            # guest-physical address of the used ring, for the dirty log
     base: int = 0
     kick_fd: int | None = None   # None: not received; -1: "no fd", poll the ring
     call_fd: int = -1
@@ -145,11 +159,26 @@ class InflightBuffer:
         lib.dp_unmap_shared(self.addr, self.size)
 
 
+@dataclass
+class DirtyLog:
+    """The dirty log a front end maps for live migration (SET_LOG_BASE), mapped by the C core."""
+
+    handle: object
+    size: int
+
+    def close(self) -> None:
+        dropped = lib.dp_log_dropped(self.handle)
+        if dropped:
+            log.warning("dirty log: %d page(s) written beyond its %d bytes were not logged",
+                        dropped, self.size)
+        lib.dp_log_free(self.handle)
+
+
 class VhostUserBlkDevice:
     """The protocol state of one front-end session; `handle()` processes one message."""
 
     def __init__(self, disk: Disk, num_queues: int, engines: EnginePool,
-                 inflight: bool = True) -> None:
+                 inflight: bool = True, dirty_log: bool = True) -> None:
         self.disk = disk
         self.num_queues = num_queues
         self.engines = engines
@@ -157,9 +186,13 @@ class VhostUserBlkDevice:
         self.protocol_features_offered = PROTOCOL_FEATURES
         if not inflight:   # a debug switch: reconnects then lose out-of-order requests
             self.protocol_features_offered &= ~(1 << ProtocolFeature.INFLIGHT_SHMFD)
+        # A debug switch when False: the features are offered and the log mapped, but nothing
+        # is ever logged (a migration then loses what the device wrote).
+        self.dirty_log = dirty_log
         self.vrings = [Vring(i, self._new_vq(i)) for i in range(num_queues)]
         self.mem: object | None = None
         self.inflight: InflightBuffer | None = None
+        self.log: DirtyLog | None = None
         # (buffer key, queue) a packed ring was started from in this session: its region is
         # this session's, not a previous back end's (see _attach_inflight)
         self._inflight_live: set[tuple[tuple[int, int], int]] = set()
@@ -186,6 +219,10 @@ class VhostUserBlkDevice:
             Request.SET_CONFIG: self.set_config,
             Request.GET_INFLIGHT_FD: self.get_inflight_fd,
             Request.SET_INFLIGHT_FD: self.set_inflight_fd,
+            Request.SET_LOG_BASE: self.set_log_base,
+            Request.GET_MAX_MEM_SLOTS: self.get_max_mem_slots,
+            Request.ADD_MEM_REG: self.add_mem_reg,
+            Request.REM_MEM_REG: self.rem_mem_reg,
         }
 
     # ---- lifecycle ----
@@ -226,11 +263,19 @@ class VhostUserBlkDevice:
         self.vrings = []
         self._free_mem()
         self._free_inflight()
+        self._free_log()
 
     def _free_mem(self) -> None:
         if self.mem is not None:
             lib.dp_mem_free(self.mem)
             self.mem = None
+
+    def _free_log(self) -> None:
+        if self.log is not None:
+            for vring in self.vrings:
+                lib.dp_vq_set_log(vring.handle, ffi.NULL, 0, 0)
+            self.log.close()
+            self.log = None
 
     def _free_inflight(self) -> None:
         if self.inflight is not None:
@@ -268,6 +313,9 @@ class VhostUserBlkDevice:
             log.error("%s failed: %s", name, exc)
             if msg.request in _REPLY_REQUESTS:
                 return Message(msg.request, VHOST_USER_VERSION | VHOST_USER_REPLY_MASK)
+            if msg.request == Request.SET_LOG_BASE and self.protocol_features & LOG_SHMFD:
+                # QEMU waits for this reply whether or not it asked for an ack.
+                return Message(msg.request, VHOST_USER_VERSION | VHOST_USER_REPLY_MASK, U64.pack(1))
             return self._ack(msg, ok=False)
         if isinstance(payload, Message):
             return payload
@@ -326,8 +374,17 @@ class VhostUserBlkDevice:
         unknown = features & ~self.features_offered
         if unknown:
             raise MessageError(f"features {unknown:#x} were not offered")
+        logging_was = self._logging()
         self.features = features
-        log.info("features acked: %s", " ".join(vb.feature_names(features & ~(1 << 30))))
+        log.info("features acked: %s", " ".join(
+            "VHOST_F_LOG_ALL" if name == f"bit{VHOST_F_LOG_ALL}" else name
+            for name in vb.feature_names(features & ~(1 << VHOST_USER_F_PROTOCOL_FEATURES))))
+        if self._logging() != logging_was:
+            # LOG_ALL comes and goes while the rings run (migration starts, is cancelled):
+            # only the queues' log changes, never their ring state.
+            for vring in self.vrings:
+                self._apply_log(vring)
+            log.info("dirty logging %s", "on" if self._logging() else "off")
 
     def get_protocol_features(self, msg: Message) -> bytes:
         return U64.pack(self.protocol_features_offered)
@@ -358,6 +415,7 @@ class VhostUserBlkDevice:
             vring.num, vring.addr, vring.base, vring.packed = 0, None, 0, False
             vring.enabled = vring.started = False
         self._free_mem()
+        self._free_log()
         self._reset_state()
 
     def get_queue_num(self, msg: Message) -> bytes:
@@ -393,8 +451,9 @@ class VhostUserBlkDevice:
 
     def set_mem_table(self, msg: Message) -> None:
         nregions, _ = self._payload(msg, MEMORY_HEADER)
-        if not 1 <= nregions <= MAX_MEM_REGIONS:
-            raise MessageError(f"{nregions} memory regions (1 to {MAX_MEM_REGIONS} allowed)")
+        if not 1 <= nregions <= VHOST_MEMORY_BASELINE_NREGIONS:
+            raise MessageError(f"{nregions} memory regions (1 to {VHOST_MEMORY_BASELINE_NREGIONS}"
+                               " allowed; more with ADD_MEM_REG)")
         if len(msg.payload) < MEMORY_HEADER.size + nregions * MEMORY_REGION.size:
             raise MessageError(f"payload too short for {nregions} regions")
         if len(msg.fds) != nregions:
@@ -434,6 +493,104 @@ class VhostUserBlkDevice:
                      for i in range(nregions)) >> 20,
                  f", {len(running)} queue(s) resumed" if running else "")
 
+    # ---- memory slots (CONFIGURE_MEM_SLOTS): one region at a time, while the rings run ----
+
+    def get_max_mem_slots(self, msg: Message) -> bytes:
+        self._no_fds(msg)
+        return U64.pack(MAX_MEM_REGIONS)   # never less across reconnects: a constant
+
+    def _mem_reg(self, msg: Message) -> tuple[int, int, int, int]:
+        if not self.protocol_features & MEM_SLOTS:
+            raise MessageError("CONFIGURE_MEM_SLOTS was not negotiated")
+        _, gpa, size, uva, offset = self._payload(msg, MEM_REG)
+        return gpa, size, uva, offset
+
+    def add_mem_reg(self, msg: Message) -> None:
+        gpa, size, uva, offset = self._mem_reg(msg)
+        if len(msg.fds) != 1:
+            raise MessageError(f"expected 1 fd, got {len(msg.fds)}")
+        new = lib.dp_mem_clone(self.mem) if self.mem is not None else lib.dp_mem_new()
+        if new == ffi.NULL:
+            raise DeviceError("out of memory for a memory table")
+        rc = lib.dp_mem_map_region(new, msg.fds[0], gpa, size, uva, offset)
+        close_fds(msg.fds)   # the mapping keeps the memory alive
+        if rc < 0:
+            lib.dp_mem_free(new)
+            raise MessageError(f"region gpa {gpa:#x} size {size:#x} uva {uva:#x} offset {offset:#x}:"
+                               f" {os.strerror(-rc)}"
+                               + (f" ({MAX_MEM_REGIONS} slots)" if rc == -errno.ENOSPC else ""))
+        # Nothing points into a region that did not exist: the queues swap tables at once.
+        self._publish_mem(new, drain=False)
+        log.info("memory: added gpa %#x, %d MiB (%d region(s))", gpa, size >> 20,
+                 lib.dp_mem_region_count(new))
+
+    def rem_mem_reg(self, msg: Message) -> None:
+        gpa, size, uva, _ = self._mem_reg(msg)
+        close_fds(msg.fds)   # QEMU 7.2 sends none; a later front end may send the region's fd
+        if self.mem is None:
+            raise MessageError("no memory table")
+        new = lib.dp_mem_clone(self.mem)
+        if new == ffi.NULL:
+            raise DeviceError("out of memory for a memory table")
+        if lib.dp_mem_remove_region(new, gpa, size, uva) < 0:
+            lib.dp_mem_free(new)
+            raise MessageError(f"no region gpa {gpa:#x} size {size:#x} uva {uva:#x}")
+        # Running queues keep serving; the swap is acknowledged once the requests they had
+        # popped (which may point into the region) have completed. Then the region is unmapped.
+        waited = self._publish_mem(new, drain=True)
+        log.info("memory: removed gpa %#x, %d MiB (%d region(s) left; %.2f ms for requests in"
+                 " flight)", gpa, size >> 20, lib.dp_mem_region_count(new), waited * 1e3)
+
+    def _publish_mem(self, new: object, drain: bool) -> float:
+        """Make `new` every queue's table (running ones swap it on their thread), then free the
+        old one, which no queue uses any more. Returns the seconds the swap took."""
+        vqs = ffi.new("struct dp_vq *[]", [v.handle for v in self.vrings])
+        t0 = time.monotonic()
+        rc = lib.dp_vqs_set_mem(vqs, len(self.vrings), new, int(drain))
+        waited = time.monotonic() - t0
+        old, self.mem = self.mem, new
+        if old is not None:
+            lib.dp_mem_free(old)
+        if rc < 0:
+            log.error("a queue's rings are not inside the new memory table (%s): queue stopped",
+                      os.strerror(-rc))
+        return waited
+
+    # ---- dirty log (LOG_SHMFD, VHOST_F_LOG_ALL): live migration ----
+
+    def _logging(self) -> bool:
+        return bool(self.features & (1 << VHOST_F_LOG_ALL)) and self.log is not None and self.dirty_log
+
+    def _apply_log(self, vring: Vring) -> None:
+        """Point a queue at what it must log into now (safe while it runs)."""
+        on = self._logging()
+        log_used = on and bool(vring.addr_flags & VHOST_VRING_F_LOG)
+        check(lib.dp_vq_set_log(vring.handle, self.log.handle if on else ffi.NULL, int(log_used),
+                                vring.log_addr), f"vq{vring.index}: dirty log")
+
+    def set_log_base(self, msg: Message) -> bytes:
+        """Map the new log, move every queue onto it, and only then reply: the front end frees
+        the old log as soon as it has the reply."""
+        if not self.protocol_features & LOG_SHMFD:
+            raise MessageError("LOG_SHMFD was not negotiated (a log without an fd is not supported)")
+        size, offset = self._payload(msg, LOG)
+        if len(msg.fds) != 1:
+            raise MessageError(f"expected 1 fd, got {len(msg.fds)}")
+        err = ffi.new("int *")
+        handle = lib.dp_log_map(msg.fds[0], size, offset, err)
+        if handle == ffi.NULL:
+            raise MessageError(f"cannot map a log of {size} bytes at offset {offset}:"
+                               f" {os.strerror(-err[0])}")
+        old, self.log = self.log, DirtyLog(handle, size)
+        for vring in self.vrings:
+            self._apply_log(vring)
+        if old is not None:
+            old.close()
+        log.info("dirty log: %d bytes (guest-physical memory up to %d MiB)%s", size,
+                 size * 8 * VHOST_LOG_PAGE >> 20, "" if self.dirty_log else
+                 " (--debug-no-dirty-log: nothing will be logged)")
+        return U64.pack(0)
+
     # ---- vrings ----
 
     def set_vring_num(self, msg: Message) -> None:
@@ -449,10 +606,19 @@ class VhostUserBlkDevice:
 
     def set_vring_addr(self, msg: Message) -> None:
         self._no_fds(msg)
-        index, _flags, desc, used, avail, _log = self._payload(msg, VRING_ADDR)
+        index, flags, desc, used, avail, log_addr = self._payload(msg, VRING_ADDR)
         vring = self._vring(index)
+        if flags & ~VHOST_VRING_F_LOG:
+            raise MessageError(f"queue {index}: unknown ring address flags {flags:#x}")
         if vring.running:
-            raise MessageError(f"queue {index} is running")
+            # A migration starting or ending re-sends the same addresses with the log flag
+            # changed: the ring keeps running, only what it logs changes.
+            if (desc, avail, used) != vring.addr:
+                raise MessageError(f"queue {index} is running: its ring addresses cannot change")
+            vring.addr_flags, vring.log_addr = flags, log_addr
+            self._apply_log(vring)
+            return
+        vring.addr_flags, vring.log_addr = flags, log_addr
         if self.mem is not None and vring.num:
             check(lib.dp_vq_set_flags(vring.handle, self._vq_flags()), f"vq{index}: SET_VRING_ADDR")
             rc = lib.dp_vq_set_addr(vring.handle, self.mem, desc, avail, used)
@@ -661,6 +827,7 @@ class VhostUserBlkDevice:
         check(lib.dp_vq_set_call_fd(vq, vring.call_fd), what)
         check(lib.dp_vq_set_err_fd(vq, vring.err_fd), what)
         restored = self._attach_inflight(vring)
+        self._apply_log(vring)
         engine = self.engines.engine_for(vring.index)
         check(lib.dp_vq_start(vq, engine), f"{what}: start")
         vring.running = True

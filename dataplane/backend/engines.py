@@ -97,3 +97,14 @@ class EngineView:
 
     def close(self) -> None:
         """Nothing to do: the pool owns the threads."""
+
+
+def set_debug_switches(no_call_on_start: bool = False, kill_before_signal: int = 0,
+                       no_mem_drain: bool = False) -> None:
+    """Process-wide switches with which tests show what a protection is for: no interrupt when
+    a queue starts or its call fd changes; SIGKILL at the n-th interrupt about to be sent,
+    after the used index it is for was published; a memory region removed (and unmapped)
+    without waiting for the requests that may point into it."""
+    lib.dp_debug_set_flags((lib.DP_DEBUG_NO_START_SIGNAL if no_call_on_start else 0)
+                           | (lib.DP_DEBUG_NO_MEM_DRAIN if no_mem_drain else 0))
+    lib.dp_debug_kill_before_signal(kill_before_signal)

@@ -55,6 +55,7 @@ class ServerOptions:
     socket_mode: int = 0o600
     socket_group: str | None = None
     inflight: bool = True
+    dirty_log: bool = True                   # False: offer LOG_ALL, log nothing (debug only)
     metrics: tuple[str, int] | None = None   # Prometheus endpoint (host, port); None: off
     name: str = ""                           # the export's name (stats, logs)
     listener: socket.socket | None = None    # a listening socket handed over (the caller's)
@@ -388,7 +389,8 @@ class VhostUserBlkServer:
         # stops mid-message is dropped instead of holding the control loop (and SIGTERM).
         conn.settimeout(MESSAGE_TIMEOUT_S)
         device = VhostUserBlkDevice(self.disk, self.options.num_queues, self.engines,
-                                    inflight=self.options.inflight)
+                                    inflight=self.options.inflight,
+                                    dirty_log=self.options.dirty_log)
         with self._lock:
             self.conn = conn
             self.device = device

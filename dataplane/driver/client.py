@@ -15,6 +15,8 @@ from ..protocol import vhost_user as proto
 from ..protocol.vhost_user import (
     CONFIG_HEADER,
     INFLIGHT,
+    LOG,
+    MEM_REG,
     MEMORY_HEADER,
     MEMORY_REGION,
     U64,
@@ -105,6 +107,29 @@ class VhostUserClient:
             MEMORY_REGION.pack(gpa, size, uva, off) for gpa, size, uva, off, _ in regions)
         self.call(Request.SET_MEM_TABLE, payload, [r[4] for r in regions])
 
+    def add_mem_reg(self, gpa: int, size: int, uva: int, mmap_offset: int, fd: int) -> None:
+        """ADD_MEM_REG (CONFIGURE_MEM_SLOTS): one region, its fd."""
+        self.call(Request.ADD_MEM_REG, MEM_REG.pack(0, gpa, size, uva, mmap_offset), [fd])
+
+    def rem_mem_reg(self, gpa: int, size: int, uva: int) -> None:
+        """REM_MEM_REG: matched by (gpa, size, uva); no fd, mmap_offset 0 (as QEMU 7.2)."""
+        self.call(Request.REM_MEM_REG, MEM_REG.pack(0, gpa, size, uva, 0))
+
+    def set_log_base(self, fd: int, size: int, offset: int = 0) -> int:
+        """SET_LOG_BASE with LOG_SHMFD: the reply always comes (QEMU waits for it), header
+        flags exactly REPLY | version. Like QEMU, the reply's u64 is not judged (dataplane
+        answers 0, or 1 when it failed; libvhost-user the old log's size): it is returned."""
+        msg = self.call(Request.SET_LOG_BASE, LOG.pack(size, offset), [fd], reply=True)
+        assert msg is not None
+        if msg.flags != VHOST_USER_VERSION | VHOST_USER_REPLY_MASK or len(msg.payload) != 8:
+            raise ProtocolError(f"SET_LOG_BASE: reply flags {msg.flags:#x}, {len(msg.payload)} bytes")
+        return U64.unpack(msg.payload)[0]
+
+    def set_vring_addr(self, ring: Vring, flags: int = 0, log_addr: int = 0) -> None:
+        self.call(Request.SET_VRING_ADDR, VRING_ADDR.pack(
+            ring.index, flags, ring.mem.uva(ring.desc), ring.mem.uva(ring.used),
+            ring.mem.uva(ring.avail), log_addr))
+
     def get_inflight_fd(self, num_queues: int, queue_size: int,
                         packed: bool = False) -> InflightBuffer:
         """GET_INFLIGHT_FD: the backend allocates a buffer for num_queues rings of queue_size
@@ -131,8 +156,7 @@ class VhostUserClient:
         i = ring.index
         self.call(Request.SET_VRING_NUM, VRING_STATE.pack(i, ring.num))
         self.call(Request.SET_VRING_BASE, VRING_STATE.pack(i, base))
-        self.call(Request.SET_VRING_ADDR, VRING_ADDR.pack(
-            i, 0, ring.mem.uva(ring.desc), ring.mem.uva(ring.used), ring.mem.uva(ring.avail), 0))
+        self.set_vring_addr(ring)
         self.set_u64(Request.SET_VRING_KICK, i, [ring.kick_fd])
         self.set_u64(Request.SET_VRING_CALL, i, [ring.call_fd])
 

@@ -19,22 +19,41 @@ guest memory to the new backend (which resubmits them from the buffer). A split 
 at its used index; a packed ring at the last base the frontend knew (there is no index in
 shared memory to rewind to, so QEMU re-sends a stale one and the backend must take the ring's
 position from the inflight buffer).
+
+It also plays QEMU's parts in live migration and memory hotplug, so both are tested without
+a VM and against any backend: `dev.start_dirty_log()` shares a dirty log (SET_LOG_BASE, then
+LOG_ALL, then VHOST_VRING_F_LOG per ring, while the rings run) and `dev.take_dirty_pages()`
+harvests it; with CONFIGURE_MEM_SLOTS the memory table goes region by region (ADD_MEM_REG),
+`connect(regions=N)` splits guest memory into N of them, and `dev.add_memory()` /
+`dev.remove_memory()` hot-plug more while the rings run.
 """
 
 from __future__ import annotations
 
+import mmap
+import os
 import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..core import ffi, lib
 from ..errors import DeviceError, ProtocolError
 from ..protocol import virtio_blk as vb
-from ..protocol.vhost_user import VHOST_USER_F_PROTOCOL_FEATURES, VRING_STATE, ProtocolFeature, Request
+from ..protocol.vhost_user import (
+    VHOST_F_LOG_ALL,
+    VHOST_LOG_PAGE,
+    VHOST_MEMORY_BASELINE_NREGIONS,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    VHOST_VRING_F_LOG,
+    VRING_STATE,
+    ProtocolFeature,
+    Request,
+)
 from .client import InflightBuffer, VhostUserClient
 from .packed import PackedVring
-from .vring import GuestMemory, Vring
+from .vring import GuestMemory, Vring, _Area
 
 if TYPE_CHECKING:
     from .load import Job, LoadResult, VerifyState
@@ -45,9 +64,12 @@ DISCARD_RANGE = struct.Struct("<QII")
 
 WANTED_PROTOCOL_FEATURES = (
     (1 << ProtocolFeature.MQ) | (1 << ProtocolFeature.REPLY_ACK) | (1 << ProtocolFeature.CONFIG)
-    | (1 << ProtocolFeature.INFLIGHT_SHMFD)
+    | (1 << ProtocolFeature.INFLIGHT_SHMFD) | (1 << ProtocolFeature.LOG_SHMFD)
+    | (1 << ProtocolFeature.CONFIGURE_MEM_SLOTS)
 )
 INFLIGHT_FEATURE = 1 << ProtocolFeature.INFLIGHT_SHMFD
+LOG_SHMFD_FEATURE = 1 << ProtocolFeature.LOG_SHMFD
+MEM_SLOTS_FEATURE = 1 << ProtocolFeature.CONFIGURE_MEM_SLOTS
 DRIVER_FEATURES = sum(1 << b for b in (
     vb.VIRTIO_F_VERSION_1, vb.VIRTIO_RING_F_INDIRECT_DESC, vb.VIRTIO_RING_F_EVENT_IDX,
     vb.VIRTIO_BLK_F_SEG_MAX, vb.VIRTIO_BLK_F_BLK_SIZE, vb.VIRTIO_BLK_F_FLUSH,
@@ -73,13 +95,50 @@ class BlkRequest:
     buffers: list[int]
 
 
+class DirtyLog:
+    """The dirty log shared with the backend (SET_LOG_BASE): a memfd of one bit per 4 KiB
+    guest-physical page, which the backend marks and the frontend reads and clears."""
+
+    def __init__(self, size: int) -> None:
+        self.size = (size + 7) // 8 * 8
+        self.fd = os.memfd_create("dataplane-dirty-log", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, self.size)
+        self.map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._buf = ffi.from_buffer(self.map)
+
+    @staticmethod
+    def size_for(end: int) -> int:
+        """Bytes to cover guest-physical memory [0, end), in whole 64-bit words (as QEMU)."""
+        pages = (end + VHOST_LOG_PAGE - 1) // VHOST_LOG_PAGE
+        return (pages + 63) // 64 * 8
+
+    def take(self) -> set[int]:
+        """The pages marked since the last take, cleared (safe while the backend marks it)."""
+        words = self.size // 8
+        out = ffi.new("uint64_t[]", words)
+        lib.dp_log_harvest(self._buf, words, out)
+        pages = set()
+        for i in range(words):
+            w = out[i]
+            while w:
+                low = w & -w
+                pages.add(i * 64 + low.bit_length() - 1)
+                w ^= low
+        return pages
+
+    def close(self) -> None:
+        ffi.release(self._buf)
+        self.map.close()
+        os.close(self.fd)
+
+
 class Device:
     """A virtio-blk device behind a vhost-user socket, driven from Python."""
 
     def __init__(self, client: VhostUserClient, mem: GuestMemory, rings: list[Vring | PackedVring],
                  features: int, config: dict[str, int], path: str = "",
                  inflight: InflightBuffer | None = None, want_inflight: bool = True,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, protocol_features: int = 0, offered: int = 0) -> None:
         self.client = client
         self.mem = mem
         self.rings = rings
@@ -91,6 +150,10 @@ class Device:
         self.inflight = inflight            # kept across backend restarts (None: not negotiated)
         self.want_inflight = want_inflight
         self.timeout = timeout
+        self.protocol_features = protocol_features
+        self.offered = offered              # the backend's virtio features (GET_FEATURES)
+        self.dirty_log: DirtyLog | None = None
+        self._harvested: set[int] = set()   # pages taken from logs a resize replaced
 
     @property
     def ring(self) -> str:
@@ -100,11 +163,13 @@ class Device:
     @classmethod
     def connect(cls, path: str, queues: int = 1, queue_size: int = 128,
                 memory: int = 64 << 20, features: int = DRIVER_FEATURES,
-                timeout: float = 10.0, inflight: bool = True, ring: str | None = None) -> Device:
+                timeout: float = 10.0, inflight: bool = True, regions: int = 1,
+                ring: str | None = None) -> Device:
         """Negotiate like QEMU's vhost-user-blk: features, then (when the backend offers
-        INFLIGHT_SHMFD and `inflight`) GET_INFLIGHT_FD + SET_INFLIGHT_FD, the memory table,
-        and the rings. ring: "split" (the default: every backend has it) or "packed"
-        (VIRTIO_F_RING_PACKED, which the backend must offer)."""
+        INFLIGHT_SHMFD and `inflight`) GET_INFLIGHT_FD + SET_INFLIGHT_FD, the memory table
+        (`regions` pieces of guest memory: one SET_MEM_TABLE, or one ADD_MEM_REG each when
+        the backend offers CONFIGURE_MEM_SLOTS), and the rings. ring: "split" (the default:
+        every backend has it) or "packed" (VIRTIO_F_RING_PACKED, which the backend must offer)."""
         ring = ring or "split"
         if ring not in RINGS:
             raise DeviceError(f"ring {ring!r}: expected one of {', '.join(RINGS)}")
@@ -114,7 +179,7 @@ class Device:
         buf = None
         rings: list[Vring | PackedVring] = []
         try:
-            acked, proto = cls._negotiate(client, queues, features, inflight)
+            acked, proto, offered = cls._negotiate(client, queues, features, inflight)
             if ring == "packed" and not acked & PACKED_FEATURE:
                 raise DeviceError(f"{path}: the backend does not offer packed rings"
                                   " (VIRTIO_F_RING_PACKED)")
@@ -123,8 +188,8 @@ class Device:
             if proto & INFLIGHT_FEATURE:
                 buf = client.get_inflight_fd(queues, queue_size, bool(acked & PACKED_FEATURE))
                 client.set_inflight_fd(buf)
-            mem = GuestMemory(memory)
-            client.set_mem_table([(mem.gpa_base, mem.size, mem.user_addr, 0, mem.fd)])
+            mem = GuestMemory(memory, regions=regions)
+            cls._send_table(client, proto, mem)
             event_idx = bool(acked & (1 << vb.VIRTIO_RING_F_EVENT_IDX))
             kind = PackedVring if acked & PACKED_FEATURE else Vring
             for i in range(queues):
@@ -144,12 +209,28 @@ class Device:
             client.close()
             raise
         return cls(client, mem, rings, acked, config, path=str(path), inflight=buf,
-                   want_inflight=inflight, timeout=timeout)
+                   want_inflight=inflight, timeout=timeout, protocol_features=proto,
+                   offered=offered)
+
+    @staticmethod
+    def _send_table(client: VhostUserClient, proto: int, mem: GuestMemory) -> None:
+        """The memory table, as QEMU sends it: region by region with CONFIGURE_MEM_SLOTS, else
+        one SET_MEM_TABLE (at most 8 regions)."""
+        table = mem.table()
+        if proto & MEM_SLOTS_FEATURE:
+            for gpa, size, uva, off, fd in table:
+                client.add_mem_reg(gpa, size, uva, off, fd)
+            return
+        if len(table) > VHOST_MEMORY_BASELINE_NREGIONS:
+            raise DeviceError(f"{len(table)} memory regions need CONFIGURE_MEM_SLOTS, which the"
+                              " backend does not offer")
+        client.set_mem_table(table)
 
     @staticmethod
     def _negotiate(client: VhostUserClient, queues: int, features: int,
-                   inflight: bool) -> tuple[int, int]:
-        """GET_FEATURES .. SET_OWNER; returns (features to ack, protocol features acked)."""
+                   inflight: bool) -> tuple[int, int, int]:
+        """GET_FEATURES .. SET_OWNER; returns (features to ack, protocol features acked,
+        features offered)."""
         offered = client.get_u64(Request.GET_FEATURES)
         proto = 0
         if offered & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
@@ -162,7 +243,7 @@ class Device:
                 if queues > max_queues:
                     raise DeviceError(f"backend offers {max_queues} queue(s), {queues} wanted")
         client.call(Request.SET_OWNER)
-        return offered & features, proto
+        return offered & features, proto, offered
 
     def reconnect(self, path: str | None = None, timeout: float | None = None) -> None:
         """Play QEMU's part after the backend went away: connect to the backend now listening
@@ -178,8 +259,8 @@ class Device:
             self.client.close()
         client = self._connect_retrying(path, timeout)
         try:
-            acked, proto = self._negotiate(client, len(self.rings), self.features,
-                                           self.want_inflight)
+            acked, proto, offered = self._negotiate(client, len(self.rings), self.features,
+                                                    self.want_inflight)
             if acked != self.features:
                 raise DeviceError(f"the new backend lacks features {self.features & ~acked:#x}")
             client.set_u64(Request.SET_FEATURES, acked)
@@ -188,8 +269,7 @@ class Device:
                     self.inflight = client.get_inflight_fd(len(self.rings), self.rings[0].num,
                                                            self.ring == "packed")
                 client.set_inflight_fd(self.inflight)
-            client.set_mem_table([(self.mem.gpa_base, self.mem.size, self.mem.user_addr, 0,
-                                   self.mem.fd)])
+            self._send_table(client, proto, self.mem)
             for ring in self.rings:
                 client.setup_vring(ring, base=ring.reconnect_base())
             if acked & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
@@ -200,6 +280,7 @@ class Device:
             raise
         self.client = client
         self.path = path
+        self.protocol_features, self.offered = proto, offered
 
     @staticmethod
     def _connect_retrying(path: str, timeout: float) -> VhostUserClient:
@@ -233,7 +314,85 @@ class Device:
         self.mem.close()
         if self.inflight is not None:
             self.inflight.close()
+        if self.dirty_log is not None:
+            self.dirty_log.close()
+            self.dirty_log = None
         self.client = None  # type: ignore[assignment]
+
+    # -- memory hotplug (CONFIGURE_MEM_SLOTS) --
+
+    def max_mem_slots(self) -> int:
+        if not self.protocol_features & MEM_SLOTS_FEATURE:
+            return VHOST_MEMORY_BASELINE_NREGIONS
+        return self.client.get_u64(Request.GET_MAX_MEM_SLOTS)
+
+    def add_memory(self, size: int, gpa: int | None = None) -> _Area:
+        """Hot-plug size bytes of guest memory (a new memfd, at the next GiB boundary unless
+        gpa is given) with ADD_MEM_REG, while the rings run; allocate from it with
+        dev.mem.alloc(..., area=...). The dirty log grows first when it must (as QEMU does)."""
+        if not self.protocol_features & MEM_SLOTS_FEATURE:
+            raise DeviceError("the backend does not offer CONFIGURE_MEM_SLOTS")
+        area = self.mem.add_area(size, gpa)
+        try:
+            if self.dirty_log is not None and DirtyLog.size_for(self.mem.end()) > self.dirty_log.size:
+                self.resize_dirty_log(DirtyLog.size_for(self.mem.end()))
+            self.client.add_mem_reg(area.gpa, area.size, area.user_addr, 0, area.fd)
+        except BaseException:
+            self.mem.drop_area(area)
+            raise
+        return area
+
+    def remove_memory(self, area: _Area) -> None:
+        """REM_MEM_REG, then unmap: once acknowledged, the backend no longer touches it."""
+        if area.allocated:
+            raise DeviceError(f"memory at {area.gpa:#x} still holds {len(area.allocated)} buffer(s)")
+        self.client.rem_mem_reg(area.gpa, area.size, area.user_addr)
+        self.mem.drop_area(area)
+
+    # -- dirty logging (LOG_SHMFD + VHOST_F_LOG_ALL): QEMU's side of a live migration --
+
+    def start_dirty_log(self, size: int | None = None) -> DirtyLog:
+        """What QEMU sends when a migration starts, while the rings run: SET_LOG_BASE with a
+        log covering guest memory (or size bytes), SET_FEATURES with LOG_ALL, then
+        SET_VRING_ADDR with VHOST_VRING_F_LOG and the used ring's guest-physical address."""
+        if not self.offered & (1 << VHOST_F_LOG_ALL):
+            raise DeviceError("the backend does not offer VHOST_F_LOG_ALL")
+        if not self.protocol_features & LOG_SHMFD_FEATURE:
+            raise DeviceError("the backend does not offer LOG_SHMFD")
+        self.resize_dirty_log(size or DirtyLog.size_for(self.mem.end()))
+        self.client.set_u64(Request.SET_FEATURES, self.features | (1 << VHOST_F_LOG_ALL))
+        for ring in self.rings:
+            self.client.set_vring_addr(ring, VHOST_VRING_F_LOG, ring.used)
+        assert self.dirty_log is not None
+        return self.dirty_log
+
+    def resize_dirty_log(self, size: int) -> None:
+        """A new log (SET_LOG_BASE); once the reply is in, the old one is harvested and freed,
+        as QEMU does when guest memory grows."""
+        new = DirtyLog(size)
+        try:
+            self.client.set_log_base(new.fd, new.size)
+        except BaseException:
+            new.close()
+            raise
+        old, self.dirty_log = self.dirty_log, new
+        if old is not None:
+            self._harvested |= old.take()
+            old.close()
+
+    def stop_dirty_log(self) -> None:
+        """A migration cancelled: LOG_ALL off and the rings' log flag cleared (QEMU sends no
+        message for the log itself, it just frees it)."""
+        self.client.set_u64(Request.SET_FEATURES, self.features)
+        for ring in self.rings:
+            self.client.set_vring_addr(ring)
+
+    def take_dirty_pages(self) -> set[int]:
+        """Guest-physical page numbers (gpa // 4096) marked since the last call, cleared."""
+        pages, self._harvested = self._harvested, set()
+        if self.dirty_log is not None:
+            pages |= self.dirty_log.take()
+        return pages
 
     # -- load (C driver threads take the rings over for the run) --
 
@@ -249,27 +408,29 @@ class Device:
     # -- requests --
 
     def submit(self, type_: int, sector: int = 0, *, data: bytes | None = None,
-               read_len: int = 0, queue: int = 0, indirect: bool = False) -> BlkRequest:
+               read_len: int = 0, queue: int = 0, indirect: bool = False,
+               area: _Area | None = None) -> BlkRequest:
         """Build and publish one request. `data` is device-readable payload (OUT, DISCARD...);
-        read_len is the device-writable payload size (IN, GET_ID)."""
+        read_len is the device-writable payload size (IN, GET_ID). Its buffers are allocated
+        in `area` (memory from add_memory) when given."""
         ring = self.rings[queue]
-        hdr = self.mem.alloc(OUTHDR.size, 16)
+        hdr = self.mem.alloc(OUTHDR.size, 16, area)
         self.mem.write(hdr, OUTHDR.pack(type_, 0, sector))
         bufs: list[tuple[int, int, bool]] = [(hdr, OUTHDR.size, False)]
         owned = [hdr]
         data_gpa, data_len = 0, 0
         if data is not None:
             data_len = len(data)
-            data_gpa = self.mem.alloc(data_len, 4096)
+            data_gpa = self.mem.alloc(data_len, 4096, area)
             self.mem.write(data_gpa, data)
             bufs.append((data_gpa, data_len, False))
             owned.append(data_gpa)
         elif read_len:
             data_len = read_len
-            data_gpa = self.mem.alloc(read_len, 4096)
+            data_gpa = self.mem.alloc(read_len, 4096, area)
             bufs.append((data_gpa, read_len, True))
             owned.append(data_gpa)
-        status = self.mem.alloc(1, 1)
+        status = self.mem.alloc(1, 1, area)
         self.mem.write(status, b"\xff")
         bufs.append((status, 1, True))
         owned.append(status)
@@ -302,8 +463,8 @@ class Device:
             self.mem.free(gpa)
 
     def _run(self, type_: int, sector: int = 0, *, data: bytes | None = None,
-             read_len: int = 0, queue: int = 0) -> tuple[int, bytes]:
-        req = self.submit(type_, sector, data=data, read_len=read_len, queue=queue)
+             read_len: int = 0, queue: int = 0, area: _Area | None = None) -> tuple[int, bytes]:
+        req = self.submit(type_, sector, data=data, read_len=read_len, queue=queue, area=area)
         try:
             status, _ = self.wait([req])[id(req)]
             out = self.mem.read(req.data, read_len) if read_len else b""
@@ -317,13 +478,14 @@ class Device:
             name = vb.Status(status).name if status in vb.Status._value2member_map_ else str(status)
             raise DeviceError(f"{what}: device answered {name}")
 
-    def read(self, offset: int, length: int, queue: int = 0) -> bytes:
-        status, data = self._run(vb.ReqType.IN, offset // SECTOR, read_len=length, queue=queue)
+    def read(self, offset: int, length: int, queue: int = 0, area: _Area | None = None) -> bytes:
+        status, data = self._run(vb.ReqType.IN, offset // SECTOR, read_len=length, queue=queue,
+                                 area=area)
         self._check(status, f"read {length} bytes at {offset}")
         return data
 
-    def write(self, offset: int, data: bytes, queue: int = 0) -> None:
-        status, _ = self._run(vb.ReqType.OUT, offset // SECTOR, data=data, queue=queue)
+    def write(self, offset: int, data: bytes, queue: int = 0, area: _Area | None = None) -> None:
+        status, _ = self._run(vb.ReqType.OUT, offset // SECTOR, data=data, queue=queue, area=area)
         self._check(status, f"write {len(data)} bytes at {offset}")
 
     def flush(self, queue: int = 0) -> None:

@@ -28,62 +28,143 @@ def _need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
     return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
 
 
-class GuestMemory:
-    """A memfd shared with the backend as guest physical memory starting at `gpa_base`."""
+PAGE = 4096
 
-    def __init__(self, size: int, gpa_base: int = 0) -> None:
+
+class _Area:
+    """One memfd of guest memory at a guest-physical address, with a first-fit allocator."""
+
+    def __init__(self, size: int, gpa: int, name: str) -> None:
         self.size = size
-        self.gpa_base = gpa_base
-        self.fd = os.memfd_create("dataplane-guest", os.MFD_CLOEXEC)
+        self.gpa = gpa
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
         os.ftruncate(self.fd, size)
         self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.view = memoryview(self.map)
-        # Front-end "user address" of the region: where it is mapped in this process.
+        # Front-end "user address" of the area: where it is mapped in this process.
         self.user_addr = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
-        self._free: list[tuple[int, int]] = [(0, size)]   # (offset, length), sorted
-        self._allocated: dict[int, int] = {}
+        self.free_list: list[tuple[int, int]] = [(0, size)]   # (offset, length), sorted
+        self.allocated: dict[int, int] = {}
 
-    def alloc(self, length: int, align: int = 64) -> int:
-        """First-fit allocation; returns a guest physical address."""
-        length = max(length, 1)
-        for i, (off, n) in enumerate(self._free):
+    def holds(self, gpa: int) -> bool:
+        return self.gpa <= gpa < self.gpa + self.size
+
+    def alloc(self, length: int, align: int) -> int | None:
+        for i, (off, n) in enumerate(self.free_list):
             start = (off + align - 1) // align * align
             end = start + length
             if end <= off + n:
                 pieces = [(off, start - off), (end, off + n - end)]
-                self._free[i: i + 1] = [p for p in pieces if p[1] > 0]
-                self._allocated[start] = length
-                return self.gpa_base + start
-        raise DeviceError(f"guest memory exhausted ({length} bytes wanted)")
+                self.free_list[i: i + 1] = [p for p in pieces if p[1] > 0]
+                self.allocated[start] = length
+                return self.gpa + start
+        return None
 
     def free(self, gpa: int) -> None:
-        start = gpa - self.gpa_base
-        length = self._allocated.pop(start)
-        self._free.append((start, length))
-        self._free.sort()
+        start = gpa - self.gpa
+        length = self.allocated.pop(start)
+        self.free_list.append((start, length))
+        self.free_list.sort()
         merged: list[tuple[int, int]] = []
-        for off, n in self._free:
+        for off, n in self.free_list:
             if merged and merged[-1][0] + merged[-1][1] == off:
                 merged[-1] = (merged[-1][0], merged[-1][1] + n)
             else:
                 merged.append((off, n))
-        self._free = merged
-
-    def uva(self, gpa: int) -> int:
-        return self.user_addr + gpa - self.gpa_base
-
-    def write(self, gpa: int, data: bytes) -> None:
-        off = gpa - self.gpa_base
-        self.view[off: off + len(data)] = data
-
-    def read(self, gpa: int, length: int) -> bytes:
-        off = gpa - self.gpa_base
-        return bytes(self.view[off: off + length])
+        self.free_list = merged
 
     def close(self) -> None:
         self.view.release()
         self.map.close()
         os.close(self.fd)
+
+
+class GuestMemory:
+    """Guest physical memory shared with the backend: a base memfd at `gpa_base` (given to the
+    backend as `regions` table entries, pieces of the one fd, as QEMU splits a RAMBlock), plus
+    memfds added later at their own guest-physical addresses (hot-plugged memory, sent with
+    ADD_MEM_REG)."""
+
+    def __init__(self, size: int, gpa_base: int = 0, regions: int = 1) -> None:
+        if regions < 1 or size < regions * PAGE:
+            raise DeviceError(f"{size} bytes cannot be split into {regions} region(s)")
+        self.base = _Area(size, gpa_base, "dataplane-guest")
+        self.extra: list[_Area] = []
+        self.regions = regions
+        # the base area's attributes, as a one-region GuestMemory always had them
+        self.size, self.gpa_base, self.fd = size, gpa_base, self.base.fd
+        self.map, self.view, self.user_addr = self.base.map, self.base.view, self.base.user_addr
+
+    def table(self) -> list[tuple[int, int, int, int, int]]:
+        """The memory table as the backend is told it: (gpa, size, user_addr, mmap_offset, fd)."""
+        piece = self.size // self.regions // PAGE * PAGE
+        out = []
+        for i in range(self.regions):
+            off = i * piece
+            length = piece if i + 1 < self.regions else self.size - off
+            out.append((self.gpa_base + off, length, self.user_addr + off, off, self.fd))
+        for a in self.extra:
+            out.append((a.gpa, a.size, a.user_addr, 0, a.fd))
+        return out
+
+    def end(self) -> int:
+        """One past the highest guest-physical address."""
+        return max([self.gpa_base + self.size] + [a.gpa + a.size for a in self.extra])
+
+    def add_area(self, size: int, gpa: int | None = None) -> _Area:
+        """New memory (not yet told to the backend): at gpa, by default the next GiB boundary
+        above everything else."""
+        if gpa is None:
+            gpa = (self.end() + (1 << 30) - 1) >> 30 << 30
+        if any(a.holds(gpa) or a.holds(gpa + size - 1) or gpa <= a.gpa < gpa + size
+               for a in [self.base, *self.extra]):
+            raise DeviceError(f"guest memory already at {gpa:#x}")
+        area = _Area(size, gpa, "dataplane-guest-extra")
+        self.extra.append(area)
+        return area
+
+    def drop_area(self, area: _Area) -> None:
+        self.extra.remove(area)
+        area.close()
+
+    def _area(self, gpa: int) -> _Area:
+        for a in (self.base, *self.extra):
+            if a.holds(gpa):
+                return a
+        raise DeviceError(f"guest-physical address {gpa:#x} is not guest memory")
+
+    def alloc(self, length: int, align: int = 64, area: _Area | None = None) -> int:
+        """First-fit allocation (in the base memory unless area is given); returns a guest
+        physical address."""
+        got = (area or self.base).alloc(max(length, 1), align)
+        if got is None:
+            raise DeviceError(f"guest memory exhausted ({length} bytes wanted)")
+        return got
+
+    def free(self, gpa: int) -> None:
+        self._area(gpa).free(gpa)
+
+    def uva(self, gpa: int) -> int:
+        """The front-end address of gpa (outside every area: as if the base area went on,
+        which is what tests of addresses beyond guest memory want)."""
+        a = next((a for a in self.extra if a.holds(gpa)), self.base)
+        return a.user_addr + gpa - a.gpa
+
+    def write(self, gpa: int, data: bytes) -> None:
+        a = self._area(gpa)
+        off = gpa - a.gpa
+        a.view[off: off + len(data)] = data
+
+    def read(self, gpa: int, length: int) -> bytes:
+        a = self._area(gpa)
+        off = gpa - a.gpa
+        return bytes(a.view[off: off + length])
+
+    def close(self) -> None:
+        for a in self.extra:
+            a.close()
+        self.extra = []
+        self.base.close()
 
 
 def wait_used(ring: Any, timeout: float) -> list[tuple[int, int]]:

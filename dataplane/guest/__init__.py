@@ -14,6 +14,7 @@ from .kit import (
     run_guest,
     start_guest,
 )
+from .qmp import Qmp, QmpError
 
 __all__ = [
     "GuestError",
@@ -21,6 +22,8 @@ __all__ = [
     "GuestImage",
     "GuestResult",
     "GuestTimeout",
+    "Qmp",
+    "QmpError",
     "build_guest",
     "default_cache_dir",
     "initrd_with_script",

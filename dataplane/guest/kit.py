@@ -645,9 +645,15 @@ def qemu_command(
     packed: bool = False,
     kernel_args: Sequence[str] = (),
     extra_args: Sequence[str] = (),
+    memory_slots: int = 0,
+    max_memory_mb: int = 0,
+    memory_kb: int = 0,
 ) -> list[str]:
     """The QEMU argv used to boot ``image`` (exposed for debugging and tests); ``packed``:
-    the disk's virtqueues are packed rings (``packed=on``)."""
+    the disk's virtqueues are packed rings (``packed=on``). memory_slots and max_memory_mb make
+    room for hot-plugged DIMMs (`-m SIZE,slots=N,maxmem=MAX`); memory_kb, when set, is the RAM
+    size in KiB instead of memory_mb."""
+    size = f"{memory_kb}K" if memory_kb else f"{memory_mb}M"
     append = ["console=ttyS0", "quiet", "panic=-1"]
     if socket is not None:
         append.append("dpguest.disk=1")
@@ -657,8 +663,9 @@ def qemu_command(
         "-accel", "tcg,thread=multi",
         "-cpu", "max",
         "-smp", str(smp),
-        "-m", f"{memory_mb}M",
-        "-object", f"memory-backend-memfd,id=mem,size={memory_mb}M,share=on",
+        "-m", size + (f",slots={memory_slots},maxmem={max_memory_mb or 2 * memory_mb}M"
+                      if memory_slots else ""),
+        "-object", f"memory-backend-memfd,id=mem,size={size},share=on",
         "-numa", "node,memdev=mem",
         "-nographic", "-nodefaults",
         "-serial", "stdio",
@@ -813,6 +820,9 @@ class BootOptions(TypedDict, total=False):
     packed: bool
     kernel_args: Sequence[str]
     extra_args: Sequence[str]
+    memory_slots: int
+    max_memory_mb: int
+    memory_kb: int
 
 
 def initrd_with_script(image: GuestImage, script: str, out: Path) -> Path:

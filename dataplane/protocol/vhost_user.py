@@ -17,6 +17,8 @@ VHOST_USER_NEED_REPLY_MASK = 0x1 << 3
 
 VHOST_USER_F_PROTOCOL_FEATURES = 30
 VHOST_F_LOG_ALL = 26
+VHOST_VRING_F_LOG = 0x1              # SET_VRING_ADDR flags: log used ring writes at log_guest_addr
+VHOST_LOG_PAGE = 0x1000              # one bit of the dirty log per page of guest-physical memory
 
 # u64 payload of SET_VRING_KICK/CALL/ERR: queue index in bits 0-7, "no fd" in bit 8.
 VHOST_USER_VRING_IDX_MASK = 0xFF
@@ -24,6 +26,7 @@ VHOST_USER_VRING_NOFD_MASK = 0x1 << 8
 
 MAX_PAYLOAD = 4096
 MAX_FDS = 8   # VHOST_MEMORY_BASELINE_NREGIONS
+VHOST_MEMORY_BASELINE_NREGIONS = 8   # SET_MEM_TABLE's most regions (one fd each)
 VHOST_USER_MAX_CONFIG_SIZE = 256
 
 
@@ -109,6 +112,8 @@ VRING_STATE = struct.Struct("<II")         # index, num
 VRING_ADDR = struct.Struct("<IIQQQQ")      # index, flags, desc, used, avail, log
 MEMORY_HEADER = struct.Struct("<II")       # nregions, padding
 MEMORY_REGION = struct.Struct("<QQQQ")     # guest_phys_addr, memory_size, userspace_addr, mmap_offset
+MEM_REG = struct.Struct("<QQQQQ")          # ADD/REM_MEM_REG: padding, then a MEMORY_REGION
+LOG = struct.Struct("<QQ")                 # SET_LOG_BASE: mmap_size, mmap_offset
 CONFIG_HEADER = struct.Struct("<III")      # offset, size, flags
 INFLIGHT = struct.Struct("<QQHH4x")        # mmap_size, mmap_offset, num_queues, queue_size
 INFLIGHT_MIN_SIZE = 20                     # the struct without its tail padding

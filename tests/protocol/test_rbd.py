@@ -553,3 +553,32 @@ def test_the_disk_checks_the_bounds_librbd_does_not(rbd_image):
     finally:
         disk.close()
     assert img.export()[-12288:] == bytes(4096) + b"y" * 8192
+
+
+def test_rbd_exports_come_and_go_over_rpc_beside_a_file_export(rbd_image, disk_file, tmp_path):
+    """The daemon: an [[export]] table on an RBD image next to a file export, and a second
+    image added and removed over JSON-RPC while both serve; each sees its own data."""
+    from serve_process import DaemonProcess
+
+    first = rbd_image(size=8 * MiB)
+    second = first.cluster.new_image(first.name + "-b", 4 * MiB)
+    d = DaemonProcess(tmp_path, [
+        {"name": "img", "disk": first.disk(), "socket": str(tmp_path / "img.sock"), "queues": 2},
+        {"name": "file", "disk": str(disk_file), "socket": str(tmp_path / "file.sock"), "queues": 2}])
+    try:
+        with d.client() as c:
+            info = c.export_add(name="img2", disk=second.disk(), socket=str(tmp_path / "img2.sock"),
+                                queues=1)
+            assert info["state"] == "listening", info
+            for name, n in (("img", 2), ("file", 2), ("img2", 1)):
+                with Device.connect(str(tmp_path / f"{name}.sock"), queues=n) as dev:
+                    dev.write(4096, pattern(len(name), 4096), queue=n - 1)
+                    dev.flush()
+                    assert dev.read(4096, 4096) == pattern(len(name), 4096)
+            assert c.export_remove("img2") == {"name": "img2", "removed": True}
+            assert {e["name"] for e in c.export_list()} == {"img", "file"}
+        assert d.terminate() == 0, d.log()
+    finally:
+        d.kill()
+    assert first.export()[4096:8192] == pattern(3, 4096)
+    assert second.export()[4096:8192] == pattern(4, 4096)
