@@ -146,7 +146,7 @@ def _socket(value: Any, where: str, from_file: bool) -> Path:
 
 
 def _disk(value: Any, where: str, from_file: bool) -> str:
-    return _string(value, where, "a file, a block device or null:SIZE")
+    return _string(value, where, "a file, a block device, null:SIZE or rbd:POOL/IMAGE")
 
 
 def _queues(value: Any, where: str, from_file: bool) -> int:

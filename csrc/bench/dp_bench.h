@@ -48,6 +48,20 @@ int dp_bench_record_feed(struct dp_recorder *rec, unsigned queue, uint64_t rate,
  * drops). out->ns counts the bursts only. */
 int dp_bench_record_push(struct dp_recorder *rec, unsigned queue, uint64_t n, uint64_t gap_ns,
                          struct dp_bench_result *out);
+/* Test hook (disk_hooks.c): one request through any disk's ops table on a private io_uring, as
+ * an engine runs it: open the disk's state, submit, reap until the request completes (at most
+ * timeout_ms), then close the state until it succeeds. op: DP_BENCH_IO_*; READ / WRITE use
+ * buf (len bytes), DISCARD / WRITE_ZEROES one range [offset, offset + len) with unmap. Stores
+ * the request's result and close's first answer; returns 0 or -errno (-ETIMEDOUT: it never
+ * completed; its state and request are then left allocated, as they may still be reached). */
+#define DP_BENCH_IO_READ 0
+#define DP_BENCH_IO_WRITE 1
+#define DP_BENCH_IO_FLUSH 2
+#define DP_BENCH_IO_DISCARD 3
+#define DP_BENCH_IO_WRITE_ZEROES 4
+struct dp_disk;
+int dp_bench_disk_run(struct dp_disk *disk, unsigned op, uint64_t offset, void *buf, uint64_t len,
+                      int unmap, uint32_t timeout_ms, int *result, int *first_close);
 /* ==== end of benchmark hooks ==== */
 
 #endif

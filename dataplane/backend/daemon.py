@@ -88,7 +88,7 @@ def device_info(disk_spec: str) -> DeviceInfo:
     (null:, rbd:, ...) has none (threads placed by NUMA and SMT only)."""
     spec = split_disk_options(disk_spec)[0]
     scheme = re.match(r"([a-z][a-z0-9]*):", spec)
-    if scheme and scheme.group(1) != "null" and not os.path.exists(spec):
+    if scheme and scheme.group(1) not in ("null", "rbd") and not os.path.exists(spec):
         return DeviceInfo(spec, mapping_note=f"{scheme.group(1)} disk: no local block device;"
                           " threads are placed by NUMA and SMT only")
     return BlockDevice.resolve(spec)

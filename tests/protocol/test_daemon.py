@@ -103,12 +103,12 @@ def test_eight_exports_verified_under_load_at_once(daemons, tmp_path: Path) -> N
     # all eight attached at once (8 loads start slowly on 2 CPUs: wait for the last)
     with d.client() as c:
         deadline = time.monotonic() + 9
-        while True:
+        while True:   # attached first, then each front end starts its queues
             attached = sorted(e["name"] for e in c.export_list() if e["attached"])
-            if attached == names or time.monotonic() > deadline:
+            running = sum(q["running"] for s in c.stats()["exports"].values() for q in s["queues"])
+            if (attached == names and running == 16) or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
-        running = sum(q["running"] for s in c.stats()["exports"].values() for q in s["queues"])
     # the I/O threads are the pool's (one per CPU), not two per export
     threads = io_threads(d.proc.pid)
     assert attached == names and running == 16, (attached, running)

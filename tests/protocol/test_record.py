@@ -327,7 +327,7 @@ def test_metrics_expose_the_recording_counters(start_backend, tmp_path: Path) ->
     with Device.connect(backend.socket) as dev:
         dev.read(0, 4096)
     body, _ = server.call_in_loop(lambda: exposition(server.snapshot))
-    assert re.search(rb'dataplane_recorded_total\{queue="0",thread="dp-vq0"\} 1\.0', body), body
+    assert re.search(rb'dataplane_recorded_total\{export="",queue="0",thread="dp-vq0"\} 1\.0', body), body
     assert b"dataplane_record_dropped_total" in body
     server.call_in_loop(server.stop_recording)
 
