@@ -38,6 +38,12 @@ int dp_vq_start(struct dp_vq *vq, struct dp_engine *engine);
 int dp_vq_stop(struct dp_vq *vq);
 void dp_vq_free(struct dp_vq *vq);
 
+/* ---- recording what the queue serves (record.c; the recorder is record/dp_record.h) ---- */
+struct dp_recorder;
+/* Record into rec's ring for this queue's index from now on (NULL: stop). Safe while the queue
+ * runs: the swap happens on its thread, so once this returns the old ring is no longer
+ * written. -ERANGE when rec has no ring for this index. */
+int dp_vq_set_recorder(struct dp_vq *vq, struct dp_recorder *rec);
 /* ---- debug switches for tests (process-wide) ---- */
 #define DP_DEBUG_NO_START_SIGNAL 1   /* no interrupt when a queue starts or gets a call fd */
 #define DP_DEBUG_NO_MEM_DRAIN 2      /* a new table is acknowledged before old requests are done */

@@ -132,6 +132,10 @@ static void run_commands(struct dp_engine *engine)
             queue_set_log(cmd->vq, cmd->ptr);
             engine_cmd_done(engine, cmd, 0);
             break;
+        case CMD_SET_RECORDER:
+            cmd->vq->rec = cmd->vq->rec_next;
+            engine_cmd_done(engine, cmd, 0);
+            break;
         case CMD_EXIT:
             engine->exiting = 1;
             engine_cmd_done(engine, cmd, 0);

@@ -21,7 +21,7 @@ enum {
     TAG_MASK = DP_CQE_TAG_MASK,
 };
 
-enum { CMD_ATTACH, CMD_DETACH, CMD_SET_CALL, CMD_SET_MEM, CMD_SET_LOG, CMD_EXIT };
+enum { CMD_ATTACH, CMD_DETACH, CMD_SET_CALL, CMD_SET_MEM, CMD_SET_LOG, CMD_SET_RECORDER, CMD_EXIT };
 
 struct engine_cmd {
     int op;
@@ -111,5 +111,8 @@ void queue_process_avail(struct dp_engine *engine, struct dp_vq *vq);
 void queue_notify(struct dp_vq *vq);
 void queue_set_mem(struct dp_engine *engine, struct dp_vq *vq, struct engine_cmd *cmd);
 void queue_set_log(struct dp_vq *vq, const struct vq_log_cfg *cfg);
+
+/* record.c: a request into the queue's record ring (vq->rec set): taken (done 0) or completed */
+void queue_record(struct dp_vq *vq, const struct dp_req *req, int done, uint8_t status, uint64_t now);
 
 #endif

@@ -82,7 +82,10 @@ static void req_finish(struct dp_req *req, uint8_t status, int from_disk)
         STAT_ADD(vq, out_of_order, 1);
     else
         vq->max_completed_seq = req->seq;
-    hist_add(&vq->latency, now_ns() - req->io.start_ns);
+    uint64_t now = now_ns();
+    hist_add(&vq->latency, now - req->io.start_ns);
+    if (vq->rec)
+        queue_record(vq, req, 1, status, now);
     /* The status byte is ordered before used->idx by the release in vq_push_used. */
     *req->status = status;
     if (vq_logging(vq))
@@ -129,6 +132,8 @@ static void start_request(struct dp_req *req, const struct vq_chain *chain)
         return;
     }
     count_request(vq, req->type);
+    if (vq->rec)
+        queue_record(vq, req, 0, 0, req->io.start_ns);
     if (status == VIRTIO_BLK_S_OK)
         status = blk_req_answer(req, vq->dev);
     if (status >= 0) {

@@ -41,6 +41,7 @@ struct dp_blk_dev;
 struct dp_engine;
 struct engine_disk;
 struct dp_req;
+struct rec_ring;
 struct dp_dirty_log;
 
 struct dp_vq {
@@ -79,6 +80,8 @@ struct dp_vq {
     int need_notify;
     unsigned mem_drain_left;      /* requests of the previous memory table still in flight */
     uint64_t kick_buf;
+    struct rec_ring *rec;         /* recording: the queue's record ring, or NULL */
+    struct rec_ring *rec_next;    /* the ring to swap in (on the engine thread) */
 
     /* inflight tracking (NULL when the front end did not negotiate INFLIGHT_SHMFD) */
     struct inflight_region *inflight;

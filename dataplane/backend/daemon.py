@@ -214,7 +214,8 @@ class Daemon:
                               num_queues=config.queues, socket_mode=config.socket_mode,
                               socket_group=config.socket_group, inflight=config.inflight,
                               dirty_log=self.options.dirty_log, name=config.name, listener=listener,
-                              listener_label=label),
+                              listener_label=label, record=config.record,
+                              record_format=config.record_format),
                 mapping, serial_lock=self._serial)
         except BaseException:
             self._release(export)
@@ -364,6 +365,15 @@ class Daemon:
             known = ", ".join(sorted(self.exports)) or "none"
             raise RpcError(NO_SUCH_EXPORT, f"no export named \"{name}\" (exports: {known})", {"name": name})
         return export
+
+    def server_of(self, name: str) -> VhostUserBlkServer:
+        """The server of a serving export (record_start and the like act on it)."""
+        with self._lock:
+            export = self._get(name)
+        if export.server is None or export.state != "serving":
+            raise RpcError(EXPORT_FAILED, f"export \"{name}\" is {export.current_state()}, not serving",
+                           {"name": name})
+        return export.server
 
     # ---- reading ----
 

@@ -192,6 +192,7 @@ class VhostUserBlkDevice:
         self.vrings = [Vring(i, self._new_vq(i)) for i in range(num_queues)]
         self.mem: object | None = None
         self.inflight: InflightBuffer | None = None
+        self.recorder: object | None = None   # a C dp_recorder every queue records into
         self.log: DirtyLog | None = None
         # (buffer key, queue) a packed ring was started from in this session: its region is
         # this session's, not a previous back end's (see _attach_inflight)
@@ -283,6 +284,14 @@ class VhostUserBlkDevice:
                 lib.dp_vq_set_inflight(vring.handle, ffi.NULL, 0)
             self.inflight.close()
             self.inflight = None
+
+    def set_recorder(self, recorder: object | None) -> None:
+        """Record every queue's requests into recorder (a C dp_recorder; None: stop). Safe
+        while queues run; once it returns, no queue writes into the previous recorder."""
+        self.recorder = recorder
+        handle = ffi.NULL if recorder is None else recorder
+        for vring in self.vrings:
+            check(lib.dp_vq_set_recorder(vring.handle, handle), f"vq{vring.index}: recording")
 
     def stats(self) -> list[dict[str, int]]:
         out = []
