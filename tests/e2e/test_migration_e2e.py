@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from fio_scripts import fio_in_background, timed_verify_job
 from serve_process import ServeProcess
 
 from dataplane.guest import GuestHandle, GuestImage, Qmp, QmpError, start_guest
@@ -57,41 +58,7 @@ RUNNING_TIMEOUT = 90.0        # boot + fio's first writes
 MIGRATION_TIMEOUT = 90.0
 FINISH_MARGIN = 90.0          # after fio's runtime: final verify pass, power-off
 
-FIO_JOB = f"""[global]
-filename=/dev/vda
-ioengine=libaio
-direct=1
-iodepth=32
-bsrange=4k-128k
-rw=randwrite
-verify=crc32c
-do_verify=1
-verify_fatal=1
-verify_state_save=0
-time_based=1
-runtime={FIO_RUNTIME}
-size=120m
-[q0]
-offset=0
-cpus_allowed=0
-[q1]
-offset=128m
-cpus_allowed=1
-"""
-
-FIO_SCRIPT = f"""
-cat > /tmp/job.fio <<'EOF'
-{FIO_JOB}EOF
-w0=$(awk '{{print $5}}' /sys/block/vda/stat)
-fio /tmp/job.fio > /tmp/fio.out 2>&1 &
-fpid=$!
-i=0
-while [ "$(awk '{{print $5}}' /sys/block/vda/stat)" = "$w0" ] && kill -0 $fpid 2>/dev/null \\
-        && [ $i -lt 1500 ]; do
-    sleep 0.02
-    i=$((i + 1))
-done
-echo DP-FIO-RUNNING
+FIO_SCRIPT = fio_in_background(timed_verify_job(FIO_RUNTIME, "120m")) + """
 wait $fpid
 echo "DP-FIO-RC $?"
 grep -E 'err=|issued rwts|verify' /tmp/fio.out | sed 's/^ */DP-FIO /'
