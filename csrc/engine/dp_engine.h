@@ -34,6 +34,9 @@ int dp_vqs_set_mem(struct dp_vq *const *vqs, unsigned n, struct dp_mem *mem, int
 int dp_vq_set_log(struct dp_vq *vq, struct dp_dirty_log *log, int log_used, uint64_t used_gpa);
 /* Attach to an engine and start serving the ring. */
 int dp_vq_start(struct dp_vq *vq, struct dp_engine *engine);
+/* Where the last start put the ring, before the engine took anything from it: last_avail_idx
+ * (split) or the GET_VRING_BASE encoding (packed), after any inflight recovery. */
+uint32_t dp_vq_started_at(const struct dp_vq *vq);
 /* Stop popping, wait for in-flight requests, detach. Returns last_avail_idx or -errno. */
 int dp_vq_stop(struct dp_vq *vq);
 void dp_vq_free(struct dp_vq *vq);

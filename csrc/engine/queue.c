@@ -443,6 +443,7 @@ int dp_vq_start(struct dp_vq *vq, struct dp_engine *engine)
     rc = vq_start_prepare(vq);
     if (rc < 0)
         return rc;
+    vq->started_at = vq_is_packed(vq) ? dp_vq_packed_base(vq) : vq->last_avail_idx;
     vq->broken = 0;
     __atomic_store_n(&vq->stats.broken, 0, __ATOMIC_RELAXED);
     __atomic_store_n(&vq->stats.inflight, 0, __ATOMIC_RELAXED);
@@ -451,6 +452,11 @@ int dp_vq_start(struct dp_vq *vq, struct dp_engine *engine)
     if (rc)
         vq->engine = NULL;
     return rc;
+}
+
+uint32_t dp_vq_started_at(const struct dp_vq *vq)
+{
+    return vq->started_at;
 }
 
 int dp_vq_stop(struct dp_vq *vq)

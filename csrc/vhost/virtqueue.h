@@ -114,6 +114,7 @@ struct dp_vq {
     uint64_t mem_drain_seq;       /* requests before this one were popped under the old table */
     void *mem_cmd;                /* the command acknowledged once they are all done */
     struct vq_packed pk;          /* a packed ring's own state (cold for a split ring) */
+    uint32_t started_at;          /* the position the last start took (dp_vq_started_at) */
 };
 
 /* Hidden: called directly inside the module, never through the PLT (only dp_* functions are

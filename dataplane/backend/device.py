@@ -841,9 +841,10 @@ class VhostUserBlkDevice:
         check(lib.dp_vq_start(vq, engine), f"{what}: start")
         vring.running = True
         packed = vring.packed
+        started_at = lib.dp_vq_started_at(vq)   # the engine may have popped since
         if packed and self.inflight is not None:
             self._inflight_live.add((self.inflight.key, vring.index))
-            base = lib.dp_vq_packed_base(vq)
+            base = started_at
             if restored and base != vring.base:
                 log.warning("%s: packed ring position %#010x from the inflight region (the front"
                             " end's base %#010x is stale after a back-end restart)", what, base,
@@ -854,8 +855,8 @@ class VhostUserBlkDevice:
                         " (%d of them older than a request that had completed)", what,
                         stats.resubmitted, stats.recovered_out_of_order)
         if not quiet:
-            position = (f"packed ring, base {lib.dp_vq_packed_base(vq):#010x}" if packed
-                        else f"avail_idx {lib.dp_vq_last_avail_idx(vq)}")
+            position = (f"packed ring, base {started_at:#010x}" if packed
+                        else f"avail_idx {started_at}")
             log.info("%s started: size %d, %s, thread %s%s", what, vring.num, position,
                      self.engines.name_for(vring.index),
                      "" if vring.kick_fd >= 0 else ", polling (no kick fd)")
