@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dataplane.core import lib  # noqa: E402
 from dataplane.observe.hist import new_hist  # noqa: E402
-from dataplane.observe.metrics import COUNTERS, GAUGES  # noqa: E402
+from dataplane.observe.metrics import COUNTERS, GAUGES, RECORD_COUNTERS  # noqa: E402
 from dataplane.observe.prometheus import exposition  # noqa: E402
 
 
@@ -31,7 +31,8 @@ def snapshot(queues: int) -> dict:
         h = new_hist()
         for _ in range(2000):
             lib.dp_hist_add(h, rng.randint(1000, 5_000_000))
-        out.append({"queue": i, "thread": f"dp-vq{i}", **{c: rng.randint(0, 10**9) for c in COUNTERS},
+        counters = {c: rng.randint(0, 10**9) for c in COUNTERS + RECORD_COUNTERS}
+        out.append({"queue": i, "thread": f"dp-vq{i}", **counters,
                     **dict.fromkeys(GAUGES, 1), "_hist": h})
     return {"queues": out}
 

@@ -159,6 +159,7 @@ class RunRecord:
     served_ios: int = 0
     cpu_s_per_mio: float = 0.0       # backend's (native fio: fio's own) CPU per million I/Os
     client_cpu_s_per_mio: float = 0.0
+    service_cpu_s_per_mio: float = 0.0   # systems.SERVICE_PIDS' CPU per million I/Os (bench.rbd)
     other_cpu_cores: float = 0.0     # CPU the rest of the machine used during the run, in cores
     quiet_wait_s: float = 0.0
     pre_busy_cores: float = 0.0
@@ -326,9 +327,10 @@ def run_one(args: argparse.Namespace, out: Path, cell: Cell, system: System, rep
     for attempt in range(args.retries + 1):
         started = time.monotonic()
         rec.quiet_wait_s, rec.pre_busy_cores = wait_quiet(args.quiet_cores, args.quiet_timeout)
-        if b is None:
-            res = run_native_fio(str(args.file), w, cell.queues, args.runtime, args.ramp, json_path,
-                                 logdir / "fio.log")
+        if b is None:   # the native baseline (bench.rbd brings its own: fio --ioengine=rbd)
+            native = getattr(args, "native_fio", None) or (
+                lambda *a: run_native_fio(str(args.file), *a))
+            res = native(w, cell.queues, args.runtime, args.ramp, json_path, logdir / "fio.log")
         else:
             res = run_dataplane_load(b.socket, w, cell.queues, args.runtime, args.ramp, json_path,
                                      b, logdir / "load.log", cpus=system.cpus,
@@ -381,6 +383,7 @@ def fill_record(rec: RunRecord, res: RunOutput, w: Workload, native: bool) -> No
         rec.backend_cpu_s = res.backend_cpu_s
     if rec.served_ios:
         rec.cpu_s_per_mio = rec.backend_cpu_s / rec.served_ios * 1e6
+        rec.service_cpu_s_per_mio = res.service_cpu_s / rec.served_ios * 1e6
     total_ios = int(d.get("total_ios", 0))
     if total_ios and not native:
         rec.client_cpu_s_per_mio = rec.client_cpu_s / total_ios * 1e6

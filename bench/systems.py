@@ -25,6 +25,10 @@ log = logging.getLogger("bench")
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 ROOT = Path(__file__).resolve().parent.parent
+# Processes whose CPU a run counts as its own besides the backend's and the load generator's:
+# the storage service the backend talks to (bench.rbd: the Ceph cluster's daemons), so that its
+# work is measured (RunOutput.service_cpu_s) and not taken for another tenant's noise.
+SERVICE_PIDS: list[int] = []
 
 
 # ---- CPU accounting ----
@@ -198,7 +202,8 @@ class RunOutput:
     served_ios: int = 0              # I/Os the backend completed, ramp included
     wall_s: float = 0.0
     host_busy_s: float = 0.0         # every CPU's user+system time over the run
-    ours_s: float = 0.0              # backend + load generator process CPU over the run
+    ours_s: float = 0.0              # backend + load generator (+ service) CPU over the run
+    service_cpu_s: float = 0.0       # SERVICE_PIDS' CPU over the run
     error: str = ""
 
 
@@ -209,12 +214,23 @@ def _own_cpu(job: dict[str, Any]) -> float:
     return (job.get("usr_cpu", 0.0) + job.get("sys_cpu", 0.0)) / 100.0 * job.get("job_runtime", 0) / 1000.0
 
 
+def _service_cpu_seconds() -> float:
+    total = 0.0
+    for pid in SERVICE_PIDS:
+        try:
+            total += proc_cpu_seconds(pid)
+        except OSError:
+            pass   # it exited: what it used is gone with it
+    return total
+
+
 def _run(argv: list[str], out_json: Path, timeout: float, backend: Backend | None,
          log_path: Path) -> RunOutput:
     res = RunOutput()
     out_json.parent.mkdir(parents=True, exist_ok=True)
     busy0, kids0 = host_busy_seconds(), children_cpu_seconds()
     cpu0 = backend.cpu_seconds() if backend else 0.0
+    svc0 = _service_cpu_seconds()
     t0 = time.monotonic()
     with open(log_path, "a") as logf:
         logf.write("$ " + " ".join(argv) + "\n")
@@ -232,7 +248,8 @@ def _run(argv: list[str], out_json: Path, timeout: float, backend: Backend | Non
             res.error = res.error or f"backend {backend.name} died (status {backend.proc.returncode})"
         else:
             res.backend_cpu_s = backend.cpu_seconds() - cpu0
-    res.ours_s = res.backend_cpu_s + children_cpu_seconds() - kids0
+    res.service_cpu_s = _service_cpu_seconds() - svc0
+    res.ours_s = res.backend_cpu_s + children_cpu_seconds() - kids0 + res.service_cpu_s
     res.host_busy_s = host_busy_seconds() - busy0
     if rc != 0 and not res.error:
         res.error = f"exit status {rc} (see {log_path.name})"

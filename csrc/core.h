@@ -14,7 +14,9 @@
 #include "util/dp_hist.h"
 #include "vhost/dp_vhost.h"
 #include "disk/dp_disk.h"
+#include "disk/dp_rbd.h"         /* left out by _build.py without librbd */
 #include "blk/dp_blk.h"
+#include "record/dp_record.h"
 #include "engine/dp_engine.h"
 #include "driver/dp_driver.h"
 #include "driver/dp_replay.h"

@@ -1,15 +1,21 @@
 """cffi builder for dataplane._core: compiles csrc/**/*.c (one folder per room) against the
-system liburing.
+system liburing, and the RBD disk (csrc/disk/rbd.c) against librbd when librbd-dev is there.
 
 `csrc/core.h` is the whole C surface Python sees: it includes one public header per room
 (`csrc/<room>/dp_<room>.h`), which cdef_text expands in place; other preprocessor lines are
 dropped before cdef (integer #defines are kept). DATAPLANE_SANITIZE=1 builds with ASan and UBSan.
+
+librbd is optional: without its header and library (Debian: librbd-dev) the build leaves out
+rbd.c and its public header dp_rbd.h, so the module has no dp_rbd_* and `rbd:` disks say what
+to install. DATAPLANE_NO_RBD=1 builds that way on purpose (the tests check the message).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from cffi import FFI
@@ -43,9 +49,37 @@ def cdef_text(header: Path, seen: set[Path] | None = None) -> str:
     return "\n".join(lines)
 
 
-def c_sources() -> list[Path]:
-    """Every .c file under csrc/, whatever room it sits in."""
-    return sorted(CSRC.rglob("*.c"))
+RBD_SOURCE = CSRC / "disk" / "rbd.c"
+RBD_HEADER = CSRC / "disk" / "dp_rbd.h"
+RBD_PACKAGE = "librbd-dev"   # the Debian package with librbd.h and librbd.so (and librados-dev)
+
+
+def _library_found(name: str) -> bool:
+    """Whether the linker finds lib<name>.so (gcc answers with the bare name when it does not)."""
+    try:
+        out = subprocess.run([os.environ.get("CC", "gcc"), f"-print-file-name=lib{name}.so"],
+                             capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        return False
+    return os.path.isabs(out) and os.path.exists(out)
+
+
+def have_librbd() -> bool:
+    """librbd's header and its libraries (librbd, librados) are installed, and not turned off."""
+    if os.environ.get("DATAPLANE_NO_RBD", "") not in ("", "0"):
+        return False
+    headers = any(Path(d, "rbd", "librbd.h").exists() for d in ("/usr/include", "/usr/local/include"))
+    return headers and _library_found("rbd") and _library_found("rados")
+
+
+def c_sources(rbd: bool = True) -> list[Path]:
+    """Every .c file under csrc/, whatever room it sits in (rbd.c only with librbd)."""
+    return sorted(p for p in CSRC.rglob("*.c") if rbd or p != RBD_SOURCE)
+
+
+def cdef_surface(rbd: bool) -> str:
+    """What cffi declares: core.h, without dp_rbd.h when rbd.c is left out."""
+    return cdef_text(CSRC / "core.h", seen=None if rbd else {RBD_HEADER})
 
 
 def compile_flags() -> tuple[list[str], list[str]]:
@@ -63,14 +97,17 @@ def compile_flags() -> tuple[list[str], list[str]]:
 def make_builder(base: Path) -> FFI:
     """A builder whose source paths are relative to base (setuptools refuses absolute ones)."""
     builder = FFI()
-    builder.cdef(cdef_text(CSRC / "core.h"))
+    rbd = have_librbd()
+    if not rbd:
+        print(f"dataplane._build: no librbd ({RBD_PACKAGE}): building without RBD disks", file=sys.stderr)
+    builder.cdef(cdef_surface(rbd))
     cflags, ldflags = compile_flags()
     builder.set_source(
         "dataplane._core",
         '#include "core.h"\n',
-        sources=sorted(os.path.relpath(p, base) for p in c_sources()),
+        sources=sorted(os.path.relpath(p, base) for p in c_sources(rbd)),
         include_dirs=[os.path.relpath(CSRC, base)],
-        libraries=["uring", "pthread"],
+        libraries=["uring", "pthread"] + (["rbd", "rados"] if rbd else []),
         extra_compile_args=cflags,
         extra_link_args=ldflags,
     )

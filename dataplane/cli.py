@@ -102,6 +102,11 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
                         " (default 50; 0 when they share CPUs with vCPUs)")
     p.add_argument("--metrics", default=None,
                    help="serve Prometheus metrics on [HOST:]PORT (HOST defaults to 127.0.0.1)")
+    p.add_argument("--record", type=Path, default=None, metavar="FILE",
+                   help="record every request served: blktrace files FILE.blktrace.<queue> "
+                        "(blkparse -i FILE reads them), or with --record-format iolog a fio iolog FILE")
+    p.add_argument("--record-format", choices=["blktrace", "iolog"], default=None,
+                   help="format of --record (default blktrace)")
     p.add_argument("--rpc-socket", type=Path, default=None,
                    help="JSON-RPC 2.0 management socket (mode 0600): add, remove and inspect exports"
                         " while serving (`dataplane rpc`)")

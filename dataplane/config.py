@@ -28,6 +28,7 @@ MAX_QUEUES = 256   # a vhost-user vring index is 8 bits (VHOST_USER_VRING_IDX_MA
 MAX_IO_THREADS = 1024
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 CACHE_MODES = ("none", "writeback")
+RECORD_FORMATS = ("blktrace", "iolog")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -72,6 +73,8 @@ class ExportConfig:
     socket_group: str | None = None
     vcpu_cpus: tuple[int, ...] | None = None
     inflight: bool = True
+    record: Path | None = None                 # record every request served to this file
+    record_format: str = "blktrace"            # blktrace (FILE.blktrace.<q>) or iolog (FILE)
 
     def to_dict(self) -> dict[str, Any]:
         """As an [[export]] table (and export_add's parameters) would say it."""
@@ -81,7 +84,9 @@ class ExportConfig:
                 "serial": self.serial, "socket_mode": f"{self.socket_mode:04o}",
                 "socket_group": self.socket_group,
                 "vcpu_cpus": list(self.vcpu_cpus) if self.vcpu_cpus is not None else None,
-                "inflight": self.inflight}
+                "inflight": self.inflight,
+                "record": str(self.record) if self.record is not None else None,
+                "record_format": self.record_format}
 
 
 @dataclass
@@ -108,6 +113,8 @@ class ServeConfig:
     name: str | None = None                    # the single export's name (default: socket stem)
     rpc_socket: Path | None = None             # JSON-RPC management socket; None: off
     io_threads: int | None = None              # pool size with several exports (None: per CPU)
+    record: Path | None = None                 # the single export's recording (see ExportConfig)
+    record_format: str = "blktrace"
     exports: list[ExportConfig] = field(default_factory=list, compare=False)
 
 
@@ -139,7 +146,7 @@ def _socket(value: Any, where: str, from_file: bool) -> Path:
 
 
 def _disk(value: Any, where: str, from_file: bool) -> str:
-    return _string(value, where, "a file, a block device or null:SIZE")
+    return _string(value, where, "a file, a block device, null:SIZE or rbd:POOL/IMAGE")
 
 
 def _queues(value: Any, where: str, from_file: bool) -> int:
@@ -209,6 +216,16 @@ def _metrics(value: Any, where: str, from_file: bool) -> tuple[str, int]:
     if not isinstance(port, int) or not 1 <= port <= 65535:
         raise ConfigError(f"{where}: port {port} is out of range (1 to 65535)")
     return (host or "127.0.0.1", port)
+
+
+def _record(value: Any, where: str, from_file: bool) -> Path:
+    return Path(_string(value, where, "a file to record to"))
+
+
+def _record_format(value: Any, where: str, from_file: bool) -> str:
+    if value not in RECORD_FORMATS:
+        raise _bad(where, " or ".join(RECORD_FORMATS), value)
+    return value
 
 
 def _log_level(value: Any, where: str, from_file: bool) -> str:
@@ -309,17 +326,19 @@ VALIDATORS: dict[str, Callable[[Any, str, bool], Any]] = {
     "name": _name,
     "rpc_socket": _socket,
     "io_threads": _io_threads,
+    "record": _record,
+    "record_format": _record_format,
 }
-_PATH_KEYS = ("socket", "disk", "rpc_socket")   # relative paths in a file: relative to the file
+_PATH_KEYS = ("socket", "disk", "rpc_socket", "record")   # relative paths in a file: relative to the file
 # The keys of an [[export]] table (and of export_add); the top-level ones of a file without
 # tables describe its single export.
 EXPORT_VALIDATORS: dict[str, Callable[[Any, str, bool], Any]] = {
     key: VALIDATORS[key] for key in ("name", "disk", "socket", "socket_fd", "queues", "read_only",
                                      "cache", "serial", "socket_mode", "socket_group", "vcpu_cpus",
-                                     "inflight")
+                                     "inflight", "record", "record_format")
 } | {"addr": _addr}
 FLAT_EXPORT_KEYS = ("name", "disk", "socket", "socket_fd", "queues", "read_only", "cache", "serial",
-                    "socket_mode", "socket_group")
+                    "socket_mode", "socket_group", "record", "record_format")
 
 
 def _flag(key: str) -> str:
@@ -463,7 +482,8 @@ def _export_from(values: Mapping[str, Any], label: str, *, index: int | None,
     name = values.get("name") or _default_name(addr, index)
     vcpus = values.get("vcpu_cpus")
     fields = {k: values[k] for k in ("queues", "read_only", "cache", "serial", "socket_mode",
-                                     "socket_group", "inflight") if values.get(k) is not None}
+                                     "socket_group", "inflight", "record", "record_format")
+              if values.get(k) is not None}
     return ExportConfig(name=name, disk=values["disk"], addr=addr,
                         vcpu_cpus=tuple(vcpus) if vcpus is not None else None, **fields)
 

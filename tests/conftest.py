@@ -1,5 +1,5 @@
 """Shared fixtures: an in-process backend on a socket, QEMU's storage daemon as another
-backend, and a rebuild of a stale C core."""
+backend, one Ceph cluster for the session's RBD tests, and a rebuild of a stale C core."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def _rebuild_if_stale() -> None:
 
 _rebuild_if_stale()
 
-from serve_process import ServeProcess  # noqa: E402  (tests/ is on sys.path, as for this file)
+from ceph_cluster import CephCluster, RbdImage  # noqa: E402  (tests/ is on sys.path, as for this file)
+from serve_process import ServeProcess  # noqa: E402
 
 from dataplane.backend import EnginePool, ServerOptions, VhostUserBlkServer  # noqa: E402
 from dataplane.disks import open_disk  # noqa: E402
@@ -47,12 +48,17 @@ class RunningBackend:
         self.thread = thread
         self.socket = str(server.options.socket_path)
         self.disk = server.disk
+        self.stopped = False
 
     @property
     def device(self):
         return self.server.device
 
     def stop(self) -> None:
+        """Stop serving and close the disk (once: a test may stop it before teardown does)."""
+        if self.stopped:
+            return
+        self.stopped = True
         self.server.stop()
         self.thread.join(timeout=30)
         assert not self.thread.is_alive(), "backend did not stop within 30 s"
@@ -146,6 +152,44 @@ def start_serve(tmp_path: Path) -> Iterator:
     yield start
     for s in started:
         s.kill()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def runtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The backends' runtime records (RBD lock owners) go to a directory of this session,
+    not /run/dataplane; subprocesses inherit it through the environment."""
+    path = tmp_path_factory.mktemp("runtime")
+    old = os.environ.get("DATAPLANE_RUNTIME_DIR")
+    os.environ["DATAPLANE_RUNTIME_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("DATAPLANE_RUNTIME_DIR", None)
+    else:
+        os.environ["DATAPLANE_RUNTIME_DIR"] = old
+
+
+@pytest.fixture(scope="session")
+def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
+    """One single-node Ceph cluster (a monitor, a memstore OSD, pool `rbd`) for every RBD test
+    of the session, started by the first one (~1.5 s). Tests make images of their own; a test
+    that kills the OSD starts a cluster of its own. Missing Ceph packages fail (./dev installs
+    them): a skipped RBD suite would be a suite that cannot fail."""
+    cluster = CephCluster(tmp_path_factory.mktemp("ceph") / "c").start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def rbd_image(ceph: CephCluster, request: pytest.FixtureRequest):
+    """Factory: rbd_image(size=64 MiB, features=None) -> an image of the session cluster, named
+    after the test, with the `--disk rbd:...` spec that reaches it (ceph_cluster.RbdImage)."""
+
+    def make(size: int = 64 << 20, features: list[str] | None = None) -> RbdImage:
+        return ceph.new_image(request.node.name, size, features=features)
+
+    return make
 
 
 @pytest.fixture

@@ -40,6 +40,32 @@ int dp_bench_request(struct dp_bench_ring *ring, uint64_t n, unsigned batch,
  * armed; then close is called until it succeeds. Stores close's first answer (-EBUSY: it waited
  * for the timeout) and the CQEs reaped until it succeeded; returns 0, or -errno / -EPROTO. */
 int dp_bench_delay_close(int *first_close, unsigned *cqes);
+/* Benchmark hook (record_hooks.c): play a busy queue into a recorder's ring for queue q: Q and
+ * C entries of 4k reads, `rate` requests a second (0: as fast as it goes) for ns nanoseconds.
+ * out->iterations: requests played; the recorder's stats say how many entries got in. */
+struct dp_recorder;
+int dp_bench_record_feed(struct dp_recorder *rec, unsigned queue, uint64_t rate, uint64_t ns,
+                         struct dp_bench_result *out);
+/* The I/O thread's share alone: n requests' two rec_push calls (prepared entries, no clock) in
+ * bursts of 32, each burst followed by gap_ns of spinning (the rest of an I/O thread's work;
+ * 0: back to back), while the recorder's writer drains the ring (or does not: then most are
+ * drops). out->ns counts the bursts only. */
+int dp_bench_record_push(struct dp_recorder *rec, unsigned queue, uint64_t n, uint64_t gap_ns,
+                         struct dp_bench_result *out);
+/* Test hook (disk_hooks.c): one request through any disk's ops table on a private io_uring, as
+ * an engine runs it: open the disk's state, submit, reap until the request completes (at most
+ * timeout_ms), then close the state until it succeeds. op: DP_BENCH_IO_*; READ / WRITE use
+ * buf (len bytes), DISCARD / WRITE_ZEROES one range [offset, offset + len) with unmap. Stores
+ * the request's result and close's first answer; returns 0 or -errno (-ETIMEDOUT: it never
+ * completed; its state and request are then left allocated, as they may still be reached). */
+#define DP_BENCH_IO_READ 0
+#define DP_BENCH_IO_WRITE 1
+#define DP_BENCH_IO_FLUSH 2
+#define DP_BENCH_IO_DISCARD 3
+#define DP_BENCH_IO_WRITE_ZEROES 4
+struct dp_disk;
+int dp_bench_disk_run(struct dp_disk *disk, unsigned op, uint64_t offset, void *buf, uint64_t len,
+                      int unmap, uint32_t timeout_ms, int *result, int *first_close);
 /* ==== end of benchmark hooks ==== */
 
 #endif

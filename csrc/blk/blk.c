@@ -28,30 +28,34 @@ static int parse_ranges(struct dp_req *req, const struct iovec *data, unsigned c
     size_t len = iov_total(data, cnt);
     size_t n = len / sizeof(struct virtio_blk_discard_write_zeroes);
 
-    if (len == 0 || len % sizeof(struct virtio_blk_discard_write_zeroes) || n > max_seg ||
-        n > DP_MAX_DISCARD_SEG)
+    if (len == 0 || len % sizeof(struct virtio_blk_discard_write_zeroes) || n > DP_MAX_DISCARD_SEG)
         return VIRTIO_BLK_S_IOERR;
-    if (dev->p.read_only)
+    /* The ranges as asked, copied out first: a recording shows them also when refused below. */
+    struct virtio_blk_discard_write_zeroes asked[DP_MAX_DISCARD_SEG];
+    req->io.op = discard ? DP_DISK_DISCARD : DP_DISK_WRITE_ZEROES;
+    for (size_t i = 0; i < n; i++) {
+        struct virtio_blk_discard_write_zeroes *r = &asked[i];
+        iov_to_buf(data, cnt, i * sizeof(*r), r, sizeof(*r));
+        struct dp_disk_range *range = &req->io.ranges[i];
+        range->io = &req->io;
+        range->offset = r->sector << SECTOR_SHIFT;
+        range->len = (uint64_t)r->num_sectors << SECTOR_SHIFT;
+        range->unmap = (r->flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP) != 0;
+    }
+    req->io.nranges = (unsigned)n;
+    if (n > max_seg || dev->p.read_only)
         return VIRTIO_BLK_S_IOERR;
     if (!(dev->disk_flags & (discard ? DP_DISK_F_DISCARD : DP_DISK_F_WRITE_ZEROES)))
         return VIRTIO_BLK_S_UNSUPP;   /* not offered either: a driver that sends it anyway */
-    req->io.op = discard ? DP_DISK_DISCARD : DP_DISK_WRITE_ZEROES;
     for (size_t i = 0; i < n; i++) {
-        struct virtio_blk_discard_write_zeroes r;
-        iov_to_buf(data, cnt, i * sizeof(r), &r, sizeof(r));
+        const struct virtio_blk_discard_write_zeroes *r = &asked[i];
         /* Spec: unknown flags, or UNMAP on a discard, are UNSUPP. */
-        if ((r.flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP) || (discard && r.flags))
+        if ((r->flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP) || (discard && r->flags))
             return VIRTIO_BLK_S_UNSUPP;
-        if (r.num_sectors > max_sectors ||
-            !range_ok(dev, r.sector, (uint64_t)r.num_sectors << SECTOR_SHIFT))
+        if (r->num_sectors > max_sectors ||
+            !range_ok(dev, r->sector, (uint64_t)r->num_sectors << SECTOR_SHIFT))
             return VIRTIO_BLK_S_IOERR;
-        struct dp_disk_range *range = &req->io.ranges[i];
-        range->io = &req->io;
-        range->offset = r.sector << SECTOR_SHIFT;
-        range->len = (uint64_t)r.num_sectors << SECTOR_SHIFT;
-        range->unmap = (r.flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP) != 0;
     }
-    req->io.nranges = (unsigned)n;
     return VIRTIO_BLK_S_OK;
 }
 
@@ -88,6 +92,7 @@ int blk_req_parse(struct dp_req *req, unsigned nseg, unsigned nreadable, int cha
     if (iov_to_buf(seg, nreadable, 0, &hdr, sizeof(hdr)) < sizeof(hdr))
         return VIRTIO_BLK_S_IOERR;
     req->type = hdr.type;
+    io->offset = hdr.sector << SECTOR_SHIFT;   /* also for a request refused below (recordings) */
     if (__atomic_load_n(&dev->failed, __ATOMIC_RELAXED))
         return VIRTIO_BLK_S_IOERR;
 
@@ -128,7 +133,6 @@ int blk_req_parse(struct dp_req *req, unsigned nseg, unsigned nreadable, int cha
     }
     if (hdr.sector > UINT64_MAX >> SECTOR_SHIFT || !range_ok(dev, hdr.sector, io->nbytes))
         return VIRTIO_BLK_S_IOERR;
-    io->offset = hdr.sector << SECTOR_SHIFT;
     return VIRTIO_BLK_S_OK;
 }
 

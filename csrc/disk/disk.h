@@ -70,7 +70,7 @@ struct dp_disk_io {
     unsigned nranges;            /* DISCARD / WRITE_ZEROES: ranges[0 .. nranges) */
     uint64_t start_ns;           /* when the request was taken from the ring (CLOCK_MONOTONIC) */
 
-    /* the disk that does the I/O (file): its state, CQE handler and progress */
+    /* the disk that does the I/O (file, rbd): its state, CQE handler and progress */
     void *io_state;
     struct dp_disk_cqe cqe;
     struct iovec *xfer_iov;      /* what is submitted: iov, or the bounce buffer */
@@ -81,6 +81,7 @@ struct dp_disk_io {
     uint64_t done;               /* bytes transferred so far (short transfers resubmit) */
     unsigned pending;            /* sub-operations in flight */
     int result;                  /* what to complete with once pending reaches zero */
+    struct dp_disk_io *link;     /* a disk's own list of them (rbd: done in librbd, not yet reaped) */
 
     /* a latency layer above it (delay.c) */
     uint64_t delay_ns;           /* the sampled latency */

@@ -47,10 +47,19 @@ int dp_vqs_update_iotlb(struct dp_vq *const *vqs, unsigned n, const struct dp_io
 int dp_vq_set_log(struct dp_vq *vq, struct dp_dirty_log *log, int log_used, uint64_t used_gpa);
 /* Attach to an engine and start serving the ring. */
 int dp_vq_start(struct dp_vq *vq, struct dp_engine *engine);
+/* Where the last start put the ring, before the engine took anything from it: last_avail_idx
+ * (split) or the GET_VRING_BASE encoding (packed), after any inflight recovery. */
+uint32_t dp_vq_started_at(const struct dp_vq *vq);
 /* Stop popping, wait for in-flight requests, detach. Returns last_avail_idx or -errno. */
 int dp_vq_stop(struct dp_vq *vq);
 void dp_vq_free(struct dp_vq *vq);
 
+/* ---- recording what the queue serves (record.c; the recorder is record/dp_record.h) ---- */
+struct dp_recorder;
+/* Record into rec's ring for this queue's index from now on (NULL: stop). Safe while the queue
+ * runs: the swap happens on its thread, so once this returns the old ring is no longer
+ * written. -ERANGE when rec has no ring for this index. */
+int dp_vq_set_recorder(struct dp_vq *vq, struct dp_recorder *rec);
 /* ---- debug switches for tests (process-wide) ---- */
 #define DP_DEBUG_NO_START_SIGNAL 1   /* no interrupt when a queue starts or gets a call fd */
 #define DP_DEBUG_NO_MEM_DRAIN 2      /* a new table is acknowledged before old requests are done */

@@ -140,6 +140,10 @@ static void run_commands(struct dp_engine *engine)
         case CMD_SET_IOTLB:
             queue_set_iotlb(engine, cmd->vq, cmd);   /* acknowledged once the range is unused */
             break;
+        case CMD_SET_RECORDER:
+            cmd->vq->rec = cmd->vq->rec_next;
+            engine_cmd_done(engine, cmd, 0);
+            break;
         case CMD_EXIT:
             engine->exiting = 1;
             engine_cmd_done(engine, cmd, 0);

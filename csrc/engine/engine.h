@@ -21,7 +21,8 @@ enum {
     TAG_MASK = DP_CQE_TAG_MASK,
 };
 
-enum { CMD_ATTACH, CMD_DETACH, CMD_SET_CALL, CMD_SET_MEM, CMD_SET_LOG, CMD_SET_IOTLB, CMD_EXIT };
+enum { CMD_ATTACH, CMD_DETACH, CMD_SET_CALL, CMD_SET_MEM, CMD_SET_LOG, CMD_SET_RECORDER,
+       CMD_SET_IOTLB, CMD_EXIT };
 
 /* Where a request slot is (dp_req.state). */
 enum { REQ_FREE, REQ_ACTIVE, REQ_PARKED, REQ_DEFERRED };
@@ -148,5 +149,8 @@ void queue_set_iotlb(struct dp_engine *engine, struct dp_vq *vq, struct engine_c
  * tick itself (engine.c runs it once tick_next has passed). */
 uint64_t queue_iotlb_next_tick(struct dp_engine *engine, uint64_t now);
 void queue_iotlb_tick(struct dp_engine *engine, uint64_t now);
+
+/* record.c: a request into the queue's record ring (vq->rec set): taken (done 0) or completed */
+void queue_record(struct dp_vq *vq, const struct dp_req *req, int done, uint8_t status, uint64_t now);
 
 #endif

@@ -115,7 +115,10 @@ static void req_finish(struct dp_req *req, uint8_t status, int from_disk)
         STAT_ADD(vq, out_of_order, 1);
     else
         vq->max_completed_seq = req->seq;
-    hist_add(&vq->latency, now_ns() - req->io.start_ns);
+    uint64_t now = now_ns();
+    hist_add(&vq->latency, now - req->io.start_ns);
+    if (vq->rec)
+        queue_record(vq, req, 1, status, now);
     /* The status byte is ordered before used->idx by the release in vq_push_used. */
     *req->status = status;
     if (vq_logging(vq))
@@ -355,6 +358,8 @@ static void run_request(struct dp_req *req, const struct vq_chain *chain)
         return;
     }
     count_request(vq, req->type);
+    if (vq->rec)
+        queue_record(vq, req, 0, 0, req->io.start_ns);
     if (status == VIRTIO_BLK_S_OK)
         status = blk_req_answer(req, vq->dev);
     if (status >= 0) {
@@ -777,6 +782,7 @@ int dp_vq_start(struct dp_vq *vq, struct dp_engine *engine)
     vq->drain_left = 0;
     vq->drain_cmd = NULL;
     __atomic_store_n(&vq->stats.parked, 0, __ATOMIC_RELAXED);
+    vq->started_at = vq_is_packed(vq) ? dp_vq_packed_base(vq) : vq->last_avail_idx;
     vq->broken = 0;
     __atomic_store_n(&vq->stats.broken, 0, __ATOMIC_RELAXED);
     __atomic_store_n(&vq->stats.inflight, 0, __ATOMIC_RELAXED);
@@ -785,6 +791,11 @@ int dp_vq_start(struct dp_vq *vq, struct dp_engine *engine)
     if (rc)
         vq->engine = NULL;
     return rc;
+}
+
+uint32_t dp_vq_started_at(const struct dp_vq *vq)
+{
+    return vq->started_at;
 }
 
 int dp_vq_stop(struct dp_vq *vq)

@@ -44,6 +44,7 @@ struct dp_blk_dev;
 struct dp_engine;
 struct engine_disk;
 struct dp_req;
+struct rec_ring;
 struct dp_dirty_log;
 
 struct dp_vq {
@@ -83,6 +84,8 @@ struct dp_vq {
     int need_notify;
     int rings_ready;              /* ring areas translated (a vIOMMU may take them away) */
     uint64_t kick_buf;
+    struct rec_ring *rec;         /* recording: the queue's record ring, or NULL */
+    struct rec_ring *rec_next;    /* the ring to swap in (on the engine thread) */
 
     /* inflight tracking (NULL when the front end did not negotiate INFLIGHT_SHMFD) */
     struct inflight_region *inflight;
@@ -121,6 +124,7 @@ struct dp_vq {
     unsigned nparked;
     struct dp_req *deferred, **deferred_tail;
     struct vq_packed pk;          /* a packed ring's own state (cold for a split ring) */
+    uint32_t started_at;          /* the position the last start took (dp_vq_started_at) */
 
     /* vIOMMU: the snapshot, the cache in front of it, the misses of the last walk, the pages
      * asked for and not answered yet (iotlb.c) */

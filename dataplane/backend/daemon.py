@@ -91,7 +91,7 @@ def device_info(disk_spec: str) -> DeviceInfo:
     (null:, rbd:, ...) has none (threads placed by NUMA and SMT only)."""
     spec = split_disk_options(disk_spec)[0]
     scheme = re.match(r"([a-z][a-z0-9]*):", spec)
-    if scheme and scheme.group(1) != "null" and not os.path.exists(spec):
+    if scheme and scheme.group(1) not in ("null", "rbd") and not os.path.exists(spec):
         return DeviceInfo(spec, mapping_note=f"{scheme.group(1)} disk: no local block device;"
                           " threads are placed by NUMA and SMT only")
     return BlockDevice.resolve(spec)
@@ -217,7 +217,9 @@ class Daemon:
                               num_queues=config.queues, socket_mode=config.socket_mode,
                               socket_group=config.socket_group, inflight=config.inflight,
                               dirty_log=self.options.dirty_log, name=config.name, listener=listener,
-                              listener_label=label, iotlb_check=self.options.iotlb_check,
+                              listener_label=label, record=config.record,
+                              record_format=config.record_format,
+                              iotlb_check=self.options.iotlb_check,
                               iotlb_miss_timeout_ms=self.options.iotlb_miss_timeout_ms),
                 mapping, serial_lock=self._serial)
         except BaseException:
@@ -368,6 +370,15 @@ class Daemon:
             known = ", ".join(sorted(self.exports)) or "none"
             raise RpcError(NO_SUCH_EXPORT, f"no export named \"{name}\" (exports: {known})", {"name": name})
         return export
+
+    def server_of(self, name: str) -> VhostUserBlkServer:
+        """The server of a serving export (record_start and the like act on it)."""
+        with self._lock:
+            export = self._get(name)
+        if export.server is None or export.state != "serving":
+            raise RpcError(EXPORT_FAILED, f"export \"{name}\" is {export.current_state()}, not serving",
+                           {"name": name})
+        return export.server
 
     # ---- reading ----
 

@@ -243,6 +243,7 @@ class VhostUserBlkDevice:
         self._vq_array = ffi.new("struct dp_vq *[]", [v.handle for v in self.vrings])
         self.mem: object | None = None
         self.inflight: InflightBuffer | None = None
+        self.recorder: object | None = None   # a C dp_recorder every queue records into
         self.log: DirtyLog | None = None
         # (buffer key, queue) a packed ring was started from in this session: its region is
         # this session's, not a previous back end's (see _attach_inflight)
@@ -343,6 +344,14 @@ class VhostUserBlkDevice:
                 lib.dp_vq_set_inflight(vring.handle, ffi.NULL, 0)
             self.inflight.close()
             self.inflight = None
+
+    def set_recorder(self, recorder: object | None) -> None:
+        """Record every queue's requests into recorder (a C dp_recorder; None: stop). Safe
+        while queues run; once it returns, no queue writes into the previous recorder."""
+        self.recorder = recorder
+        handle = ffi.NULL if recorder is None else recorder
+        for vring in self.vrings:
+            check(lib.dp_vq_set_recorder(vring.handle, handle), f"vq{vring.index}: recording")
 
     def stats(self) -> list[dict[str, int]]:
         out = []
@@ -1037,9 +1046,10 @@ class VhostUserBlkDevice:
         check(rc, f"{what}: start")
         vring.running = True
         packed = vring.packed
+        started_at = lib.dp_vq_started_at(vq)   # the engine may have popped since
         if packed and self.inflight is not None:
             self._inflight_live.add((self.inflight.key, vring.index))
-            base = lib.dp_vq_packed_base(vq)
+            base = started_at
             if restored and base != vring.base:
                 log.warning("%s: packed ring position %#010x from the inflight region (the front"
                             " end's base %#010x is stale after a back-end restart)", what, base,
@@ -1050,8 +1060,8 @@ class VhostUserBlkDevice:
                         " (%d of them older than a request that had completed)", what,
                         stats.resubmitted, stats.recovered_out_of_order)
         if not quiet:
-            position = (f"packed ring, base {lib.dp_vq_packed_base(vq):#010x}" if packed
-                        else f"avail_idx {lib.dp_vq_last_avail_idx(vq)}")
+            position = (f"packed ring, base {started_at:#010x}" if packed
+                        else f"avail_idx {started_at}")
             log.info("%s started: size %d, %s, thread %s%s", what, vring.num, position,
                      self.engines.name_for(vring.index),
                      "" if vring.kick_fd >= 0 else ", polling (no kick fd)")

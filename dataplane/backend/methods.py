@@ -9,13 +9,14 @@ Export keys in export_add are validated by config.export_config, the same code t
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import Future
 from typing import Any
 
-from ..config import EXPORT_VALIDATORS, LOG_LEVELS, export_config
+from ..config import EXPORT_VALIDATORS, LOG_LEVELS, RECORD_FORMATS, export_config
 from ..errors import ConfigError
 from ..observe.metrics import clean
-from ..rpc import INVALID_PARAMS, MethodTable, Param, RpcError
+from ..rpc import EXPORT_FAILED, INVALID_PARAMS, MethodTable, Param, RpcError
 
 METHODS = MethodTable()
 
@@ -33,6 +34,8 @@ _EXPORT_DOCS = {
     "socket_group": "group owning the socket (libvirt's QEMU: kvm)",
     "vcpu_cpus": "host CPUs of the VM's vCPUs, vCPU i on the i-th (queue i goes to its thread)",
     "inflight": "offer INFLIGHT_SHMFD (reconnect safety; off only to debug)",
+    "record": "record every request served from the start to this file (absolute path)",
+    "record_format": "blktrace (PATH.blktrace.<queue>) or iolog (a fio iolog v3 PATH)",
 }
 _EXPORT_TYPES = {"queues": "integer", "read_only": "boolean", "inflight": "boolean", "addr": "object",
                  "socket_fd": "any", "vcpu_cpus": "any"}
@@ -106,6 +109,38 @@ def log_level_set(daemon: Any, level: str) -> dict[str, str]:
                                " plan of every export.")
 def threads(daemon: Any) -> dict[str, Any]:
     return daemon.threads()
+
+
+@METHODS.method("record_start",
+                Param("name", "string", required=True, doc="the export"),
+                Param("path", "string", required=True,
+                      doc="absolute path: blktrace writes PATH.blktrace.<queue>, iolog writes PATH"),
+                Param("format", "string", default="blktrace", doc=" or ".join(RECORD_FORMATS)),
+                doc="Record every request the export serves from now on (all its queues), until"
+                    " record_stop; answers with the recording's files.")
+def record_start(daemon: Any, name: str, path: str, format: str) -> dict[str, Any]:   # noqa: A002
+    if format not in RECORD_FORMATS:
+        raise RpcError(INVALID_PARAMS, f"record_start: format: expected {' or '.join(RECORD_FORMATS)},"
+                       f" got {format!r}", {"param": "format"})
+    if not os.path.isabs(path):
+        raise RpcError(INVALID_PARAMS, f"record_start: path: {path} is a relative path; give an"
+                       " absolute one", {"param": "path"})
+    server = daemon.server_of(name)
+    try:
+        return server.call_in_loop(lambda: server.start_recording(path, format))
+    except ConfigError as exc:
+        raise RpcError(EXPORT_FAILED, f"record_start \"{name}\": {exc}", {"name": name}) from None
+
+
+@METHODS.method("record_stop", Param("name", "string", required=True, doc="the export"),
+                doc="Stop the export's recording and finish its files; answers with the summary"
+                    " (files, bytes, requests, dropped entries).")
+def record_stop(daemon: Any, name: str) -> dict[str, Any]:
+    server = daemon.server_of(name)
+    try:
+        return server.call_in_loop(server.stop_recording)
+    except ConfigError as exc:
+        raise RpcError(EXPORT_FAILED, f"record_stop \"{name}\": {exc}", {"name": name}) from None
 
 
 @METHODS.method("methods", doc="The methods this daemon serves, with their parameters.")

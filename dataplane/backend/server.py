@@ -17,6 +17,7 @@ import contextlib
 import itertools
 import logging
 import os
+import queue
 import select
 import selectors
 import signal
@@ -28,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..disks import Disk
 from ..errors import ConfigError, ProtocolError
@@ -37,10 +38,12 @@ from ..protocol.vhost_user import close_fds, recv_message, send_message
 from . import stats
 from .device import IOTLB_MISS_TIMEOUT_MS, VhostUserBlkDevice
 from .engines import EnginePool, EngineView
+from .record import Recording
 
 log = logging.getLogger("dataplane.vhost")
 
 MESSAGE_TIMEOUT_S = 5.0
+T = TypeVar("T")
 STATS_CLIENTS = 4          # stats/metrics clients answered at once (each in a short thread)
 REMOVE_GRACE_S = 2.0       # a forced removal answers I/O errors this long before dropping
 MAX_SOCKET_PATH = 107      # bytes of sockaddr_un.sun_path, less the terminating NUL
@@ -59,6 +62,8 @@ class ServerOptions:
     iotlb_check: bool = True                 # False: the vIOMMU enforces nothing (debug only)
     iotlb_miss_timeout_ms: int = IOTLB_MISS_TIMEOUT_MS   # a request waits this long for an UPDATE
     metrics: tuple[str, int] | None = None   # Prometheus endpoint (host, port); None: off
+    record: Path | None = None                # record every request served from the start
+    record_format: str = "blktrace"
     name: str = ""                           # the export's name (stats, logs)
     listener: socket.socket | None = None    # a listening socket handed over (the caller's)
     listener_label: str = ""                 # how to name it in logs ("fd 3", "socket 'vm1'")
@@ -176,6 +181,10 @@ class VhostUserBlkServer:
         self.peer: dict[str, Any] | None = None   # the attached front end: pid, uid, gid, since
         self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopping = False
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()   # call_in_loop's, for the loop
+        self._loop_thread: threading.Thread | None = None
+        self.recording: Recording | None = None
+        self.record_totals = [{"recorded": 0, "record_dropped": 0} for _ in range(options.num_queues)]
         self._removal: tuple[bool, float, Callable[[str | None], None]] | None = None
         self.removing = False
         self._lock = threading.Lock()         # the session's life vs. snapshot readers
@@ -196,6 +205,8 @@ class VhostUserBlkServer:
                 self.stats_listener = self._listen_stats()
             if options.metrics is not None:
                 self.metrics_listener = self._listen_metrics(options.metrics)
+            if options.record is not None:
+                self.start_recording(options.record, options.record_format)
         except BaseException:
             self.close()
             raise
@@ -233,10 +244,11 @@ class VhostUserBlkServer:
         return listen_tcp(address)
 
     def snapshot(self) -> dict:
-        """Counters of every queue, live and past sessions folded in (any thread)."""
+        """Counters of every queue, live and past sessions folded in, and what was recorded
+        (any thread)."""
         with self._lock:
             live = self.device.vrings if self.device is not None else []
-            snap = self.collector.snapshot(live, self.engines.thread_ids())
+            snap = self.collector.snapshot(live, self.engines.thread_ids(), self._record_snapshot())
         if self.options.name:
             snap["export"] = self.options.name
             for q in snap["queues"]:
@@ -261,6 +273,89 @@ class VhostUserBlkServer:
                     "queues_enabled": sum(1 for v in vrings if v.enabled),
                     "memory_mapped": self.device.mem is not None,
                     "features": f"{self.device.features:#x}"}
+
+    # ---- recording (on the server's loop: call_in_loop from elsewhere) ----
+
+    def start_recording(self, path: str | os.PathLike[str], fmt: str = "blktrace",
+                        ring_entries: int = 0, hold_lines: int = 0) -> dict[str, Any]:
+        """Record every request served from now on, on every queue, to `path` (blktrace:
+        path.blktrace.<q>; iolog: path), until stop_recording. Returns the recording's info.
+        ring_entries: each queue's ring (0: 256 Ki); hold_lines: iolog lines a queue may hold
+        in memory (0: 1 Mi)."""
+        if self.recording is not None:
+            raise ConfigError(f"already recording to {self.recording.path}: stop that first")
+        recording = Recording(Path(path), fmt, self.options.num_queues, ring_entries, hold_lines)
+        self.recording = recording
+        if self.device is not None:
+            try:
+                self.device.set_recorder(recording.handle)
+            except BaseException:
+                self.device.set_recorder(None)
+                self.recording = None
+                recording.close()
+                raise
+        return recording.info()
+
+    def stop_recording(self) -> dict[str, Any]:
+        """Stop recording and finish the file(s): every request recorded so far is in them.
+        Returns the summary (files, bytes, requests, dropped entries, error)."""
+        recording = self.recording
+        if recording is None:
+            raise ConfigError("not recording")
+        if self.device is not None:
+            self.device.set_recorder(None)   # no queue writes its ring once this returns
+        self.recording = None
+        summary = recording.close()
+        for totals, q in zip(self.record_totals, summary["queues"], strict=True):
+            totals["recorded"] += q["requests"]
+            totals["record_dropped"] += q["dropped"]
+        return summary
+
+    def _record_snapshot(self) -> dict[str, Any]:
+        queues = [dict(t) for t in self.record_totals]
+        info = None
+        if self.recording is not None:
+            for totals, q in zip(queues, self.recording.queue_stats(), strict=True):
+                totals["recorded"] += q["requests"]
+                totals["record_dropped"] += q["dropped"]
+            info = self.recording.info()
+        return {"queues": queues, "recording": info}
+
+    def call_in_loop(self, fn: Callable[[], T], timeout: float = 30.0) -> T:
+        """Run fn on the server's loop (where the session's state lives) and return what it
+        returns (or raise what it raised); directly when the loop is not running or this is it."""
+        loop = self._loop_thread
+        if loop is None or loop is threading.current_thread() or not loop.is_alive():
+            return fn()
+        done = threading.Event()
+        box: list[Any] = []
+        self._calls.put((fn, box, done))
+        try:
+            os.write(self._stop_w, b"c")
+        except OSError:
+            pass
+        deadline = time.monotonic() + timeout
+        while not done.wait(0.1):
+            if self._loop_thread is None:
+                self._drain_calls()   # the loop ended after this call was queued
+            elif time.monotonic() > deadline:
+                raise TimeoutError(f"the server's loop did not run the call within {timeout} s")
+        ok, value = box
+        if not ok:
+            raise value
+        return value
+
+    def _drain_calls(self) -> None:
+        while True:
+            try:
+                fn, box, done = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                box[:] = [True, fn()]
+            except BaseException as exc:   # handed to the caller
+                box[:] = [False, exc]
+            done.set()
 
     def _serve_stats(self, listener: socket.socket, http: bool) -> None:
         try:
@@ -292,10 +387,12 @@ class VhostUserBlkServer:
             pass
 
     def _on_stop_pipe(self) -> None:
+        """The stop pipe: calls queued by call_in_loop, a removal asked for."""
         try:
             os.read(self._stop_r, 4096)
         except OSError:
             pass
+        self._drain_calls()
         removal, self._removal = self._removal, None
         if removal is None:
             return
@@ -322,6 +419,7 @@ class VhostUserBlkServer:
             sel.register(self.metrics_listener, selectors.EVENT_READ, "metrics")
         log.info("listening on %s (%s, %d queue(s))", self.where,
                  self.disk.description, self.options.num_queues)
+        self._loop_thread = threading.current_thread()
         try:
             while not self._stopping:
                 # The attached front end first: its EOF must free the slot before a new
@@ -346,6 +444,8 @@ class VhostUserBlkServer:
                     self._disconnect(sel, "backend shutting down")
             finally:
                 sel.close()
+                self._loop_thread = None
+                self._drain_calls()   # a call that came in as the loop ended runs here
                 if self._removed is not None:
                     self._removed(None)
 
@@ -395,6 +495,8 @@ class VhostUserBlkServer:
                                     dirty_log=self.options.dirty_log,
                                     iotlb_check=self.options.iotlb_check,
                                     iotlb_miss_timeout_ms=self.options.iotlb_miss_timeout_ms)
+        if self.recording is not None:
+            device.set_recorder(self.recording.handle)
         with self._lock:
             self.conn = conn
             self.device = device
@@ -475,6 +577,8 @@ class VhostUserBlkServer:
         self.listener = None
 
     def close(self) -> None:
+        if self.recording is not None:
+            self.stop_recording()
         self._close_listener()
         if self.stats_listener is not None:
             self.stats_listener.close()

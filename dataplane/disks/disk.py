@@ -1,6 +1,6 @@
-"""The backing disk: a regular file, a block device, or `null:SIZE` (no I/O at all), with the
-emulated-latency layer stacked on it when the spec asks for one, and the virtio-blk device a
-guest sees over it.
+"""The backing disk: a regular file, a block device, `null:SIZE` (no I/O at all) or a Ceph RBD
+image (`rbd:POOL/IMAGE`, rbd.py), with the emulated-latency layer stacked on it when the spec
+asks for one, and the virtio-blk device a guest sees over it.
 
 Python opens the file and reads its geometry; the C core only ever sees the result
 (`struct dp_disk_info`, `struct dp_blk_params`: C never parses configuration).
@@ -20,6 +20,7 @@ from ..core import ffi, lib
 from ..errors import ConfigError
 from ..units import parse_size
 from .latency import LatencySpec
+from .rbd import RbdImage, is_rbd_spec, open_rbd, reclaim_lock
 from .spec import split_disk_options
 
 log = logging.getLogger("dataplane.disk")
@@ -53,6 +54,7 @@ class Disk:
     handle: object = field(default=None, repr=False)   # struct dp_disk *: the top of the stack
     blk: object = field(default=None, repr=False)      # struct dp_blk_dev *: what queues serve
     latency: LatencySpec | None = None
+    rbd: RbdImage | None = None                         # an RBD image: its librbd side
 
     def apply_latency(self, num_queues: int) -> None:
         """Give the latency layer its queues' shares: IOPS/bandwidth caps are split evenly
@@ -81,6 +83,9 @@ class Disk:
         if self.handle is not None:
             lib.dp_disk_free(self.handle)   # and the disks it stacks on
             self.handle = None
+        if self.rbd is not None:
+            self.rbd.closed()
+            self.rbd = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -128,8 +133,8 @@ def _ioctl_int(fd: int, request: int, fmt: str) -> int:
 
 def open_disk(spec: str, *, read_only: bool = False, cache: str = "none",
               serial: str = "dataplane") -> Disk:
-    """Open `PATH` or `null:SIZE` (optionally followed by `,latency=...,iops=N,bw=N`) and
-    create the C handle. Raises ConfigError on bad input."""
+    """Open `PATH`, `null:SIZE` or `rbd:POOL/IMAGE[,...]` (optionally followed by
+    `,latency=...,iops=N,bw=N`) and create the C handles. Raises ConfigError on bad input."""
     spec, latency = split_disk_options(spec)
     if cache not in ("none", "writeback"):
         raise ConfigError(f"bad --cache {cache!r}: expected none or writeback")
@@ -144,6 +149,8 @@ def open_disk(spec: str, *, read_only: bool = False, cache: str = "none",
             raise ConfigError(f"bad size {size_text!r} for the null disk: at least 512 bytes")
         disk = Disk(description=f"null:{size_text}", size=size - size % SECTOR, null=True,
                     read_only=read_only, direct=False, serial=serial)
+    elif is_rbd_spec(spec):
+        disk = _open_rbd_disk(spec, read_only=read_only, cache=cache, serial=serial)
     else:
         disk = open_file(spec, read_only=read_only, direct=(cache == "none"), serial=serial)
 
@@ -167,7 +174,9 @@ def _make_handles(disk: Disk, latency: LatencySpec | None, serial: bytes) -> Non
     info.dio_align = disk.logical_block_size if disk.direct else 0
     info.flags = lib.DP_DISK_F_READ_ONLY if disk.read_only else 0
     err = ffi.new("int *")
-    if disk.null:
+    if disk.rbd is not None:
+        pass   # made when the image was opened
+    elif disk.null:
         disk.handle = _new_handle(lib.dp_null_disk_new(info, err), err, disk.description)
     else:
         disk.handle = _new_handle(lib.dp_file_disk_new(disk.fd, info, err), err, disk.description)
@@ -184,6 +193,22 @@ def _make_handles(disk: Disk, latency: LatencySpec | None, serial: bytes) -> Non
     params.max_write_zeroes_seg = MAX_DISCARD_SEG
     ffi.memmove(params.serial, serial.ljust(20, b"\0"), 20)
     disk.blk = _new_handle(lib.dp_blk_dev_new(disk.handle, params, err), err, disk.description)
+
+
+def _open_rbd_disk(spec: str, *, read_only: bool, cache: str, serial: str) -> Disk:
+    """An RBD image: connected and opened here (the C disk exists from this point on), its
+    exclusive lock reclaimed from a dead predecessor when there is one to reclaim."""
+    image = open_rbd(spec, read_only=read_only, cache=cache)
+    disk = Disk(description=f"rbd:{image.spec.name}", size=image.size - image.size % SECTOR,
+                null=False, read_only=read_only or image.spec.snap is not None, direct=cache == "none",
+                serial=serial, handle=image.handle, rbd=image)
+    try:
+        if not disk.read_only:
+            reclaim_lock(image)
+    except BaseException:
+        disk.close()
+        raise
+    return disk
 
 
 def open_file(path: str, *, read_only: bool, direct: bool, serial: str) -> Disk:

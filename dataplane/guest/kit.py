@@ -1,7 +1,13 @@
 """Build and boot a tiny Linux test guest under QEMU (TCG) with a vhost-user-blk disk.
 
-The guest (Debian kernel + busybox/fio/e2fsprogs initramfs) is built once and cached;
-each boot runs a shell script inside the guest and reports its exit status.
+The guest (Debian kernel + busybox/fio/e2fsprogs/blktrace initramfs) is built once and
+cached; each boot runs a shell script inside the guest and reports its exit status.
+
+A boot may also get a scratch disk (`scratch=PATH`: a raw file the guest sees as the virtio-blk
+disk whose path is in $DP_SCRATCH, QEMU's own device, not the one under test) to carry files
+out: the guest's own blktrace of /dev/vda (BLKTRACE_START / BLKTRACE_STOP below, the kernel
+traces on debugfs, written to the guest's tmpfs, then a tar on the scratch disk) comes back
+with `read_scratch`.
 """
 
 from __future__ import annotations
@@ -49,9 +55,9 @@ REQUIRED_BINARIES: dict[str, str] = {
     "e2fsck": "e2fsck",
     "blkdiscard": "blkdiscard",
     "blockdev": "blockdev",
+    "blktrace": "blktrace",
 }
 OPTIONAL_BINARIES: dict[str, str] = {
-    "blktrace": "blktrace",
     "blkparse": "blkparse",
     "dumpe2fs": "dumpe2fs",
     "tune2fs": "tune2fs",
@@ -62,6 +68,35 @@ GUEST_ALIASES: dict[str, str] = {
     "mkfs.ext2": "mke2fs",
     "fsck.ext4": "e2fsck",
 }
+SCRATCH_SERIAL = "dp-scratch"
+
+
+def blktrace_start(outdir: str = "/tmp/bt", device: str = "vda") -> str:
+    """Guest shell: trace /dev/DEVICE from the guest's block layer into OUTDIR (one file per
+    CPU, DEVICE.blktrace.N, on the guest's tmpfs) until blktrace_stop in the same script."""
+    return f"""mkdir -p {outdir}
+blktrace -d /dev/{device} -D {outdir} -o {device} > {outdir}.log 2>&1 &
+DP_BT_PID=$!
+i=0; while [ ! -e {outdir}/{device}.blktrace.0 ] && [ "$i" -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+[ -e {outdir}/{device}.blktrace.0 ] || {{ echo "{WARN_MARKER} blktrace did not start"; cat {outdir}.log; }}
+"""
+
+
+def blktrace_stop(outdir: str = "/tmp/bt", tar: bool = True) -> str:
+    """Guest shell: stop blktrace_start's trace (SIGINT: blktrace writes out what it holds; its
+    threads poll the kernel's per-CPU buffers every 500 ms, and stopped sooner than that after
+    the last I/O, blktrace 1.2 may leave a CPU's last events behind: hence the wait first), and
+    with tar put OUTDIR's files on the scratch disk (read_scratch reads them back)."""
+    out = f"""sleep 1; kill -INT $DP_BT_PID; wait $DP_BT_PID
+sed 's/^/DP-BLKTRACE /' {outdir}.log
+"""
+    if tar:
+        out += f'tar -cf "$DP_SCRATCH" -C {outdir} . && sync\n'
+    return out
+
+
+BLKTRACE_START = blktrace_start()
+BLKTRACE_STOP = blktrace_stop()
 BUSYBOX = Path("/bin/busybox")
 _SEARCH_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _EXIT_RE = re.compile(rf"{EXIT_MARKER} (-?\d+)")
@@ -84,6 +119,19 @@ case " $(cat /proc/cmdline) " in
         i=0
         while [ ! -b /dev/vda ] && [ "$i" -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
         [ -b /dev/vda ] || echo "{WARN_MARKER} /dev/vda did not appear"
+        ;;
+esac
+case " $(cat /proc/cmdline) " in
+    *" dpguest.scratch=1 "*)
+        i=0
+        while [ -z "$DP_SCRATCH" ] && [ "$i" -lt 100 ]; do
+            for d in /sys/block/vd*; do
+                [ "$(cat "$d/serial" 2>/dev/null)" = "{SCRATCH_SERIAL}" ] && export DP_SCRATCH=/dev/${{d##*/}}
+            done
+            [ -n "$DP_SCRATCH" ] || sleep 0.1
+            i=$((i + 1))
+        done
+        [ -n "$DP_SCRATCH" ] || echo "{WARN_MARKER} the scratch disk did not appear"
         ;;
 esac
 cd /
@@ -306,8 +354,10 @@ class _Plan:
 
     @property
     def key(self) -> str:
+        # The init script is part of the image: a change to it is a new image.
         blob = json.dumps(
-            [BUILDER_VERSION, self.kernel_package, self.kernel_package_version, self.versions],
+            [BUILDER_VERSION, self.kernel_package, self.kernel_package_version, self.versions,
+             hashlib.sha256(INIT_SCRIPT.encode()).hexdigest()],
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -645,15 +695,17 @@ def qemu_command(
     packed: bool = False,
     kernel_args: Sequence[str] = (),
     extra_args: Sequence[str] = (),
+    scratch: Path | None = None,
     memory_slots: int = 0,
     max_memory_mb: int = 0,
     memory_kb: int = 0,
     iommu: bool = False,
 ) -> list[str]:
     """The QEMU argv used to boot ``image`` (exposed for debugging and tests); ``packed``:
-    the disk's virtqueues are packed rings (``packed=on``). memory_slots and max_memory_mb make
-    room for hot-plugged DIMMs (`-m SIZE,slots=N,maxmem=MAX`); memory_kb, when set, is the RAM
-    size in KiB instead of memory_mb.
+    the disk's virtqueues are packed rings (``packed=on``). ``scratch``: a raw file the guest
+    gets as a second (QEMU virtio-blk) disk, its device in $DP_SCRATCH. memory_slots and
+    max_memory_mb make room for hot-plugged DIMMs (`-m SIZE,slots=N,maxmem=MAX`); memory_kb,
+    when set, is the RAM size in KiB instead of memory_mb.
 
     ``iommu``: the disk behind QEMU's virtual IOMMU, as QEMU 7.2 needs it under TCG: a q35
     machine, ``intel-iommu`` (interrupt remapping, device IOTLB) before the device, the device
@@ -666,6 +718,8 @@ def qemu_command(
     append = ["console=ttyS0", "quiet", "panic=-1"]
     if socket is not None:
         append.append("dpguest.disk=1")
+    if scratch is not None:
+        append.append("dpguest.scratch=1")
     if iommu:
         append.append("intel_iommu=on")
     append.extend(kernel_args)
@@ -701,8 +755,33 @@ def qemu_command(
                 + (",bus=rp1,iommu_platform=on,ats=on" if iommu else "")
             ),
         ]  # fmt: skip
+    if scratch is not None:
+        # After the disk under test, so that it stays /dev/vda; found by serial in the guest.
+        cmd += [
+            "-drive", f"file={scratch},format=raw,if=none,id=scratch,cache=unsafe",
+            "-device", f"virtio-blk-pci,drive=scratch,serial={SCRATCH_SERIAL}",
+        ]  # fmt: skip
     cmd.extend(extra_args)
     return cmd
+
+
+def make_scratch(path: Path, size: int = 256 << 20) -> Path:
+    """A sparse raw file of ``size`` bytes to boot with (``scratch=path``)."""
+    with open(path, "wb") as fh:
+        fh.truncate(size)
+    return path
+
+
+def read_scratch(path: Path) -> dict[str, bytes]:
+    """The files the guest left on the scratch disk with ``tar -cf $DP_SCRATCH`` (name -> data)."""
+    import tarfile
+
+    try:
+        with tarfile.open(path, "r:") as tar:
+            return {m.name.removeprefix("./"): tar.extractfile(m).read()  # type: ignore[union-attr]
+                    for m in tar.getmembers() if m.isfile()}
+    except tarfile.TarError as exc:
+        raise GuestError(f"no tar archive on the scratch disk {path}: {exc}") from None
 
 
 class GuestHandle:
@@ -838,6 +917,7 @@ class BootOptions(TypedDict, total=False):
     packed: bool
     kernel_args: Sequence[str]
     extra_args: Sequence[str]
+    scratch: Path | None
     memory_slots: int
     max_memory_mb: int
     memory_kb: int

@@ -6,6 +6,7 @@ from .metrics import (
     BUCKETS_S,
     COUNTERS,
     GAUGES,
+    RECORD_COUNTERS,
     StatsCollector,
     clean,
     format_table,
@@ -14,5 +15,5 @@ from .metrics import (
     to_json,
 )
 
-__all__ = ["BUCKETS_S", "COUNTERS", "GAUGES", "StatsCollector", "clean", "format_table", "latency_buckets",
-           "merge_exports", "to_json"]
+__all__ = ["BUCKETS_S", "COUNTERS", "GAUGES", "RECORD_COUNTERS", "StatsCollector", "clean", "format_table",
+           "latency_buckets", "merge_exports", "to_json"]

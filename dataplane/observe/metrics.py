@@ -22,6 +22,8 @@ COUNTERS = ("requests", "reads", "writes", "flushes", "discards", "write_zeroes"
             "unsupported", "errors", "bytes_read", "bytes_written", "kicks", "notifies",
             "bounced", "out_of_order", "resubmitted", "delayed")
 GAUGES = ("inflight", "broken")
+# A recording's (serve --record): requests recorded, record-ring entries dropped (writer behind).
+RECORD_COUNTERS = ("recorded", "record_dropped")
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 # Histogram bucket bounds (seconds) read off the log-linear histogram, for Prometheus and RPC.
 BUCKETS_S = (5e-6, 10e-6, 20e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3,
@@ -65,7 +67,10 @@ class StatsCollector:
                 totals.counters[name] += counters[name]
             lib.dp_hist_merge(totals.hist, hist)
 
-    def snapshot(self, live_vrings: Iterable[Any], thread_ids: dict[str, int]) -> dict[str, Any]:
+    def snapshot(self, live_vrings: Iterable[Any], thread_ids: dict[str, int],
+                 record: dict[str, Any] | None = None) -> dict[str, Any]:
+        """`record`: the server's recording counters ({"queues": [{recorded, record_dropped}],
+        "recording": the one in progress or None})."""
         live = {v.index: v for v in live_vrings}
         queues = []
         for index in range(self.num_queues):
@@ -84,10 +89,14 @@ class StatsCollector:
                 lib.dp_hist_merge(hist, live_hist)
                 running = live[index].running
             name, cpu = self.threads.get(index, (f"dp-vq{index}", -1))
+            recorded = dict.fromkeys(RECORD_COUNTERS, 0)
+            if record is not None:
+                recorded.update(record["queues"][index])
             queues.append({"queue": index, "thread": name, "cpu": cpu,
                            "tid": thread_ids.get(name), "running": running, **counters, **gauges,
-                           "latency": hist_summary(hist, PERCENTILES), "_hist": hist})
-        snap: dict[str, Any] = {"queues": queues, "sessions": self.sessions}
+                           **recorded, "latency": hist_summary(hist, PERCENTILES), "_hist": hist})
+        snap: dict[str, Any] = {"queues": queues, "sessions": self.sessions,
+                                "recording": record["recording"] if record is not None else None}
         if self.configured_latency is not None:
             spec = self.configured_latency
             snap["configured_latency"] = {"spec": spec.text, "mean_ns": spec.mean_ns(),
@@ -138,6 +147,12 @@ def format_table(snap: dict[str, Any]) -> str:
                      f"{lat['p99_ns'] / 1000:.1f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    rec = snap.get("recording")
+    if rec:
+        recorded = sum(q.get("recorded", 0) for q in snap["queues"])
+        dropped = sum(q.get("record_dropped", 0) for q in snap["queues"])
+        lines.append(f"recording to {', '.join(rec['files'])} ({rec['format']}): {recorded} requests, "
+                     f"{dropped} entries dropped" + (f", error: {rec['error']}" if rec.get("error") else ""))
     if "configured_latency" in snap:
         c = snap["configured_latency"]
         lines.append(f"configured {c['spec']}: p50 {c['p50_ns'] / 1000:.1f} us, "

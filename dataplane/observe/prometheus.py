@@ -2,7 +2,8 @@
 custom collector over the same snapshot `dataplane stats` prints, rendered with the library's
 own encoders (text format 0.0.4, or OpenMetrics when the scraper asks for it).
 
-Metric names: dataplane_<counter>_total and dataplane_<gauge> per queue, and the histogram
+Metric names: dataplane_<counter>_total and dataplane_<gauge> per queue (a recording's counters
+too: dataplane_recorded_total, dataplane_record_dropped_total), and the histogram
 dataplane_request_latency_seconds, all labelled export, queue and thread.
 """
 
@@ -20,7 +21,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import choose_encoder
 
-from .metrics import COUNTERS, GAUGES, latency_buckets
+from .metrics import COUNTERS, GAUGES, RECORD_COUNTERS, latency_buckets
 
 LABELS = ("export", "queue", "thread")
 
@@ -34,7 +35,7 @@ class SnapshotCollector:
     def collect(self) -> Iterator[Metric]:
         queues = self.snapshot()["queues"]
         labels = [[q.get("export", ""), str(q["queue"]), q["thread"]] for q in queues]
-        for name in COUNTERS:
+        for name in COUNTERS + RECORD_COUNTERS:
             family = CounterMetricFamily(f"dataplane_{name}", f"{name.replace('_', ' ')} per virtqueue",
                                          labels=LABELS)
             for q, values in zip(queues, labels, strict=True):

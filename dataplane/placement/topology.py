@@ -268,12 +268,19 @@ class BlockDevice:
     def resolve(cls, path: str | os.PathLike[str], root: Path = Path("/"),
                 dev_of: DevOf = stat_dev) -> DeviceInfo:
         """The disk behind `path`: a block device node (a partition resolves to its disk), a
-        regular file (the disk of its filesystem), or `null:SIZE`. Never raises for a missing
-        mapping (DeviceInfo.mapping_note says why); raises ConfigError if path does not exist."""
+        regular file (the disk of its filesystem), `null:SIZE` or `rbd:POOL/IMAGE`. Never raises
+        for a missing mapping (DeviceInfo.mapping_note says why); raises ConfigError if path does
+        not exist."""
         spec = os.fspath(path)
         if spec == "null" or spec.startswith("null:"):
             return DeviceInfo(spec, mapping_note="null disk: no I/O reaches a device, so there is no"
                               " hw queue to map; threads are placed by NUMA and SMT only")
+        if spec.startswith("rbd:"):
+            image = spec[len("rbd:"):].split(",")[0]
+            return DeviceInfo(spec, mapping_note=(
+                f"RBD image {image}: its I/O goes over the network to Ceph OSDs, there are no local"
+                " hw queues to map; threads are placed by CPU, NUMA and SMT only (librbd's own"
+                " threads keep the control plane's CPUs)"))
         try:
             major, minor, is_block = dev_of(spec)
         except FileNotFoundError:

@@ -7,6 +7,12 @@
     /dev/vda wait 5 0                   (no wait in v3: every line carries its time)
     /dev/vda close                      98 /dev/vda close
 
+fio reads five fields of a v3 I/O line and ignores the rest; so does this reader. dataplane's
+own recordings (`serve --record FILE --record-format iolog`) use that room for three more (the
+virtio-blk op, the status, the latency), and mark entries the recorder lost with a line
+`TIME FILE dropped COUNT 0` (fio says "bad iolog file action" and goes on; this reader counts
+them in `dropped`).
+
 Each file named by an `add` line is a stream, numbered in order of `add`. v3 timestamps are
 microseconds since the start of the run (fio writes them with utime_since_now and sleeps for
 their differences in usec). v2 lines have no time: a record's time is set by the `wait` lines
@@ -50,6 +56,8 @@ FILE_ACTIONS = (b"add", b"open", b"close")
 V2_WAIT = ("absolute-ms", "relative-us")
 
 _WAIT = 9  # not an Op: a v2 wait line
+DROPPED = b"dropped"  # a dataplane recording's gap: entries its writer lost
+RECORDING_FIELDS = 8  # a dataplane recording's v3 I/O line: fio's five and three of its own
 _ACTIONS = {b"read": Op.READ, b"write": Op.WRITE, b"trim": Op.TRIM,
             b"sync": Op.FLUSH, b"datasync": Op.FLUSH, b"wait": _WAIT}
 SPACE = ord(" ")
@@ -67,8 +75,10 @@ class FioIologReader(TextTraceReader):
             raise ValueError(f"v2_wait must be one of {V2_WAIT}")
         self.v2_wait = v2_wait
         self.version = 0
+        self.dropped = 0  # entries a dataplane recording says it lost
 
     def _start(self) -> None:
+        self.dropped = 0
         self._files = StreamTable()
         self.stream_names = self._files.names
         self._clock_ns = 0  # v2: the time the next I/O may start, set by wait lines
@@ -96,6 +106,11 @@ class FioIologReader(TextTraceReader):
         if self.version == 3:
             ts = uint_field(parts[0], "timestamp", INT64_MAX // 1000)
             parts = parts[1:]
+            if len(parts) > 4:
+                parts = parts[:4]  # fio reads no further (dataplane recordings put more there)
+            if len(parts) == 4 and parts[1] == DROPPED:
+                self.dropped += uint_field(parts[2], "dropped count")
+                return None
         if len(parts) not in (2, 4):
             shape = "[timestamp] filename action [offset length]"
             raise Malformed(f"expected '{shape}', found {len(parts) + (self.version == 3)} fields")
@@ -145,6 +160,8 @@ class FioIologReader(TextTraceReader):
     def _fast(self, a: np.ndarray) -> tuple[np.ndarray | None, int, int]:
         v3 = self.version == 3
         s, e, m = tokenize(a, SPACE, 5 if v3 else 4)
+        if not m and v3:
+            s, e, m = tokenize(a, SPACE, RECORDING_FIELDS)
         if not m:
             return None, 0, 0
         c = 1 if v3 else 0

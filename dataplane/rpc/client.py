@@ -99,6 +99,12 @@ class Client:
     def log_level_set(self, level: str) -> dict[str, Any]:
         return self.call("log_level_set", level=level)
 
+    def record_start(self, name: str, path: str, format: str = "blktrace") -> dict[str, Any]:  # noqa: A002
+        return self.call("record_start", name=name, path=path, format=format)
+
+    def record_stop(self, name: str) -> dict[str, Any]:
+        return self.call("record_stop", name=name)
+
     def close(self) -> None:
         self.sock.close()
 

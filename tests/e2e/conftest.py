@@ -1,5 +1,6 @@
 """Fixtures for the end-to-end tests: the cached QEMU guest image and a `dataplane serve`
-subprocess (parametrized over disk kind and queue count)."""
+subprocess (parametrized over disk kind and queue count; an RBD disk is an image of the
+session's Ceph cluster, tests/conftest.py's `ceph`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from ceph_cluster import RbdImage
 
 from dataplane.guest import GuestImage, build_guest
 
@@ -65,11 +67,19 @@ class Backend:
     process: subprocess.Popen[bytes]
     log_path: Path
     socket: Path
-    kind: str                 # "file" or "null"
+    kind: str                 # "file", "null" or "rbd"
     disk_spec: str            # what --disk got
     disk_path: Path | None    # the backing file (file disks only)
     disk_size: int
     queues: int
+    rbd: RbdImage | None = None   # the image (rbd disks only)
+
+    def disk_bytes(self) -> bytes:
+        """The whole disk as the host sees it: the backing file, or the image by `rbd export`."""
+        if self.rbd is not None:
+            return self.rbd.export()
+        assert self.disk_path is not None, f"a {self.kind} disk has no content to read"
+        return self.disk_path.read_bytes()
 
     @property
     def pid(self) -> int:
@@ -155,10 +165,14 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
     sock = tmp_path / "vub.sock"
     log_path = tmp_path / "serve.log"
     disk_path: Path | None = None
+    rbd = None
     if kind == "file":
         disk_path = tmp_path / "disk.img"
         subprocess.run(["truncate", "-s", str(DISK_SIZE), str(disk_path)], check=True)
         disk_spec = str(disk_path)
+    elif kind == "rbd":
+        rbd = request.getfixturevalue("ceph").new_image(request.node.name, DISK_SIZE)
+        disk_spec = rbd.disk()
     else:
         disk_spec = f"null:{DISK_SIZE >> 20}M"
     cmd = [sys.executable, "-m", "dataplane", "serve", "--socket", str(sock),
@@ -166,7 +180,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    backend = Backend(proc, log_path, sock, kind, disk_spec, disk_path, DISK_SIZE, queues)
+    backend = Backend(proc, log_path, sock, kind, disk_spec, disk_path, DISK_SIZE, queues, rbd)
     try:
         deadline = time.monotonic() + START_TIMEOUT
         # The socket is bound before listen(); the "listening on" line comes after listen().

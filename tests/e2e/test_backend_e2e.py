@@ -4,7 +4,8 @@ Every test gets its own `dataplane serve` process (conftest.backend), parametriz
 disk kind (a 256 MiB sparse file, or null:256M) and the queue count (1, 2); the guest gets
 as many virtqueues as the backend offers. The guest script reports each check on the
 console as `DP-CHECK name=NAME ok|FAIL`; the host asserts on those lines, then on the
-backend's log (per-queue stop lines) and, for file disks, on the backing file itself.
+backend's log (per-queue stop lines) and, for file disks, on the backing file itself (for the
+RBD image of the fio and ext4 tests, on what `rbd export` reads).
 
 Guest shell note: busybox ash runs its own applets in preference to $PATH, so the
 util-linux/e2fsprogs tools are called by full path (/bin/blkdiscard, /bin/mkfs.ext4, ...).
@@ -31,6 +32,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 # Overrides of the `backend` fixture's parameters (kind, queues) for one-kind tests.
 FILE_BACKEND_PARAMS = [pytest.param(("file", q), id=f"file-q{q}") for q in (1, 2)]
+# Disks with content the host can read back: files, and an RBD image (by `rbd export`).
+STORED_BACKEND_PARAMS = [*FILE_BACKEND_PARAMS, pytest.param(("rbd", 2), id="rbd-q2")]
 NULL_BACKEND_PARAMS = [pytest.param(("null", q), id=f"null-q{q}") for q in (1, 2)]
 
 SECTOR = 512
@@ -294,17 +297,17 @@ def test_device_topology(guest_image: GuestImage, backend: Backend, tmp_path: Pa
 
 
 def _read_disk(backend: Backend) -> bytes:
-    assert backend.disk_path is not None
-    data = backend.disk_path.read_bytes()
-    assert len(data) == backend.disk_size, f"backing file size changed to {len(data)}"
+    data = backend.disk_bytes()
+    assert len(data) == backend.disk_size, f"backing disk size changed to {len(data)}"
     return data
 
 
-@pytest.mark.parametrize("backend", FILE_BACKEND_PARAMS, indirect=True)
+@pytest.mark.parametrize("backend", STORED_BACKEND_PARAMS, indirect=True)
 def test_fio_write_verify_per_queue(guest_image: GuestImage, backend: Backend,
                                     tmp_path: Path) -> None:
     """fio randwrite + crc32c verify, one job per queue pinned to its vCPU; every queue
-    served writes and reads; the data landed in the backing file at each job's region."""
+    served writes and reads; the data landed on the disk (the backing file, or the RBD image
+    as `rbd export` reads it) at each job's region."""
     n = backend.queues
     body = fio_body(n, {"rw": "randwrite", "verify": "crc32c", "do_verify": "1",
                         "verify_fatal": "1", "verify_state_save": "0"})
@@ -329,7 +332,7 @@ def test_fio_write_verify_per_queue(guest_image: GuestImage, backend: Backend,
         empty = [off for off in range(start, start + FIO_JOB_SIZE, 4096)
                  if data[off: off + 4096] == zero4k]
         assert not empty, (f"job q{i}: {len(empty)} 4 KiB blocks of its region are still zero"
-                           f" in the backing file, first at {empty[0]:#x}")
+                           f" on the disk, first at {empty[0]:#x}")
     end_of_jobs = (n - 1) * FIO_JOB_STRIDE + FIO_JOB_SIZE
     gaps = [(i * FIO_JOB_STRIDE + FIO_JOB_SIZE, (i + 1) * FIO_JOB_STRIDE) for i in range(n - 1)]
     for lo, hi in [*gaps, (end_of_jobs, len(data))]:
@@ -364,7 +367,7 @@ EXT4_CHECKS = ["mkfs", "mount1", "write-files", "umount1", "flushbufs", "mount2"
                "file-count", "umount2", "fsck"]
 
 
-def assert_ext4_round_trip(run: Run, backend: Backend) -> None:
+def assert_ext4_round_trip(run: Run, backend: Backend, tmp_path: Path) -> None:
     """After EXT4_BODY: FLUSHes were sent, and the host's e2fsck and debugfs agree with the
     guest about the image and every file in it."""
     sums = {}
@@ -379,7 +382,11 @@ def assert_ext4_round_trip(run: Run, backend: Backend) -> None:
     assert sum(s.writes for s in stats.values()) > 0, f"no writes seen{run.diag()}"
     assert sum(s.flushes for s in stats.values()) > 0, f"no FLUSH requests seen{run.diag()}"
 
-    image = str(backend.disk_path)
+    if backend.disk_path is not None:
+        image = str(backend.disk_path)
+    else:   # an RBD image: checked in a copy `rbd export` made
+        image = str(tmp_path / "exported.img")
+        Path(image).write_bytes(_read_disk(backend))
     e2fsck = shutil.which("e2fsck") or "/usr/sbin/e2fsck"
     fsck = subprocess.run([e2fsck, "-fn", image], capture_output=True, text=True, timeout=60)
     assert fsck.returncode == 0, f"host e2fsck -fn: {fsck.returncode}\n{fsck.stdout}{fsck.stderr}"
@@ -392,14 +399,14 @@ def assert_ext4_round_trip(run: Run, backend: Backend) -> None:
             f"/{name} read by the host's debugfs differs from what the guest wrote")
 
 
-@pytest.mark.parametrize("backend", FILE_BACKEND_PARAMS, indirect=True)
+@pytest.mark.parametrize("backend", STORED_BACKEND_PARAMS, indirect=True)
 def test_filesystem_round_trip(guest_image: GuestImage, backend: Backend,
                                tmp_path: Path) -> None:
     """mkfs.ext4, write files, remount with caches dropped, checksums match, fsck clean;
     the host then checks the image with e2fsck and reads the files back with debugfs."""
     run = run_script(guest_image, backend, EXT4_BODY, tmp_path)
     run.assert_checks(EXT4_CHECKS)
-    assert_ext4_round_trip(run, backend)
+    assert_ext4_round_trip(run, backend, tmp_path)
 
 
 # Discard: fill [64, 72) MiB, discard [65, 69) MiB. Write zeroes (sector granular): fill
@@ -558,7 +565,7 @@ def test_packed_rings_fio_verify_then_ext4(guest_image: GuestImage, backend: Bac
     assert_fio_clean(run, n)
     assert_queue_stats(run, n)
     assert_packed_negotiated(run, n)
-    assert_ext4_round_trip(run, backend)
+    assert_ext4_round_trip(run, backend, tmp_path)
 
 
 @pytest.mark.parametrize("backend", [pytest.param(("null", 2), id="null-q2")], indirect=True)

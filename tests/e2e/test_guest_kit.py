@@ -1,7 +1,9 @@
 """Smoke tests for the QEMU test-guest kit (dataplane.guest).
 
 Boots the cached guest once without a disk and once with a vhost-user-blk disk served by
-QEMU's own qemu-storage-daemon, so guest-kit problems are told apart from backend bugs.
+QEMU's own qemu-storage-daemon, so guest-kit problems are told apart from backend bugs. The
+second boot also traces /dev/vda with the guest's blktrace and carries the trace out on the
+scratch disk.
 """
 
 from __future__ import annotations
@@ -16,7 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from dataplane.guest import GuestImage, build_guest, run_guest
+from dataplane.guest import (
+    BLKTRACE_START,
+    BLKTRACE_STOP,
+    GuestImage,
+    build_guest,
+    make_scratch,
+    read_scratch,
+    run_guest,
+)
+from dataplane.replay import Op, open_trace
 
 pytestmark = pytest.mark.e2e
 
@@ -100,6 +111,7 @@ def test_guest_writes_through_vhost_user_blk(
 ) -> None:
     img, sock = qsd_socket
     marker = f"DP-DISK-MARKER-{uuid.uuid4().hex}"
+    scratch = make_scratch(tmp_path / "scratch.img")
     script = f"""
 set -e
 test -d /sys/block/vda/mq/0
@@ -107,15 +119,28 @@ test -d /sys/block/vda/mq/1
 test ! -e /sys/block/vda/mq/2
 echo "DP-MQ $(ls /sys/block/vda/mq | tr '\\n' ' ')"
 printf '%s' '{marker}' > /tmp/marker
+{BLKTRACE_START}
 dd if=/tmp/marker of=/dev/vda bs={SECTOR} seek={MARKER_SECTOR} count=1 conv=sync oflag=direct
+sync   # busybox dd writes through the page cache: the write leaves the guest here
+{BLKTRACE_STOP}
 echo DP-WROTE
 """
     result = run_guest(
-        image, script, socket=sock, num_queues=2, timeout=120, log_path=tmp_path / "console.log"
+        image, script, socket=sock, num_queues=2, timeout=120, log_path=tmp_path / "console.log",
+        scratch=scratch,
     )
     assert result.exit_status == 0, result.output
     assert result.markers("DP-MQ") == ["DP-MQ 0 1"], result.output
     assert result.markers("DP-WROTE") == ["DP-WROTE"], result.output
+    assert not result.markers("DP-GUEST-WARN"), result.output
+    # The guest's block layer saw the write: a Q event of the page that holds the marker.
+    files = read_scratch(scratch)
+    assert "vda.blktrace.0" in files, sorted(files)
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    writes = [r for r in open_trace(tmp_path / "vda.blktrace.0").read_all() if r["op"] == Op.WRITE]
+    at = MARKER_SECTOR * SECTOR
+    assert any(r["offset"] <= at < r["offset"] + r["length"] for r in writes), writes
     with open(img, "rb") as fh:
         fh.seek(MARKER_SECTOR * SECTOR)
         block = fh.read(SECTOR)

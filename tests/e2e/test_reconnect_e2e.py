@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from ceph_cluster import CephCluster
+from fio_scripts import fio_in_background, timed_verify_job
 from serve_process import ServeProcess
 
 from dataplane.guest import GuestHandle, GuestImage, start_guest
@@ -49,44 +51,10 @@ FINISH_MARGIN = 60.0         # after fio's runtime: final verify pass, power-off
 FAILURE_MARKERS = ("is not a head", "I/O error", "verify:", "DP-FIO-RC ")
 STALL_SAMPLES = 6            # DP-IO samples (2 s apart) without a completed I/O: lost requests
 
-FIO_JOB = f"""[global]
-filename=/dev/vda
-ioengine=libaio
-direct=1
-iodepth=64
-bsrange=4k-128k
-rw=randwrite
-verify=crc32c
-do_verify=1
-verify_fatal=1
-verify_state_save=0
-time_based=1
-runtime={FIO_RUNTIME}
-size=120m
-[q0]
-offset=0
-cpus_allowed=0
-[q1]
-offset=128m
-cpus_allowed=1
-"""
-
 # One fio job per queue: with 2 vCPUs and 2 queues, blk-mq maps vCPU i to queue i.
-GUEST_SCRIPT = f"""
-cat > /tmp/job.fio <<'EOF'
-{FIO_JOB}EOF
-w0=$(awk '{{print $5}}' /sys/block/vda/stat)
-fio /tmp/job.fio > /tmp/fio.out 2>&1 &
-fpid=$!
-i=0
-while [ "$(awk '{{print $5}}' /sys/block/vda/stat)" = "$w0" ] && kill -0 $fpid 2>/dev/null \\
-        && [ $i -lt 1500 ]; do
-    sleep 0.02
-    i=$((i + 1))
-done
-echo DP-FIO-RUNNING
+GUEST_SCRIPT = fio_in_background(timed_verify_job(FIO_RUNTIME, "120m", iodepth=64)) + """
 # Completed I/Os every 2 s: a guest whose requests were lost shows it as a standstill.
-(while sleep 2; do echo "DP-IO $(awk '{{print $1 + $5}}' /sys/block/vda/stat)"; done) &
+(while sleep 2; do echo "DP-IO $(awk '{print $1 + $5}' /sys/block/vda/stat)"; done) &
 ipid=$!
 wait $fpid
 frc=$?
@@ -139,11 +107,14 @@ class Run:
 
 
 def kill_and_restart_under_fio(image: GuestImage, tmp: Path, flags: tuple[str, ...] = (),
-                               stop_on_failure: bool = False, packed: bool = False) -> Run:
+                               stop_on_failure: bool = False, spec: str | None = None,
+                               packed: bool = False) -> Run:
+    """spec: the --disk of every backend (default: a file here, with LATENCY stacked on it)."""
     sock = tmp / "vub.sock"
-    disk = tmp / "disk.img"
-    subprocess.run(["truncate", "-s", str(DISK_SIZE), str(disk)], check=True)
-    spec = f"{disk},latency={LATENCY}"
+    if spec is None:
+        disk = tmp / "disk.img"
+        subprocess.run(["truncate", "-s", str(DISK_SIZE), str(disk)], check=True)
+        spec = f"{disk},latency={LATENCY}"
     args = ("--queues", str(QUEUES), *flags)
     run = Run()
     run.serves.append(ServeProcess(tmp / "serve0.log", sock, spec, args))
@@ -207,6 +178,27 @@ RINGS = pytest.mark.parametrize("ring", ["split", "packed"])
 @RINGS
 def test_three_backend_kills_under_fio_verify(guest_image: GuestImage, tmp_path: Path, ring: str) -> None:
     run = kill_and_restart_under_fio(guest_image, tmp_path, packed=ring == "packed")
+    assert_nothing_lost(run, packed=ring == "packed")
+
+
+def test_three_backend_kills_under_fio_verify_on_rbd(guest_image: GuestImage, ceph: CephCluster,
+                                                      tmp_path: Path) -> None:
+    """The same on an RBD image. Each killed backend leaves the image's exclusive lock with a
+    dead librados client; each restarted one must take it over at once (it breaks the lock of
+    its dead predecessor), or the guest's writes would stall ~30 s per restart and fio would
+    miss the deadline."""
+    image = ceph.new_image("reconnect-e2e", DISK_SIZE)
+    run = kill_and_restart_under_fio(guest_image, tmp_path, spec=image.disk(f"latency={LATENCY}"))
+    assert_nothing_lost(run)
+    # Each restart found the lock free (its predecessor was killed before it wrote) or broke
+    # it; none was left waiting for a dead holder.
+    broke = [s.name for s in run.restarted() if "broke the exclusive lock" in s.log()]
+    stuck = [s.name for s in run.restarted()
+             if "holds the exclusive lock" in s.log() or "could not break" in s.log()]
+    assert broke and not stuck, f"lock reclaimed by {broke}, left held by {stuck}{run.diag()}"
+
+
+def assert_nothing_lost(run: Run, packed: bool = False) -> None:
     stop_last(run)
     assert run.finished, f"the guest did not finish in time{run.diag()}"
     qualifying = run.out_of_order_restarts()
@@ -224,7 +216,7 @@ def test_three_backend_kills_under_fio_verify(guest_image: GuestImage, tmp_path:
         assert " ERROR " not in s.log() and "ring broken" not in s.log(), (
             f"{s.name} logged errors:\n{s.log()[-3000:]}")
         assert s.log().count("front end connected") == 1, f"{s.name}{run.diag()}"
-    if ring == "packed":
+    if packed:
         assert "VIRTIO_F_RING_PACKED" in run.serves[0].log(), run.diag()
         # QEMU re-sent a stale base: each restarted backend took the position from the region
         for s in run.restarted():

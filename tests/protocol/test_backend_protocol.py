@@ -535,7 +535,11 @@ def test_poll_window_shrinks_on_a_slow_device_and_grows_on_a_fast_one(start_back
             dev.read(i * 4096, 4096)
             time.sleep(0.002)
         assert fast.server.engines.poll_windows_ns()["dp-vq0"] < 50_000
-        result = run_load(dev, Job(rw="randread", iodepth=32, runtime=0.3))
-        assert result.error == 0
-        # read while the thread waits for the next request: its last sleeps were short
+        # read while the thread waits for the next request: its last sleeps were short. On a
+        # loaded machine a run can end on a long wait (the issuer preempted): up to 3 runs.
+        for _ in range(3):
+            result = run_load(dev, Job(rw="randread", iodepth=32, runtime=0.3))
+            assert result.error == 0
+            if fast.server.engines.poll_windows_ns()["dp-vq0"] > 0:
+                break
         assert fast.server.engines.poll_windows_ns()["dp-vq0"] > 0

@@ -103,12 +103,12 @@ def test_eight_exports_verified_under_load_at_once(daemons, tmp_path: Path) -> N
     # all eight attached at once (8 loads start slowly on 2 CPUs: wait for the last)
     with d.client() as c:
         deadline = time.monotonic() + 9
-        while True:
+        while True:   # attached first, then each front end starts its queues
             attached = sorted(e["name"] for e in c.export_list() if e["attached"])
-            if attached == names or time.monotonic() > deadline:
+            running = sum(q["running"] for s in c.stats()["exports"].values() for q in s["queues"])
+            if (attached == names and running == 16) or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
-        running = sum(q["running"] for s in c.stats()["exports"].values() for q in s["queues"])
     # the I/O threads are the pool's (one per CPU), not two per export
     threads = io_threads(d.proc.pid)
     assert attached == names and running == 16, (attached, running)
@@ -565,4 +565,48 @@ def test_plan_of_a_config_is_what_serve_runs(daemons, tmp_path: Path) -> None:
                            capture_output=True, text=True, timeout=30).stdout
     assert table.startswith("policy per-queue,") and sum(line[:2] in ("a ", "b ", "c ")
                                                          for line in table.splitlines()) == 7
+    assert d.terminate() == 0
+
+
+def test_recording_per_export_over_rpc_and_in_the_config(daemons, tmp_path: Path) -> None:
+    """record_start/record_stop act on one export while the others serve unrecorded; an
+    [[export]] table's `record` key records that export from the start; bad requests are one
+    clear error each and change nothing."""
+    from dataplane.replay.recording import read_recording
+
+    exports = file_exports(tmp_path, ["vm1", "vm2"], queues=2)
+    exports[1]["record"] = str(tmp_path / "vm2-boot")
+    exports[1]["record_format"] = "iolog"
+    d = daemons(exports)
+    with d.client() as c:
+        rec = c.record_start("vm1", str(tmp_path / "vm1-trace"))
+        assert rec["format"] == "blktrace" and len(rec["files"]) == 2, rec
+        for name in ("vm1", "vm2"):
+            with Device.connect(str(tmp_path / f"{name}.sock"), queues=2) as dev:
+                for i in range(5):
+                    dev.write(i * 8192, bytes([i + 1]) * 8192, queue=i % 2)
+                dev.read(0, 4096, queue=1)
+        for params, code, text in [
+            ({"name": "vm1", "path": str(tmp_path / "again")}, EXPORT_FAILED, "already recording"),
+            ({"name": "vm2", "path": "relative"}, INVALID_PARAMS, "relative path"),
+            ({"name": "vm2", "path": str(tmp_path / "x"), "format": "pcap"}, INVALID_PARAMS,
+             "format: expected blktrace or iolog"),
+            ({"name": "vm9", "path": str(tmp_path / "x")}, NO_SUCH_EXPORT, 'no export named "vm9"'),
+        ]:
+            with pytest.raises(RpcError) as exc:
+                c.call("record_start", **params)
+            assert exc.value.code == code and text in exc.value.message, (params, exc.value)
+        summary = c.record_stop("vm1")
+        assert summary["requests"] == 6 and summary["dropped"] == 0, summary
+        with pytest.raises(RpcError) as exc:
+            c.record_stop("vm1")
+        assert exc.value.code == EXPORT_FAILED and "not recording" in exc.value.message
+        booted = c.record_stop("vm2")
+        assert booted["format"] == "iolog" and booted["requests"] == 6, booted
+        snap = c.stats("vm1")["exports"]["vm1"]
+        assert sum(q["recorded"] for q in snap["queues"]) == 6
+    reqs = read_recording(tmp_path / "vm1-trace").requests
+    assert sorted((r.queue, r.op, r.offset, r.length) for r in reqs) == sorted(
+        [(i % 2, "write", i * 8192, 8192) for i in range(5)] + [(1, "read", 0, 4096)])
+    assert len(read_recording(tmp_path / "vm2-boot").requests) == 6
     assert d.terminate() == 0

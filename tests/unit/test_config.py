@@ -115,9 +115,9 @@ def test_hyphenated_keys_are_accepted_once(tmp_path: Path) -> None:
     ('socket_mode = "0999"', 'config.toml: socket_mode: expected an octal mode in quotes'),
     ('socket_mode = "01777"', "config.toml: socket_mode: mode 01777 has bits beyond 0777"),
     ('socket = ""', 'config.toml: socket: expected a socket path, got ""'),
-    ("disk = 3", "config.toml: disk: expected a file, a block device or null:SIZE, got 3"),
+    ("disk = 3", "config.toml: disk: expected a file, a block device, null:SIZE or rbd:POOL/IMAGE, got 3"),
     ('disk = { path = "x" }',
-     'config.toml: disk: expected a file, a block device or null:SIZE, got {"path": "x"}'),
+     'config.toml: disk: expected a file, a block device, null:SIZE or rbd:POOL/IMAGE, got {"path": "x"}'),
 ])
 def test_each_bad_value_names_the_key_and_the_value(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                     line: str, message: str) -> None:

@@ -44,10 +44,11 @@ C_ARROWS = {
     "vhost": {"util"},
     "disk": {"util"},
     "blk": {"disk", "util"},
-    "engine": {"vhost", "blk", "disk", "util"},
+    "record": {"util"},
+    "engine": {"vhost", "blk", "disk", "record", "util"},
     "driver": {"vhost", "blk", "util"},
-    "bench": {"vhost", "blk", "disk", "engine", "util"},
-    "core": {"util", "vhost", "disk", "blk", "engine", "driver", "bench"},
+    "bench": {"vhost", "blk", "disk", "engine", "record", "util"},
+    "core": {"util", "vhost", "disk", "blk", "record", "engine", "driver", "bench"},
 }
 
 
