@@ -240,23 +240,8 @@ static void delay_before_wait(void *state)
         inner->before_wait(de->inner_state);
     if (!de->nheld)
         return;
-    uint64_t due = de->heap[0]->due_ns;
-    if (de->timer_at && de->timer_at <= due)
-        return;
-    /* The kernel reads timer_ts when the SQE is submitted: by the engine, before its wait. */
-    de->timer_ts.tv_sec = (long long)(due / 1000000000u);
-    de->timer_ts.tv_nsec = (long long)(due % 1000000000u);
-    struct io_uring_sqe *sqe = disk_get_sqe(de->env->ring);
-    if (de->timer_at) {
-        /* If it fired meanwhile (-ENOENT), its completion is on the way and re-arms. */
-        io_uring_prep_timeout_update(sqe, &de->timer_ts, (uintptr_t)&de->timer_cqe,
-                                     IORING_TIMEOUT_ABS);
-        io_uring_sqe_set_data64(sqe, DP_CQE_IGNORE);
-    } else {
-        io_uring_prep_timeout(sqe, &de->timer_ts, 0, IORING_TIMEOUT_ABS);
-        disk_set_cqe(sqe, &de->timer_cqe);
-    }
-    de->timer_at = due;
+    disk_arm_timeout(de->env->ring, &de->timer_ts, &de->timer_cqe, &de->timer_at,
+                     de->heap[0]->due_ns);
 }
 
 /* ---- per engine, per queue ---- */

@@ -153,6 +153,29 @@ static inline void disk_set_cqe(struct io_uring_sqe *sqe, struct dp_disk_cqe *cq
     io_uring_sqe_set_data64(sqe, (uintptr_t)cqe);
 }
 
+/* One absolute timeout (CLOCK_MONOTONIC ns) on ring, completing to cqe: armed for due, or
+ * moved earlier when the one armed (*armed_at, 0: none) is due later; *armed_at becomes due.
+ * The kernel reads *ts when the SQE is submitted (by the engine, before its wait). A timeout
+ * that fired meanwhile makes the update fail (-ENOENT, ignored): its completion is on the
+ * way, and its handler clears *armed_at. */
+static inline void disk_arm_timeout(struct io_uring *ring, struct __kernel_timespec *ts,
+                                    struct dp_disk_cqe *cqe, uint64_t *armed_at, uint64_t due)
+{
+    if (*armed_at && *armed_at <= due)
+        return;
+    ts->tv_sec = (long long)(due / 1000000000u);
+    ts->tv_nsec = (long long)(due % 1000000000u);
+    struct io_uring_sqe *sqe = disk_get_sqe(ring);
+    if (*armed_at) {
+        io_uring_prep_timeout_update(sqe, ts, (uintptr_t)cqe, IORING_TIMEOUT_ABS);
+        io_uring_sqe_set_data64(sqe, DP_CQE_IGNORE);
+    } else {
+        io_uring_prep_timeout(sqe, ts, 0, IORING_TIMEOUT_ABS);
+        disk_set_cqe(sqe, cqe);
+    }
+    *armed_at = due;
+}
+
 static inline void disk_complete(const struct dp_disk_env *env, struct dp_disk_io *io, int result)
 {
     env->complete(env->arg, io, result);

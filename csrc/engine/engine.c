@@ -217,21 +217,9 @@ static void tick_done(struct dp_disk_cqe *cqe, int res)
  * armed one). The loop runs the tick itself when it is busy. */
 static void arm_tick(struct dp_engine *engine)
 {
-    uint64_t due = engine->tick_next;
-    if (!due || (engine->tick_at && engine->tick_at <= due))
-        return;
-    engine->tick_ts.tv_sec = (long long)(due / 1000000000u);
-    engine->tick_ts.tv_nsec = (long long)(due % 1000000000u);
-    struct io_uring_sqe *sqe = disk_get_sqe(&engine->ring);
-    if (engine->tick_at) {
-        io_uring_prep_timeout_update(sqe, &engine->tick_ts, (uintptr_t)&engine->tick_cqe,
-                                     IORING_TIMEOUT_ABS);
-        io_uring_sqe_set_data64(sqe, TAG_IGNORE);
-    } else {
-        io_uring_prep_timeout(sqe, &engine->tick_ts, 0, IORING_TIMEOUT_ABS);
-        disk_set_cqe(sqe, &engine->tick_cqe);
-    }
-    engine->tick_at = due;
+    if (engine->tick_next)
+        disk_arm_timeout(&engine->ring, &engine->tick_ts, &engine->tick_cqe, &engine->tick_at,
+                         engine->tick_next);
 }
 
 static void run_tick(struct dp_engine *engine)

@@ -815,6 +815,21 @@ int dp_vq_set_call_fd(struct dp_vq *vq, int call_fd)
     return 0;
 }
 
+/* Wait for the commands posted to queues (those with cmds[i].vq set), the first error after
+ * rc's; frees cmds. */
+static int wait_posted(struct dp_vq *const *vqs, unsigned n, struct engine_cmd *cmds, int rc)
+{
+    for (unsigned i = 0; i < n; i++) {
+        if (cmds[i].vq) {
+            int r = engine_wait(vqs[i]->engine, &cmds[i]);
+            if (r && !rc)
+                rc = r;
+        }
+    }
+    free(cmds);
+    return rc;
+}
+
 int dp_vqs_set_mem(struct dp_vq *const *vqs, unsigned n, struct dp_mem *mem, int drain)
 {
     struct engine_cmd *cmds = calloc(n ? n : 1, sizeof(*cmds));
@@ -837,15 +852,7 @@ int dp_vqs_set_mem(struct dp_vq *const *vqs, unsigned n, struct dp_mem *mem, int
             rc = -EIO;
         }
     }
-    for (unsigned i = 0; i < n; i++) {
-        if (cmds[i].vq) {
-            int r = engine_wait(vqs[i]->engine, &cmds[i]);
-            if (r && !rc)
-                rc = r;
-        }
-    }
-    free(cmds);
-    return rc;
+    return wait_posted(vqs, n, cmds, rc);
 }
 
 static int publish_iotlb(struct dp_vq *const *vqs, unsigned n, const struct vq_iotlb_cfg *cfg);
@@ -953,14 +960,7 @@ static int publish_iotlb(struct dp_vq *const *vqs, unsigned n, const struct vq_i
         if (engine_post(vq->engine, &cmds[i]))
             rc = -EIO;   /* queued all the same: waited for below */
     }
-    for (unsigned i = 0; i < n; i++)
-        if (cmds[i].vq) {
-            int r = engine_wait(vqs[i]->engine, &cmds[i]);
-            if (r && !rc)
-                rc = r;
-        }
-    free(cmds);
-    return rc;
+    return wait_posted(vqs, n, cmds, rc);
 }
 
 int dp_vq_set_log(struct dp_vq *vq, struct dp_dirty_log *log, int log_used, uint64_t used_gpa)
