@@ -20,8 +20,11 @@ from .hist import hist_cumulative, hist_summary, new_hist
 
 COUNTERS = ("requests", "reads", "writes", "flushes", "discards", "write_zeroes", "get_ids",
             "unsupported", "errors", "bytes_read", "bytes_written", "kicks", "notifies",
-            "bounced", "out_of_order", "resubmitted", "delayed")
-GAUGES = ("inflight", "broken")
+            "bounced", "out_of_order", "resubmitted", "delayed",
+            # behind a vIOMMU: requests that waited for an IOTLB entry, of those in vain,
+            # accesses an entry did not permit, invalidations that waited for requests
+            "iotlb_misses", "iotlb_timeouts", "iotlb_faults", "iotlb_drains")
+GAUGES = ("inflight", "broken", "parked")   # parked: requests waiting for an IOTLB entry now
 # A recording's (serve --record): requests recorded, record-ring entries dropped (writer behind).
 RECORD_COUNTERS = ("recorded", "record_dropped")
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
@@ -153,6 +156,12 @@ def format_table(snap: dict[str, Any]) -> str:
         dropped = sum(q.get("record_dropped", 0) for q in snap["queues"])
         lines.append(f"recording to {', '.join(rec['files'])} ({rec['format']}): {recorded} requests, "
                      f"{dropped} entries dropped" + (f", error: {rec['error']}" if rec.get("error") else ""))
+    iotlb = {k: sum(q.get(k, 0) for q in snap["queues"])
+             for k in ("iotlb_misses", "iotlb_timeouts", "iotlb_faults", "parked")}
+    if iotlb["iotlb_misses"] or iotlb["iotlb_faults"]:
+        lines.append(f"vIOMMU: {iotlb['iotlb_misses']} request(s) waited for an IOTLB entry"
+                     f" ({iotlb['iotlb_timeouts']} in vain, {iotlb['parked']} waiting now),"
+                     f" {iotlb['iotlb_faults']} access(es) not permitted")
     if "configured_latency" in snap:
         c = snap["configured_latency"]
         lines.append(f"configured {c['spec']}: p50 {c['p50_ns'] / 1000:.1f} us, "
