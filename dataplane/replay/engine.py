@@ -664,6 +664,11 @@ def prepare(reader: TraceReader, geometry: Geometry, queues: int, options: Repla
     if options.fit == "fail" and scan.max_end > geometry.capacity:
         raise ConfigError(f"{reader.path}: {scan.first_beyond(reader, geometry.capacity)} ends past the "
                           f"end of the target ({geometry.capacity} bytes); use --fit wrap or --fit scale")
+    if options.queue_map == "trace" and len(scan.streams) < queues:
+        log.warning("%s has %d stream(s) for %d queues: --queue-map trace keeps each stream on one "
+                    "queue, so %d queue(s) get no records; --queue-map rr or hash spread the trace "
+                    "over every queue", reader.path, len(scan.streams), queues,
+                    queues - len(scan.streams))
     size = buffer_size(scan, geometry, options)
     return scan, RecordMapper(scan, geometry, queues, options, size), size
 

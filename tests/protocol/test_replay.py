@@ -160,6 +160,63 @@ def test_direct_descriptor_chains(start_backend) -> None:
     assert (stats[0]["flushes"], stats[0]["discards"]) == (want[Op.FLUSH], want[Op.TRIM])
 
 
+@pytest.mark.parametrize("layout", ["split-indirect", "split-direct", "packed-direct", "packed-indirect"])
+def test_slots_switch_between_reads_and_writes(start_backend, tmp_path: Path, layout: str) -> None:
+    """A slot whose next record is a write after a read (or the reverse) keeps its chain and
+    flips the header's type and the data descriptor's WRITE flag: the backend sees each record
+    as the op it is, writes land with their stamps, and each read finds the stamp of the last
+    write to its block before it."""
+    rng = np.random.default_rng(5)
+    blocks = rng.integers(0, 64, 600)
+    ops = np.where(rng.random(600) < 0.5, "read", "write")
+    rows = [(0, 0, str(op), int(b) * 4096, 4096) for op, b in zip(ops, blocks, strict=True)]
+    trace = fio_v3(tmp_path / "mix.iolog", rows)
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(16 * MiB)
+    backend = start_backend(str(image), queues=1)
+    ring, indirect = layout.split("-")
+    features = DRIVER_FEATURES
+    if indirect == "direct":
+        features &= ~(1 << vb.VIRTIO_RING_F_INDIRECT_DESC)
+    options = ReplayOptions(mode="afap", iodepth=4, keep_log=True)
+    with connect(backend, 1, options, features=features, ring=ring) as dev:
+        result = replay_device(dev, open_trace(trace), options)
+        stats = backend.device.stats()
+    assert_clean(result)
+    want = (int((ops == "read").sum()), int((ops == "write").sum()))
+    assert (stats[0]["reads"], stats[0]["writes"]) == want
+    log = result.runs[0].log
+    last_write: dict[int, int] = {}
+    for i, (op, b) in enumerate(zip(ops, blocks, strict=True)):
+        if op == "write":
+            last_write[int(b)] = i
+        elif int(b) in last_write:
+            assert log["tag"][i] == log["tag"][last_write[int(b)]], f"record {i}: read of block {b}"
+        else:
+            assert log["tag"][i] == 0
+    for b, i in last_write.items():
+        magic, _, seq, where = _stamp_at(image, b * 4096)
+        assert (magic, seq, where) == (STAMP_MAGIC, i + 1, b * 4096)
+
+
+def test_no_stamp_leaves_write_buffers_alone(start_backend, tmp_path: Path) -> None:
+    rows = [(i, 0, "write", i * 4096, 4096) for i in range(8)]
+    trace = fio_v3(tmp_path / "w.iolog", rows)
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(16 * MiB)
+    backend = start_backend(str(image), queues=1)
+    for flag, stamped in (("--stamp", True), ("--no-stamp", False)):
+        rc = replay_main(["replay", str(trace), "--socket", backend.socket, "--mode", "afap", flag,
+                          "--output", str(tmp_path / "out.txt")])
+        assert rc == 0
+        for i in range(8):
+            assert (_stamp_at(image, i * 4096)[0] == STAMP_MAGIC) == stamped, (flag, i)
+        with open(image, "r+b") as f:
+            f.write(bytes(8 * 4096))
+
+
 # ---- timed mode ----
 
 def test_timed_replay_keeps_the_gaps(start_backend, tmp_path: Path) -> None:
@@ -277,6 +334,23 @@ def test_queue_map_trace_wraps_streams_over_queues(start_backend) -> None:
     ids = sorted(per_stream)
     want = [sum(per_stream[s] for i, s in enumerate(ids) if i % 2 == q) for q in range(2)]
     assert _per_queue_requests(stats) == want
+
+
+def test_single_stream_on_several_queues_warns(start_backend, tmp_path: Path, caplog) -> None:
+    """--queue-map trace keeps a one-stream trace on one queue: said, and rr spreads it."""
+    rows = [(i, 0, "read", i * 4096, 4096) for i in range(40)]
+    trace = fio_v3(tmp_path / "one.iolog", rows)
+    backend = start_backend("null:64M", queues=2)
+    with caplog.at_level("WARNING", logger="dataplane.replay"):
+        result, stats = replay(backend, trace, mode="afap", queue_map="trace")
+    assert_clean(result)
+    assert _per_queue_requests(stats) == [40, 0]
+    assert "1 stream(s) for 2 queues" in caplog.text and "--queue-map rr or hash" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dataplane.replay"):
+        result, stats = replay(backend, trace, mode="afap", queue_map="rr")
+    assert _per_queue_requests(stats) == [20, 20]
+    assert "stream(s) for" not in caplog.text
 
 
 def test_queue_map_hash_and_round_robin(start_backend, tmp_path: Path) -> None:
