@@ -126,7 +126,7 @@ def load_cmd(sock: Path, queues: int, rw: str, read_pct: int, args: argparse.Nam
 
 
 def replay_cmd(sock: Path, queues: int, trace: Path, args: argparse.Namespace,
-               feed_mb: int | None = None) -> list[str]:
+               feed_mb: int | None = None, extra: str = "") -> list[str]:
     argv = DATAPLANE + ["replay", "--socket", str(sock), "--queues", str(queues),
                                   "--mode", "afap", "--iodepth", str(args.iodepth),
                                   "--output-format", "json"]
@@ -136,7 +136,7 @@ def replay_cmd(sock: Path, queues: int, trace: Path, args: argparse.Namespace,
         argv += ["--cpus", ",".join(map(str, args.cpus))]
     if feed_mb:
         argv += ["--feed-mb", str(feed_mb)]
-    return argv + [str(trace)]
+    return argv + extra.split() + [str(trace)]
 
 
 def replay(sock: Path, trace: Path, options: ReplayOptions, queues: int) -> dict:
@@ -185,6 +185,9 @@ def main() -> None:
                         "(default: unpinned, the commands' defaults)")
     p.add_argument("--base", type=Path, default=None,
                    help="a built tree whose `dataplane replay` runs too (A/B of the replay engine)")
+    p.add_argument("--variant", action="append", default=[], metavar="ARGS",
+                   help="also run this tree's replay with these extra options (e.g. '--no-stamp'; "
+                        "repeatable)")
     p.add_argument("--repeat", type=int, default=5, help="AFAP runs per cell (medians count)")
     p.add_argument("--streaming", action="store_true",
                    help=f"also replay each AFAP trace with --feed-mb {STREAM_FEED_MB} (read while it runs)")
@@ -201,7 +204,10 @@ def main() -> None:
     sock = work / "serve.sock"
     serve = dataplane_backend("serve", sock, DISK, max(args.queues), work)
     serve.start()
-    trees = {"replay": ROOT} | ({"base": args.base.resolve()} if args.base else {})
+    # what runs beside load: this tree's replay, its variants, the base tree's replay
+    trees = {"replay": (ROOT, "")} | {f"replay {v}": (ROOT, v) for v in args.variant}
+    if args.base:
+        trees["base"] = (args.base.resolve(), "")
     out: dict = {"iodepth": args.iodepth, "bs": bs, "span": span, "cpus": os.cpu_count(),
                  "pinned": args.cpus, "base": str(args.base) if args.base else None,
                  "loadavg_before": os.getloadavg()}
@@ -230,12 +236,14 @@ def main() -> None:
                                            rate=0, span=span)
                     order = list(trees) if rep % 2 == 0 else list(reversed(trees))
                     for tree in order:
-                        replays[tree].append(run_json(replay_cmd(sock, queues, trace, args), trees[tree]))
+                        cwd, extra = trees[tree]
+                        argv = replay_cmd(sock, queues, trace, args, extra=extra)
+                        replays[tree].append(run_json(argv, cwd))
                     if args.streaming:
                         streamed.append(run_json(replay_cmd(sock, queues, trace, args, STREAM_FEED_MB), ROOT))
                 mix = rw if rw != "randrw" else f"randrw {read_pct}/{100 - read_pct}"
                 for tree, runs in replays.items():
-                    label = f"{queues}q {mix}" + (" (base)" if tree == "base" else "")
+                    label = f"{queues}q {mix}" + ("" if tree == "replay" else f" ({tree})")
                     out[f"afap_q{queues}_{rw}{read_pct}_{tree}"] = ratio_row(
                         label, loads, runs,
                         f"best {max(r['iops'] for r in loads):,.0f} / {max(r['iops'] for r in runs):,.0f};"

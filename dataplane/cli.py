@@ -94,6 +94,11 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
                    help="advertise RO; writes fail with IOERR")
     p.add_argument("--cache", choices=["none", "writeback"], default=None,
                    help="none: O_DIRECT (default); writeback: through the host page cache")
+    p.add_argument("--fixed", choices=("all", "buffers", "files", "none"), default=None,
+                   help="file disks: what each I/O thread registers with its io_uring: guest memory "
+                        "as fixed buffers (READ_FIXED/WRITE_FIXED: no page pinning per request; the "
+                        "guest's memory stays pinned while served), the file as a fixed file; "
+                        "all (default), buffers, files or none")
     p.add_argument("--serial", default=None, help="serial number (GET_ID), up to 20 bytes")
     p.add_argument("--socket-mode", default=None, help="socket permissions (default 0600)")
     p.add_argument("--socket-group", default=None, help="group owning the socket")

@@ -69,6 +69,9 @@ struct dp_disk_io {
     unsigned iovcnt;
     unsigned nranges;            /* DISCARD / WRITE_ZEROES: ranges[0 .. nranges) */
     uint64_t start_ns;           /* when the request was taken from the ring (CLOCK_MONOTONIC) */
+    /* READ / WRITE of one iovec: the engine ring's registered buffer that holds all of it
+     * (READ_FIXED / WRITE_FIXED), or -1. Set only for a disk with DISK_RING_FIXED_BUFFERS. */
+    int buf_index;
 
     /* the disk that does the I/O (file, rbd): its state, CQE handler and progress */
     void *io_state;
@@ -98,6 +101,15 @@ struct dp_engine_wait {
     uint64_t woke_ns;
 };
 
+/* The ring's table of fixed files, which the engine keeps for the disks on it: get gives a
+ * slot for fd (name it in an SQE with IOSQE_FIXED_FILE), or -errno where the kernel refuses
+ * (then use fd); put gives it back, once nothing of the disk is left on the ring. */
+struct dp_ring_files {
+    int (*get)(void *arg, int fd);
+    void (*put)(void *arg, int slot);
+    void *arg;
+};
+
 /* What an engine lends a disk for as long as the disk's per-engine state lives. */
 struct dp_disk_env {
     struct io_uring *ring;       /* the engine's ring: queue SQEs on it (never submit-and-wait) */
@@ -106,6 +118,7 @@ struct dp_disk_env {
     void (*complete)(void *arg, struct dp_disk_io *io, int result);
     void *arg;
     const struct dp_engine_wait *wait;
+    const struct dp_ring_files *files;   /* NULL: no fixed files (a stacking disk passes it on) */
 };
 
 struct dp_disk;
@@ -133,10 +146,14 @@ struct dp_disk_ops {
     void (*free)(struct dp_disk *disk);
 };
 
+/* dp_disk.ring_flags: what the disk does with the engine's ring */
+#define DISK_RING_FIXED_BUFFERS 1   /* reads and writes take io->buf_index: register guest memory */
+
 /* Every disk begins with this. */
 struct dp_disk {
     const struct dp_disk_ops *ops;
     struct dp_disk_info info;
+    unsigned ring_flags;         /* DISK_RING_* (a stacking disk takes the one below's) */
 };
 
 /* The next free SQE of ring, submitting what is queued when the SQ ring is full. Never NULL. */

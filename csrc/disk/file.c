@@ -19,13 +19,22 @@
 struct file_disk {
     struct dp_disk base;
     int fd;
+    unsigned fixed;              /* DP_FILE_FIXED_*: what it asks the engines to register */
 };
 
 /* The file on one engine: where its SQEs go and where its completions are reported. */
 struct file_engine {
     const struct file_disk *disk;
     const struct dp_disk_env *env;
+    int fd;                      /* what its SQEs name: the fd, or its fixed-file slot */
+    int fixed_file;              /* fd is a slot of the ring's file table (IOSQE_FIXED_FILE) */
 };
+
+static inline void prep_file(const struct file_engine *fe, struct io_uring_sqe *sqe)
+{
+    if (fe->fixed_file)
+        sqe->flags |= IOSQE_FIXED_FILE;
+}
 
 static int iov_aligned(const struct iovec *iov, unsigned cnt, uint32_t align)
 {
@@ -66,20 +75,34 @@ static void submit_rw(const struct file_engine *fe, struct dp_disk_io *io)
 {
     struct io_uring_sqe *sqe = disk_get_sqe(fe->env->ring);
     uint64_t offset = io->offset + io->done;
+    /* One iovec in a registered buffer (the engine said which; a bounce buffer never is):
+     * READ_FIXED / WRITE_FIXED, which skip pinning its pages. The rest of a short transfer
+     * is still inside that buffer. */
+    int fixed = io->buf_index >= 0 && io->xfer_cnt == 1 && !io->bounce;
     if (io->op == DP_DISK_READ) {
-        io_uring_prep_readv(sqe, fe->disk->fd, io->xfer_iov, io->xfer_cnt, offset);
+        if (fixed)
+            io_uring_prep_read_fixed(sqe, fe->fd, io->xfer_iov[0].iov_base,
+                                     (unsigned)io->xfer_iov[0].iov_len, offset, io->buf_index);
+        else
+            io_uring_prep_readv(sqe, fe->fd, io->xfer_iov, io->xfer_cnt, offset);
     } else {
-        io_uring_prep_writev(sqe, fe->disk->fd, io->xfer_iov, io->xfer_cnt, offset);
+        if (fixed)
+            io_uring_prep_write_fixed(sqe, fe->fd, io->xfer_iov[0].iov_base,
+                                      (unsigned)io->xfer_iov[0].iov_len, offset, io->buf_index);
+        else
+            io_uring_prep_writev(sqe, fe->fd, io->xfer_iov, io->xfer_cnt, offset);
         if (io->flags & DP_IO_F_FUA)
             sqe->rw_flags = RWF_DSYNC;   /* write-through: durable before completion */
     }
+    prep_file(fe, sqe);
     disk_set_cqe(sqe, &io->cqe);
 }
 
 static void submit_range(const struct file_engine *fe, struct dp_disk_range *r)
 {
     struct io_uring_sqe *sqe = disk_get_sqe(fe->env->ring);
-    io_uring_prep_fallocate(sqe, fe->disk->fd, r->disk_op, r->offset, r->len);
+    io_uring_prep_fallocate(sqe, fe->fd, r->disk_op, r->offset, r->len);
+    prep_file(fe, sqe);
     disk_set_cqe(sqe, &r->cqe);
 }
 
@@ -172,7 +195,8 @@ static void file_submit(void *state, void *qstate, struct dp_disk_io *io)
         break;
     case DP_DISK_FLUSH: {
         struct io_uring_sqe *sqe = disk_get_sqe(fe->env->ring);
-        io_uring_prep_fsync(sqe, fe->disk->fd, IORING_FSYNC_DATASYNC);
+        io_uring_prep_fsync(sqe, fe->fd, IORING_FSYNC_DATASYNC);
+        prep_file(fe, sqe);
         io->cqe.done = flush_done;
         disk_set_cqe(sqe, &io->cqe);
         io->pending = 1;
@@ -200,7 +224,16 @@ static int file_open(struct dp_disk *disk, const struct dp_disk_env *env, void *
     struct file_engine *fe = malloc(sizeof(*fe));
     if (!fe)
         return -ENOMEM;
-    *fe = (struct file_engine){ .disk = (const struct file_disk *)disk, .env = env };
+    const struct file_disk *f = (const struct file_disk *)disk;
+    *fe = (struct file_engine){ .disk = f, .env = env, .fd = f->fd };
+    if ((f->fixed & DP_FILE_FIXED_FILE) && env->files) {
+        /* refused (an old kernel, a full table): the fd itself, as before */
+        int slot = env->files->get(env->files->arg, f->fd);
+        if (slot >= 0) {
+            fe->fd = slot;
+            fe->fixed_file = 1;
+        }
+    }
     *state = fe;
     return 0;
 }
@@ -208,7 +241,10 @@ static int file_open(struct dp_disk *disk, const struct dp_disk_env *env, void *
 /* Every request completed before this is called, so none of its SQEs is left on the ring. */
 static int file_close(void *state)
 {
-    free(state);
+    struct file_engine *fe = state;
+    if (fe->fixed_file)
+        fe->env->files->put(fe->env->files->arg, fe->fd);
+    free(fe);
     return 0;
 }
 
@@ -237,6 +273,18 @@ struct dp_disk *dp_file_disk_new(int fd, const struct dp_disk_info *info, int *e
     f->base.info = *info;
     f->base.info.flags |= DP_DISK_F_FLUSH | DP_DISK_F_DISCARD | DP_DISK_F_WRITE_ZEROES;
     f->fd = fd;
+    f->fixed = DP_FILE_FIXED_BUFFERS | DP_FILE_FIXED_FILE;
+    f->base.ring_flags = DISK_RING_FIXED_BUFFERS;
     *err = 0;
     return &f->base;
+}
+
+int dp_file_disk_set_fixed(struct dp_disk *disk, unsigned what)
+{
+    if (disk->ops != &file_ops || (what & ~(unsigned)(DP_FILE_FIXED_BUFFERS | DP_FILE_FIXED_FILE)))
+        return -EINVAL;
+    struct file_disk *f = (struct file_disk *)disk;
+    f->fixed = what;
+    f->base.ring_flags = (what & DP_FILE_FIXED_BUFFERS) ? DISK_RING_FIXED_BUFFERS : 0;
+    return 0;
 }

@@ -173,6 +173,9 @@ static void reap(struct dp_engine *engine)
 {
     struct io_uring_cqe *cqe;
     unsigned head, n = 0;
+    if (!io_uring_cq_ready(&engine->ring))
+        return;
+    engine->clock_ns = now_ns();   /* the completion time of the requests these CQEs end */
     io_uring_for_each_cqe(&engine->ring, head, cqe) {
         handle_cqe(engine, cqe->user_data, cqe->res);
         n++;
@@ -184,6 +187,7 @@ static void reap(struct dp_engine *engine)
 static unsigned poll_disks(struct dp_engine *engine, uint64_t now)
 {
     unsigned n = 0;
+    engine->clock_ns = now;
     for (struct engine_disk *d = engine->disks; d; d = d->next)
         if (d->disk->ops->poll)
             n += d->disk->ops->poll(d->state, now);
@@ -284,8 +288,10 @@ static void *engine_main(void *arg)
         rc = ring_init(engine);   /* created here: SINGLE_ISSUER wants the submitting thread */
     if (!rc)
         arm_ctl(engine);
+    fixed_init(engine);
     engine->disk_env = (struct dp_disk_env){
         .ring = &engine->ring, .complete = queue_io_done, .arg = engine, .wait = &engine->wait,
+        .files = &engine->fixed.ring_files,
     };
 
     pthread_mutex_lock(&engine->lock);
@@ -319,7 +325,8 @@ static void *engine_main(void *arg)
                 queue_notify(vq);
         queue_finish_detaches(engine);
     }
-    io_uring_queue_exit(&engine->ring);
+    io_uring_queue_exit(&engine->ring);   /* unregisters its buffers and files too */
+    fixed_free(engine);
     return NULL;
 }
 

@@ -205,7 +205,7 @@ class Daemon:
             listener, label = export.handed.sock, export.handed.label
         try:
             export.disk = open_disk(config.disk, read_only=config.read_only, cache=config.cache,
-                                    serial=config.serial)
+                                    serial=config.serial, fixed=config.fixed)
             with self._lock:
                 mapping = self._mapping(export)
             export.server = VhostUserBlkServer(

@@ -197,6 +197,7 @@ class VhostUserBlkDevice:
         # (buffer key, queue) a packed ring was started from in this session: its region is
         # this session's, not a previous back end's (see _attach_inflight)
         self._inflight_live: set[tuple[tuple[int, int], int]] = set()
+        self._fixed_error_told = 0   # the fixed-buffer refusal already logged
         self._reset_state()
         self.handlers: dict[int, Callable[[Message], bytes | Message | None]] = {
             Request.GET_FEATURES: self.get_features,
@@ -849,6 +850,14 @@ class VhostUserBlkDevice:
                             " end's base %#010x is stale after a back-end restart)", what, base,
                             vring.base)
         stats = self._vq_stats(vring)
+        if stats.fixed_error and stats.fixed_error != self._fixed_error_told:
+            # once per errno and session: every queue of an engine meets the same refusal
+            self._fixed_error_told = stats.fixed_error
+            log.warning("%s: guest memory not registered with io_uring as fixed buffers (%s%s): "
+                        "reads and writes of it go out as readv/writev", what,
+                        errno.errorcode.get(stats.fixed_error, stats.fixed_error),
+                        ", RLIMIT_MEMLOCK too small for it without CAP_IPC_LOCK"
+                        if stats.fixed_error == errno.ENOMEM else "")
         if stats.resubmitted:
             log.warning("%s: resubmitted %d request(s) in flight at the previous back end's end"
                         " (%d of them older than a request that had completed)", what,
@@ -856,9 +865,10 @@ class VhostUserBlkDevice:
         if not quiet:
             position = (f"packed ring, base {lib.dp_vq_packed_base(vq):#010x}" if packed
                         else f"avail_idx {lib.dp_vq_last_avail_idx(vq)}")
-            log.info("%s started: size %d, %s, thread %s%s", what, vring.num, position,
+            log.info("%s started: size %d, %s, thread %s%s%s", what, vring.num, position,
                      self.engines.name_for(vring.index),
-                     "" if vring.kick_fd >= 0 else ", polling (no kick fd)")
+                     "" if vring.kick_fd >= 0 else ", polling (no kick fd)",
+                     f", {stats.fixed_buffers} fixed buffer(s)" if stats.fixed_buffers else "")
 
     def _attach_inflight(self, vring: Vring) -> bool:
         """Give the queue its region; returns whether it counts as a previous back end's.
