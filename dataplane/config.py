@@ -70,7 +70,8 @@ class ExportConfig:
     queues: int = field(default_factory=lambda: default_queues())
     read_only: bool = False
     cache: str = "none"
-    fixed: str = "all"
+    fixed: str = "files"
+    iopoll: bool = False
     serial: str = "dataplane"
     socket_mode: int = 0o600
     socket_group: str | None = None
@@ -84,7 +85,8 @@ class ExportConfig:
         return {"name": self.name, "disk": self.disk,
                 "addr": self.addr.to_dict() if self.addr is not None else None,
                 "queues": self.queues, "read_only": self.read_only, "cache": self.cache,
-                "fixed": self.fixed, "serial": self.serial, "socket_mode": f"{self.socket_mode:04o}",
+                "fixed": self.fixed, "iopoll": self.iopoll, "serial": self.serial,
+                "socket_mode": f"{self.socket_mode:04o}",
                 "socket_group": self.socket_group,
                 "vcpu_cpus": list(self.vcpu_cpus) if self.vcpu_cpus is not None else None,
                 "inflight": self.inflight,
@@ -103,7 +105,8 @@ class ServeConfig:
     queues: int = field(default_factory=default_queues)
     read_only: bool = False
     cache: str = "none"
-    fixed: str = "all"
+    fixed: str = "files"
+    iopoll: bool = False
     serial: str = "dataplane"
     policy: Policy = PER_QUEUE
     vcpu_cpus: list[int] | None = None         # host CPUs running the guest's vCPUs: kept free
@@ -324,6 +327,7 @@ VALIDATORS: dict[str, Callable[[Any, str, bool], Any]] = {
     "read_only": _bool,
     "cache": _cache,
     "fixed": _fixed,
+    "iopoll": _bool,
     "serial": _serial,
     "policy": _policy,
     "vcpu_cpus": _vcpu_cpus,
@@ -345,10 +349,12 @@ _PATH_KEYS = ("socket", "disk", "rpc_socket", "record")   # relative paths in a 
 # tables describe its single export.
 EXPORT_VALIDATORS: dict[str, Callable[[Any, str, bool], Any]] = {
     key: VALIDATORS[key] for key in ("name", "disk", "socket", "socket_fd", "queues", "read_only",
-                                     "cache", "fixed", "serial", "socket_mode", "socket_group", "vcpu_cpus",
+                                     "cache", "fixed", "iopoll", "serial", "socket_mode", "socket_group",
+                                     "vcpu_cpus",
                                      "inflight", "record", "record_format")
 } | {"addr": _addr}
-FLAT_EXPORT_KEYS = ("name", "disk", "socket", "socket_fd", "queues", "read_only", "cache", "fixed", "serial",
+FLAT_EXPORT_KEYS = ("name", "disk", "socket", "socket_fd", "queues", "read_only", "cache", "fixed", "iopoll",
+                    "serial",
                     "socket_mode", "socket_group", "record", "record_format")
 
 
@@ -492,8 +498,8 @@ def _export_from(values: Mapping[str, Any], label: str, *, index: int | None,
         raise ConfigError(f"{where}socket is required (or socket_fd, or addr = {{ type = ..., ... }})")
     name = values.get("name") or _default_name(addr, index)
     vcpus = values.get("vcpu_cpus")
-    fields = {k: values[k] for k in ("queues", "read_only", "cache", "fixed", "serial", "socket_mode",
-                                     "socket_group", "inflight", "record", "record_format")
+    fields = {k: values[k] for k in ("queues", "read_only", "cache", "fixed", "iopoll", "serial",
+                                     "socket_mode", "socket_group", "inflight", "record", "record_format")
               if values.get(k) is not None}
     return ExportConfig(name=name, disk=values["disk"], addr=addr,
                         vcpu_cpus=tuple(vcpus) if vcpus is not None else None, **fields)

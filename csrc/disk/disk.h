@@ -35,6 +35,8 @@ enum dp_disk_op {
 #define DP_IO_F_FUA 1        /* in: a write that must be durable when it completes */
 #define DP_IO_F_BOUNCED 2    /* out: it went through an aligned copy of the guest's buffers */
 #define DP_IO_F_DELAYED 4    /* out: a latency layer held its completion back */
+#define DP_IO_F_POLLED 8     /* out: it went through a polled (IOPOLL) ring */
+#define DP_IO_F_FIXED 16     /* out: READ_FIXED / WRITE_FIXED on a registered buffer */
 
 /* A disk's SQE carries (uintptr_t)&cqe as user_data; the engine calls cqe->done with the CQE's
  * res. Pointers to it are 8-byte aligned: the engine keeps user_data with nonzero low 3 bits
@@ -83,6 +85,7 @@ struct dp_disk_io {
     struct iovec *xfer_copy;     /* what is left to transfer after a short one: iov stays intact */
     uint64_t done;               /* bytes transferred so far (short transfers resubmit) */
     unsigned pending;            /* sub-operations in flight */
+    unsigned disk_flags;         /* the disk's own marks while it holds the request */
     int result;                  /* what to complete with once pending reaches zero */
     struct dp_disk_io *link;     /* a disk's own list of them (rbd: done in librbd, not yet reaped) */
 
@@ -143,6 +146,9 @@ struct dp_disk_ops {
     unsigned (*poll)(void *state, uint64_t now);
     /* Optional: the engine is about to sleep; queue on env->ring what must wake it. */
     void (*before_wait)(void *state);
+    /* Optional: nonzero while the disk has requests that only its poll hook completes (a
+     * polled ring of its own): the engine does not sleep then, it keeps calling poll. */
+    int (*busy)(void *state);
     void (*free)(struct dp_disk *disk);
 };
 

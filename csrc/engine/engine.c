@@ -194,6 +194,15 @@ static unsigned poll_disks(struct dp_engine *engine, uint64_t now)
     return n;
 }
 
+/* A disk with requests on a polled ring of its own: the engine must not sleep. */
+static int disks_busy(struct dp_engine *engine)
+{
+    for (struct engine_disk *d = engine->disks; d; d = d->next)
+        if (d->disk->ops->busy && d->disk->ops->busy(d->state))
+            return 1;
+    return 0;
+}
+
 static void disks_before_wait(struct dp_engine *engine)
 {
     for (struct engine_disk *d = engine->disks; d; d = d->next)
@@ -305,7 +314,8 @@ static void *engine_main(void *arg)
 
     while (!engine->exiting) {
         engine->wait.slept_ns = 0;
-        if (engine->npolling) {
+        if (engine->npolling || (engine->ndisk_busy && disks_busy(engine))) {
+            /* a queue without a kick fd, or polled I/O in flight: look, never sleep */
             io_uring_submit_and_get_events(&engine->ring);
         } else if (!poll_for_work(engine)) {
             disks_before_wait(engine);

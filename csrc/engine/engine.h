@@ -61,6 +61,7 @@ struct dp_engine {
     unsigned npolling;            /* attached queues without a kick fd */
     struct engine_disk *disks;    /* the disks of attached queues */
     unsigned ndisk_polls;         /* of those, disks with a poll hook */
+    unsigned ndisk_busy;          /* of those, disks with a busy hook (polled rings) */
     struct dp_disk_env disk_env;  /* what every disk here is lent */
     struct dp_engine_wait wait;   /* this round's sleep, for disks that time themselves */
     /* The clock, read once per batch rather than twice per request: before a queue's

@@ -24,7 +24,17 @@
 
 #define FIXED_BUF_SLOTS 4096u
 #define FIXED_FILE_SLOTS 64u
-#define FIXED_PIECE (1ull << 30)
+#define FIXED_PIECE_MAX (1ull << 30)   /* the kernel's limit per registered buffer */
+
+static uint64_t fixed_piece = FIXED_PIECE_MAX;
+
+int dp_debug_fixed_piece(uint64_t bytes)
+{
+    if (bytes % 4096 || bytes > FIXED_PIECE_MAX)
+        return -EINVAL;
+    __atomic_store_n(&fixed_piece, bytes ? bytes : FIXED_PIECE_MAX, __ATOMIC_RELAXED);
+    return 0;
+}
 
 struct fixed_slot {
     uint8_t *addr;
@@ -124,10 +134,11 @@ void fixed_queue_set(struct dp_engine *engine, struct dp_vq *vq, const struct dp
 {
     struct vq_fixed *old = vq->fixed, *vf = NULL;
     int err = table_ready(engine);
+    uint64_t piece = __atomic_load_n(&fixed_piece, __ATOMIC_RELAXED);
     if (err > 0) {
         unsigned cap = 0;
         for (unsigned i = 0; i < mem->nregions; i++)
-            cap += (unsigned)((mem->regions[i].size + FIXED_PIECE - 1) / FIXED_PIECE);
+            cap += (unsigned)((mem->regions[i].size + piece - 1) / piece);
         vf = calloc(1, sizeof(*vf));
         if (vf)
             vf->pieces = calloc(cap ? cap : 1, sizeof(*vf->pieces));
@@ -140,8 +151,8 @@ void fixed_queue_set(struct dp_engine *engine, struct dp_vq *vq, const struct dp
         }
         for (unsigned i = 0; vf && i < mem->nregions; i++) {
             const struct mem_region *r = &mem->regions[i];
-            for (uint64_t off = 0; off < r->size; off += FIXED_PIECE) {
-                uint64_t len = r->size - off < FIXED_PIECE ? r->size - off : FIXED_PIECE;
+            for (uint64_t off = 0; off < r->size; off += piece) {
+                uint64_t len = r->size - off < piece ? r->size - off : piece;
                 int index = slot_get(engine, r->host_addr + off, len);
                 if (index < 0) {
                     err = err ? err : index;   /* left out: its requests go out as readv/writev */

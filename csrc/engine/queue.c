@@ -72,11 +72,15 @@ static void req_finish(struct dp_req *req, uint8_t status, int from_disk)
         req->used_len = 1;
         STAT_ADD(vq, errors, 1);
     }
-    if (req->io.flags & (DP_IO_F_BOUNCED | DP_IO_F_DELAYED)) {
+    if (req->io.flags & (DP_IO_F_BOUNCED | DP_IO_F_DELAYED | DP_IO_F_POLLED | DP_IO_F_FIXED)) {
         if (req->io.flags & DP_IO_F_BOUNCED)
             STAT_ADD(vq, bounced, 1);
         if (req->io.flags & DP_IO_F_DELAYED)
             STAT_ADD(vq, delayed, 1);
+        if (req->io.flags & DP_IO_F_POLLED)
+            STAT_ADD(vq, polled_ios, 1);
+        if (req->io.flags & DP_IO_F_FIXED)
+            STAT_ADD(vq, fixed_ios, 1);
     }
     if (req->seq < vq->max_completed_seq)
         STAT_ADD(vq, out_of_order, 1);
@@ -143,8 +147,6 @@ static void start_request(struct dp_req *req, const struct vq_chain *chain)
     req->io.buf_index = -1;
     if (vq->fixed && req->io.iovcnt == 1 && (req->io.op == DP_DISK_READ || req->io.op == DP_DISK_WRITE)) {
         req->io.buf_index = fixed_lookup(vq, req->io.iov[0].iov_base, req->io.iov[0].iov_len);
-        if (req->io.buf_index >= 0)
-            STAT_ADD(vq, fixed_ios, 1);
     }
     struct engine_disk *d = vq->disk;
     d->disk->ops->submit(d->state, vq->disk_queue, &req->io);
@@ -249,6 +251,8 @@ static void unlink_disk(struct dp_engine *engine, struct engine_disk *d)
     *link = d->next;
     if (d->disk->ops->poll)
         engine->ndisk_polls--;
+    if (d->disk->ops->busy)
+        engine->ndisk_busy--;
 }
 
 /* Undo open for a disk state no queue ever used: open queues nothing on the ring, so close
@@ -282,6 +286,8 @@ static int bind_disk(struct dp_engine *engine, struct dp_vq *vq)
         engine->disks = d;
         if (disk->ops->poll)
             engine->ndisk_polls++;
+        if (disk->ops->busy)
+            engine->ndisk_busy++;
     }
     vq->disk_queue = NULL;
     if (disk->ops->queue_open) {

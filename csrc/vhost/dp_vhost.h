@@ -85,6 +85,7 @@ struct dp_vq_stats {
     uint64_t fixed_ios;          /* reads and writes through a registered buffer (READ_FIXED) */
     uint64_t fixed_buffers;      /* gauge: the memory table's pieces registered with the ring */
     uint64_t fixed_error;        /* gauge: errno of the last refused registration (0: none) */
+    uint64_t polled_ios;         /* reads and writes completed by polling (IOPOLL ring) */
 };
 
 struct dp_vq;

@@ -198,6 +198,7 @@ class VhostUserBlkDevice:
         # this session's, not a previous back end's (see _attach_inflight)
         self._inflight_live: set[tuple[tuple[int, int], int]] = set()
         self._fixed_error_told = 0   # the fixed-buffer refusal already logged
+        self._iopoll_error_told = 0  # and the polled ring's
         self._reset_state()
         self.handlers: dict[int, Callable[[Message], bytes | Message | None]] = {
             Request.GET_FEATURES: self.get_features,
@@ -865,10 +866,16 @@ class VhostUserBlkDevice:
         if not quiet:
             position = (f"packed ring, base {lib.dp_vq_packed_base(vq):#010x}" if packed
                         else f"avail_idx {lib.dp_vq_last_avail_idx(vq)}")
-            log.info("%s started: size %d, %s, thread %s%s%s", what, vring.num, position,
+            iopoll = self.disk.iopoll_state
+            if iopoll < 0 and iopoll != self._iopoll_error_told:
+                self._iopoll_error_told = iopoll
+                log.warning("%s: --iopoll: the kernel refused a polled ring (%s): interrupt-driven I/O",
+                            what, errno.errorcode.get(-iopoll, -iopoll))
+            log.info("%s started: size %d, %s, thread %s%s%s%s", what, vring.num, position,
                      self.engines.name_for(vring.index),
                      "" if vring.kick_fd >= 0 else ", polling (no kick fd)",
-                     f", {stats.fixed_buffers} fixed buffer(s)" if stats.fixed_buffers else "")
+                     f", {stats.fixed_buffers} fixed buffer(s)" if stats.fixed_buffers else "",
+                     ", polled I/O (IOPOLL)" if iopoll > 0 else "")
 
     def _attach_inflight(self, vring: Vring) -> bool:
         """Give the queue its region; returns whether it counts as a previous back end's.
