@@ -179,7 +179,10 @@ def main() -> None:
     p.add_argument("--iodepth", type=int, default=32)
     p.add_argument("--bs", default="4k")
     p.add_argument("--span", default="1g", help="offsets are random in [0, span) (load's --size)")
-    p.add_argument("--seconds", type=float, default=3.0, help="length of each run")
+    p.add_argument("--seconds", type=float, default=3.0, help="length of each load run")
+    p.add_argument("--records", type=int, default=4_000_000,
+                   help="records per AFAP trace (default 4 M, the issue's; at most 7.5 M, which "
+                        "the default --feed-mb loads before the clock starts)")
     p.add_argument("--cpus", type=lambda t: [int(c) for c in t.split(",") if c], default=[],
                    help="pin queue i's driver thread (load's and replay's alike) to the i-th CPU "
                         "(default: unpinned, the commands' defaults)")
@@ -229,9 +232,9 @@ def main() -> None:
                 for rep in range(args.repeat):
                     loads.append(run_json(load_cmd(sock, queues, rw, read_pct, args), ROOT))
                     if trace is None:
-                        # As long as the load run, and loaded before the clock starts (it fits
-                        # the default --feed-mb): the engine is measured, not the trace reader.
-                        n = min(int(loads[0]["iops"] * args.seconds), MAX_PRELOADED)
+                        # Loaded before the clock starts (it fits the default --feed-mb): the
+                        # engine is measured, not the trace reader.
+                        n = min(args.records, MAX_PRELOADED)
                         trace = make_trace(work / f"afap-{rw}{read_pct}-q{queues}", n, bs, read_pct, 1,
                                            rate=0, span=span)
                     order = list(trees) if rep % 2 == 0 else list(reversed(trees))
