@@ -498,6 +498,12 @@ static int issue(struct dp_replay *r, uint64_t *now_io, int *ended)
                                          __ATOMIC_RELAXED);
         __builtin_prefetch(&r->feed.buf[(r->feed.local_head + 8) & r->feed.mask], 0, 0);
         __builtin_prefetch(&r->hazard_map[hazard_slot(r, ahead >> r->hazard_shift)], 1, 3);
+        /* A write two records on will stamp the slot it takes then (the free stack's third
+         * from the top): ask for its first line now, for writing. That line is wherever the
+         * slot's last read left it, often the backend's CPU (the null disk zeroed it). */
+        if (r->p.stamp && r->nfree >= 3 && r->feed.local_head + 2 < r->feed.local_tail &&
+            r->feed.buf[(r->feed.local_head + 2) & r->feed.mask].op == DP_REPLAY_OP_WRITE)
+            __builtin_prefetch(r->slots[r->free_slots[r->nfree - 3]].data, 1, 3);
         uint64_t t_sched = now;
         if (timed) {
             t_sched = r->start_ns + (rec->time_ns > 0 ? (uint64_t)rec->time_ns : 0);
