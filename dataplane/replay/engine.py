@@ -71,7 +71,7 @@ class ReplayOptions:
     poll_us: int | None = None     # spin on completions before sleeping (None: 5 afap, 0 timed)
     timeout: float = 30.0          # no completion for this long ends the run
     cpus: Sequence[int] = ()       # pin queue i's thread to cpus[i % len(cpus)]
-    stamp: bool = True             # writes carry (queue, record) stamps; reads report them
+    stamp: bool = False            # writes carry (queue, record) stamps; reads report them
     keep_log: bool = False         # per-record timings and stamps (tests, small traces)
     feed_memory: int = FEED_MEMORY  # bytes of records the queues' feeds hold in all
     feed_records: int | None = None  # records per queue's feed (None: from feed_memory)

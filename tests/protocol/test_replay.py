@@ -179,7 +179,7 @@ def test_slots_switch_between_reads_and_writes(start_backend, tmp_path: Path, la
     features = DRIVER_FEATURES
     if indirect == "direct":
         features &= ~(1 << vb.VIRTIO_RING_F_INDIRECT_DESC)
-    options = ReplayOptions(mode="afap", iodepth=4, keep_log=True)
+    options = ReplayOptions(mode="afap", iodepth=4, keep_log=True, stamp=True)
     with connect(backend, 1, options, features=features, ring=ring) as dev:
         result = replay_device(dev, open_trace(trace), options)
         stats = backend.device.stats()
@@ -200,19 +200,20 @@ def test_slots_switch_between_reads_and_writes(start_backend, tmp_path: Path, la
         assert (magic, seq, where) == (STAMP_MAGIC, i + 1, b * 4096)
 
 
-def test_no_stamp_leaves_write_buffers_alone(start_backend, tmp_path: Path) -> None:
+def test_stamps_are_asked_for(start_backend, tmp_path: Path) -> None:
+    """Off by default (a cache miss per write against a fast backend); --stamp writes them."""
     rows = [(i, 0, "write", i * 4096, 4096) for i in range(8)]
     trace = fio_v3(tmp_path / "w.iolog", rows)
     image = tmp_path / "disk.img"
     with open(image, "wb") as f:
         f.truncate(16 * MiB)
     backend = start_backend(str(image), queues=1)
-    for flag, stamped in (("--stamp", True), ("--no-stamp", False)):
-        rc = replay_main(["replay", str(trace), "--socket", backend.socket, "--mode", "afap", flag,
+    for flags, stamped in ((["--stamp"], True), (["--no-stamp"], False), ([], False)):
+        rc = replay_main(["replay", str(trace), "--socket", backend.socket, "--mode", "afap", *flags,
                           "--output", str(tmp_path / "out.txt")])
         assert rc == 0
         for i in range(8):
-            assert (_stamp_at(image, i * 4096)[0] == STAMP_MAGIC) == stamped, (flag, i)
+            assert (_stamp_at(image, i * 4096)[0] == STAMP_MAGIC) == stamped, (flags, i)
         with open(image, "r+b") as f:
             f.write(bytes(8 * 4096))
 
@@ -279,7 +280,7 @@ def test_afap_keeps_trace_order_within_a_stream(start_backend, tmp_path: Path) -
     with open(image, "wb") as f:
         f.truncate(64 * MiB)
     backend = start_backend(str(image), queues=1)
-    result, _ = replay(backend, trace, queues=1, mode="afap", iodepth=32, keep_log=True)
+    result, _ = replay(backend, trace, queues=1, mode="afap", iodepth=32, keep_log=True, stamp=True)
     assert_clean(result)
     run = result.runs[0]
     log = run.log
@@ -388,7 +389,7 @@ def test_fit_wrap_scale_and_fail(start_backend, tmp_path: Path) -> None:
         f.truncate(capacity)
     backend = start_backend(str(image), queues=1)
 
-    result, _ = replay(backend, trace, queues=1, mode="afap", fit="wrap")
+    result, _ = replay(backend, trace, queues=1, mode="afap", fit="wrap", stamp=True)
     assert_clean(result)
     assert result.mapping.wrapped == 3
     for i, off in enumerate(offsets):
@@ -398,7 +399,7 @@ def test_fit_wrap_scale_and_fail(start_backend, tmp_path: Path) -> None:
     with open(image, "wb") as f:
         f.truncate(0)
         f.truncate(capacity)
-    result, _ = replay(backend, trace, queues=1, mode="afap", fit="scale")
+    result, _ = replay(backend, trace, queues=1, mode="afap", fit="scale", stamp=True)
     assert_clean(result)
     footprint = max(offsets) + 4096
     for i, off in enumerate(offsets):
@@ -570,7 +571,7 @@ def test_native_replay_against_a_file(tmp_path: Path) -> None:
     with open(image, "wb") as f:
         f.truncate(1 << 30)
     result = replay_native(image, open_trace(TRACES / "sample.blkparse.txt"),
-                           ReplayOptions(mode="afap", iodepth=8, keep_log=True), queues=2)
+                           ReplayOptions(mode="afap", iodepth=8, keep_log=True, stamp=True), queues=2)
     assert_clean(result)
     want = op_counts(TRACES / "sample.blkparse.txt")
     assert {op: result.ios(op) for op in Op} == want
