@@ -69,13 +69,13 @@ class RunningBackend:
 @pytest.fixture
 def start_backend(tmp_path: Path) -> Iterator:
     """Factory: start_backend(disk='null:64M', queues=2, read_only=False, cache='none',
-    poll_us=0, dirty_log=True)."""
+    poll_us=0, dirty_log=True, fixed='all')."""
     started: list[RunningBackend] = []
 
     def start(disk: str = "null:64M", queues: int = 2, read_only: bool = False,
               cache: str = "none", serial: str = "dp-test", poll_us: int = 0,
-              dirty_log: bool = True) -> RunningBackend:
-        d = open_disk(disk, read_only=read_only, cache=cache, serial=serial)
+              dirty_log: bool = True, fixed: str = "all") -> RunningBackend:
+        d = open_disk(disk, read_only=read_only, cache=cache, serial=serial, fixed=fixed)
         sock = tmp_path / f"vhost{len(started)}.sock"
         server = VhostUserBlkServer(d, ServerOptions(socket_path=sock, num_queues=queues,
                                                      dirty_log=dirty_log),

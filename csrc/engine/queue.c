@@ -72,18 +72,22 @@ static void req_finish(struct dp_req *req, uint8_t status, int from_disk)
         req->used_len = 1;
         STAT_ADD(vq, errors, 1);
     }
-    if (req->io.flags & (DP_IO_F_BOUNCED | DP_IO_F_DELAYED)) {
+    if (req->io.flags & (DP_IO_F_BOUNCED | DP_IO_F_DELAYED | DP_IO_F_POLLED | DP_IO_F_FIXED)) {
         if (req->io.flags & DP_IO_F_BOUNCED)
             STAT_ADD(vq, bounced, 1);
         if (req->io.flags & DP_IO_F_DELAYED)
             STAT_ADD(vq, delayed, 1);
+        if (req->io.flags & DP_IO_F_POLLED)
+            STAT_ADD(vq, polled_ios, 1);
+        if (req->io.flags & DP_IO_F_FIXED)
+            STAT_ADD(vq, fixed_ios, 1);
     }
     if (req->seq < vq->max_completed_seq)
         STAT_ADD(vq, out_of_order, 1);
     else
         vq->max_completed_seq = req->seq;
-    uint64_t now = now_ns();
-    hist_add(&vq->latency, now - req->io.start_ns);
+    uint64_t now = vq->engine->clock_ns;
+    hist_add(&vq->latency, now > req->io.start_ns ? now - req->io.start_ns : 0);
     if (vq->rec)
         queue_record(vq, req, 1, status, now);
     /* The status byte is ordered before used->idx by the release in vq_push_used. */
@@ -118,7 +122,7 @@ static void start_request(struct dp_req *req, const struct vq_chain *chain)
 {
     struct dp_vq *vq = req->vq;
     req->head = chain->head;
-    req->io.start_ns = now_ns();
+    req->io.start_ns = vq->engine->clock_ns;   /* read once for the batch (queue_process_avail) */
     req->seq = vq->submit_seq++;
 
     int status = blk_req_parse(req, chain->nseg, chain->nreadable, chain->err, chain->last_byte,
@@ -140,6 +144,10 @@ static void start_request(struct dp_req *req, const struct vq_chain *chain)
         req_finish(req, (uint8_t)status, 0);
         return;
     }
+    req->io.buf_index = -1;
+    if (vq->fixed && req->io.iovcnt == 1 && (req->io.op == DP_DISK_READ || req->io.op == DP_DISK_WRITE)) {
+        req->io.buf_index = fixed_lookup(vq, req->io.iov[0].iov_base, req->io.iov[0].iov_len);
+    }
     struct engine_disk *d = vq->disk;
     d->disk->ops->submit(d->state, vq->disk_queue, &req->io);
 }
@@ -150,9 +158,15 @@ void queue_process_avail(struct dp_engine *engine, struct dp_vq *vq)
     vq->need_pop = 0;
     if (vq->stopping || vq->broken)
         return;
+    engine->clock_ns = now_ns();   /* the pop time of this batch */
+    unsigned popped = 0;
     do {
         struct dp_req *req;
         while ((req = vq->free_reqs)) {
+            /* Read again every 16 requests: a long batch (a driver that keeps publishing, a
+             * full SQ submitted on the way) must not stamp its last requests with its start. */
+            if (++popped % 16 == 0)
+                engine->clock_ns = now_ns();
             struct vq_chain chain;
             int rc = vq_pop(vq, &chain, req->seg, REQ_MAX_SEGS);
             if (rc <= 0)
@@ -237,6 +251,8 @@ static void unlink_disk(struct dp_engine *engine, struct engine_disk *d)
     *link = d->next;
     if (d->disk->ops->poll)
         engine->ndisk_polls--;
+    if (d->disk->ops->busy)
+        engine->ndisk_busy--;
 }
 
 /* Undo open for a disk state no queue ever used: open queues nothing on the ring, so close
@@ -270,6 +286,8 @@ static int bind_disk(struct dp_engine *engine, struct dp_vq *vq)
         engine->disks = d;
         if (disk->ops->poll)
             engine->ndisk_polls++;
+        if (disk->ops->busy)
+            engine->ndisk_busy++;
     }
     vq->disk_queue = NULL;
     if (disk->ops->queue_open) {
@@ -283,6 +301,9 @@ static int bind_disk(struct dp_engine *engine, struct dp_vq *vq)
     d->queues++;
     vq->disk = d;
     vq->disk_queue_open = 1;
+    vq->fixed_wanted = (disk->ring_flags & DISK_RING_FIXED_BUFFERS) != 0;
+    if (vq->fixed_wanted)
+        fixed_queue_set(engine, vq, vq->mem);
     return 0;
 }
 
@@ -331,6 +352,7 @@ int queue_attach(struct dp_engine *engine, struct dp_vq *vq)
     else
         engine->npolling++;
     engine_signal_call(vq);
+    engine->clock_ns = now_ns();
     resubmit_inflight(vq);
     return 0;
 }
@@ -341,6 +363,10 @@ int queue_attach(struct dp_engine *engine, struct dp_vq *vq)
 void queue_set_mem(struct dp_engine *engine, struct dp_vq *vq, struct engine_cmd *cmd)
 {
     vq->mem = cmd->ptr;
+    /* Registered here, on the engine thread, before a request can translate into the table;
+     * requests in flight on buffers it drops keep them (the kernel holds them until done). */
+    if (vq->fixed_wanted)
+        fixed_queue_set(engine, vq, vq->mem);
     /* The rings' host addresses stay as they were when they cannot be found in the new table:
      * the requests in flight still complete into them (the old mapping lives until the drain
      * is acknowledged), and the broken queue touches them no more after that. */
@@ -391,6 +417,8 @@ void queue_finish_detaches(struct dp_engine *engine)
         }
         *link = vq->next;
         vq->next = NULL;
+        fixed_queue_clear(engine, vq);
+        vq->fixed_wanted = 0;
         if (vq->kick_fd < 0)
             engine->npolling--;
         if (vq->need_notify)
