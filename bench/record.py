@@ -158,9 +158,9 @@ class SlowReader(threading.Thread):
         start = None    # the rate counts from the first byte: no credit for the backend's start-up
         while True:
             if not self.hurry.is_set() and start is not None:
-                due = start + len(self.data) / self.rate
-                if time.monotonic() < due:
-                    time.sleep(min(0.01, due - time.monotonic()))
+                wait = start + len(self.data) / self.rate - time.monotonic()
+                if wait > 0:
+                    time.sleep(min(0.01, wait))
                     continue
             chunk = os.read(self.fd, 4096 if not self.hurry.is_set() else 1 << 20)
             if chunk:
