@@ -81,7 +81,7 @@ def test_fio_verify_and_ext4_behind_intel_iommu(guest_image: GuestImage, backend
     assert run.markers("DP-MODE") == [f"DP-MODE TLB invalidation policy: {mode} mode"], run.diag()
     assert_fio_clean(run, n)
     assert_queue_stats(run, n)
-    assert_ext4_round_trip(run, backend)
+    assert_ext4_round_trip(run, backend, tmp_path)
 
     log = backend.read_log()
     acked = [line for line in log.splitlines() if "features acked:" in line]
