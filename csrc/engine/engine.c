@@ -33,6 +33,11 @@ static void arm_ctl(struct dp_engine *engine)
 
 void engine_cmd_done(struct dp_engine *engine, struct engine_cmd *cmd, int result)
 {
+    if (cmd->release) {   /* posted without a waiter */
+        cmd->result = result;
+        cmd->release(cmd);
+        return;
+    }
     pthread_mutex_lock(&engine->lock);
     cmd->result = result;
     cmd->done = 1;
@@ -132,6 +137,9 @@ static void run_commands(struct dp_engine *engine)
             queue_set_log(cmd->vq, cmd->ptr);
             engine_cmd_done(engine, cmd, 0);
             break;
+        case CMD_SET_IOTLB:
+            queue_set_iotlb(engine, cmd->vq, cmd);   /* acknowledged once the range is unused */
+            break;
         case CMD_SET_RECORDER:
             cmd->vq->rec = cmd->vq->rec_next;
             engine_cmd_done(engine, cmd, 0);
@@ -173,6 +181,9 @@ static void reap(struct dp_engine *engine)
 {
     struct io_uring_cqe *cqe;
     unsigned head, n = 0;
+    if (!io_uring_cq_ready(&engine->ring))
+        return;
+    engine->clock_ns = now_ns();   /* the completion time of the requests these CQEs end */
     io_uring_for_each_cqe(&engine->ring, head, cqe) {
         handle_cqe(engine, cqe->user_data, cqe->res);
         n++;
@@ -184,10 +195,20 @@ static void reap(struct dp_engine *engine)
 static unsigned poll_disks(struct dp_engine *engine, uint64_t now)
 {
     unsigned n = 0;
+    engine->clock_ns = now;
     for (struct engine_disk *d = engine->disks; d; d = d->next)
         if (d->disk->ops->poll)
             n += d->disk->ops->poll(d->state, now);
     return n;
+}
+
+/* A disk with requests on a polled ring of its own: the engine must not sleep. */
+static int disks_busy(struct dp_engine *engine)
+{
+    for (struct engine_disk *d = engine->disks; d; d = d->next)
+        if (d->disk->ops->busy && d->disk->ops->busy(d->state))
+            return 1;
+    return 0;
 }
 
 static void disks_before_wait(struct dp_engine *engine)
@@ -195,6 +216,44 @@ static void disks_before_wait(struct dp_engine *engine)
     for (struct engine_disk *d = engine->disks; d; d = d->next)
         if (d->disk->ops->before_wait)
             d->disk->ops->before_wait(d->state);
+}
+
+/* ---- the vIOMMU tick: queues waiting for IOTLB UPDATEs ask again and give up on time ---- */
+
+static void tick_done(struct dp_disk_cqe *cqe, int res)
+{
+    struct dp_engine *engine = container_of(cqe, struct dp_engine, tick_cqe);
+    engine->tick_at = 0;   /* the loop sees tick_next has passed */
+}
+
+/* Before sleeping: a timeout for the next tick (moved earlier when it is due sooner than the
+ * armed one). The loop runs the tick itself when it is busy. */
+static void arm_tick(struct dp_engine *engine)
+{
+    uint64_t due = engine->tick_next;
+    if (!due || (engine->tick_at && engine->tick_at <= due))
+        return;
+    engine->tick_ts.tv_sec = (long long)(due / 1000000000u);
+    engine->tick_ts.tv_nsec = (long long)(due % 1000000000u);
+    struct io_uring_sqe *sqe = disk_get_sqe(&engine->ring);
+    if (engine->tick_at) {
+        io_uring_prep_timeout_update(sqe, &engine->tick_ts, (uintptr_t)&engine->tick_cqe,
+                                     IORING_TIMEOUT_ABS);
+        io_uring_sqe_set_data64(sqe, TAG_IGNORE);
+    } else {
+        io_uring_prep_timeout(sqe, &engine->tick_ts, 0, IORING_TIMEOUT_ABS);
+        disk_set_cqe(sqe, &engine->tick_cqe);
+    }
+    engine->tick_at = due;
+}
+
+static void run_tick(struct dp_engine *engine)
+{
+    uint64_t now = now_ns();
+    if (now < engine->tick_next)
+        return;
+    queue_iotlb_tick(engine, now);
+    engine->tick_next = queue_iotlb_next_tick(engine, now_ns());
 }
 
 /* Before sleeping, spin for new buffers or completions: with the guest on another CPU this
@@ -207,13 +266,14 @@ static int poll_for_work(struct dp_engine *engine)
         return 0;
     io_uring_submit(&engine->ring);
     uint64_t now = now_ns(), until = now + window;
+    unsigned round = 0;
     do {
         /* Every queue with work, not just the first: while one queue always has some, its
          * thread never enters the kernel, so the kicks of the others (deferred task work)
          * would not be seen and queues later in the list would starve. */
         int found = 0;
         for (struct dp_vq *vq = engine->vqs; vq; vq = vq->next)
-            if (!vq->stopping && !vq->starved && vq_has_avail(vq)) {
+            if (!vq->stopping && !vq->starved && vq->rings_ready && vq_has_avail(vq)) {
                 vq->need_pop = 1;
                 found = 1;
             }
@@ -221,9 +281,13 @@ static int poll_for_work(struct dp_engine *engine)
             return 1;
         if (io_uring_cq_ready(&engine->ring))
             return 1;
-        io_uring_get_events(&engine->ring);   /* run deferred completions */
-        if (io_uring_cq_ready(&engine->ring))
-            return 1;
+        /* Deferred completions (DEFER_TASKRUN) run only in a system call: every fourth look,
+         * not every one (the rings themselves are read in memory each time). */
+        if (++round % 4 == 0) {
+            io_uring_get_events(&engine->ring);
+            if (io_uring_cq_ready(&engine->ring))
+                return 1;
+        }
         cpu_relax();
         now = now_ns();
         if (engine->ndisk_polls && poll_disks(engine, now))
@@ -284,9 +348,12 @@ static void *engine_main(void *arg)
         rc = ring_init(engine);   /* created here: SINGLE_ISSUER wants the submitting thread */
     if (!rc)
         arm_ctl(engine);
+    fixed_init(engine);
     engine->disk_env = (struct dp_disk_env){
         .ring = &engine->ring, .complete = queue_io_done, .arg = engine, .wait = &engine->wait,
+        .files = &engine->fixed.ring_files,
     };
+    engine->tick_cqe.done = tick_done;
 
     pthread_mutex_lock(&engine->lock);
     engine->tid = (int)syscall(SYS_gettid);
@@ -299,10 +366,12 @@ static void *engine_main(void *arg)
 
     while (!engine->exiting) {
         engine->wait.slept_ns = 0;
-        if (engine->npolling) {
+        if (engine->npolling || (engine->ndisk_busy && disks_busy(engine))) {
+            /* a queue without a kick fd, or polled I/O in flight: look, never sleep */
             io_uring_submit_and_get_events(&engine->ring);
         } else if (!poll_for_work(engine)) {
             disks_before_wait(engine);
+            arm_tick(engine);
             engine->wait.slept_ns = now_ns();
             io_uring_submit_and_wait(&engine->ring, 1);
             engine->wait.woke_ns = now_ns();
@@ -311,6 +380,8 @@ static void *engine_main(void *arg)
         reap(engine);
         if (engine->ndisk_polls)
             poll_disks(engine, now_ns());
+        if (__builtin_expect(engine->tick_next != 0, 0))
+            run_tick(engine);
         for (struct dp_vq *vq = engine->vqs; vq; vq = vq->next)
             if (vq->need_pop || (vq->kick_fd < 0 && !vq->stopping))
                 queue_process_avail(engine, vq);
@@ -319,7 +390,8 @@ static void *engine_main(void *arg)
                 queue_notify(vq);
         queue_finish_detaches(engine);
     }
-    io_uring_queue_exit(&engine->ring);
+    io_uring_queue_exit(&engine->ring);   /* unregisters its buffers and files too */
+    fixed_free(engine);
     return NULL;
 }
 

@@ -20,8 +20,10 @@ from .hist import hist_cumulative, hist_summary, new_hist
 
 COUNTERS = ("requests", "reads", "writes", "flushes", "discards", "write_zeroes", "get_ids",
             "unsupported", "errors", "bytes_read", "bytes_written", "kicks", "notifies",
-            "bounced", "out_of_order", "resubmitted", "delayed")
-GAUGES = ("inflight", "broken")
+            "bounced", "out_of_order", "resubmitted", "delayed", "fixed_ios", "polled_ios")
+# fixed_buffers: pieces of guest memory registered with the queue's io_uring (file disks);
+# fixed_error: the errno of a registration the kernel refused (then plain readv/writev)
+GAUGES = ("inflight", "broken", "fixed_buffers", "fixed_error")
 # A recording's (serve --record): requests recorded, record-ring entries dropped (writer behind).
 RECORD_COUNTERS = ("recorded", "record_dropped")
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
