@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -47,6 +48,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="dp-packed-"))
     backend = dataplane_backend("serve", work / "vub.sock", DISK, max(q for q, _ in cells), work)
     runs: list[dict] = []
+    load_before = os.getloadavg()
     backend.start()
     try:
         for rep in range(args.reps):
@@ -65,12 +67,16 @@ def main() -> int:
                     runs.append({"rep": rep, "queues": queues, "iodepth": qd, "ring": ring,
                                  "iops": read["iops"],
                                  "p50_us": read["clat_ns"]["percentile"]["50.000000"] / 1e3,
-                                 "cpu_us_per_io": out.backend_cpu_s / max(out.served_ios, 1) * 1e6})
+                                 "cpu_us_per_io": out.backend_cpu_s / max(out.served_ios, 1) * 1e6,
+                                 # cores the rest of the machine used during the run
+                                 "other_cores": max(0.0, out.host_busy_s - out.ours_s) / out.wall_s})
     finally:
         backend.stop()
     if args.json is not None:
         args.json.write_text(json.dumps({"cells": cells, "reps": args.reps, "seconds": args.seconds,
-                                         "runs": runs}, indent=1) + "\n")
+                                         "argv": sys.argv, "loadavg_before": load_before,
+                                         "loadavg_after": os.getloadavg(), "runs": runs},
+                                        indent=1) + "\n")
     print(f"null disk, 4k randread, {args.reps} reps x {args.seconds:g} s, medians")
     print(f"{'queues':>6} {'QD':>4} | {'IOPS split':>10} {'packed':>10} {'ratio':>6} | "
           f"{'CPU us/IO split':>15} {'packed':>7} {'ratio':>6} | {'p50 us split':>12} {'packed':>7}")
@@ -84,6 +90,20 @@ def main() -> int:
         print(f"{queues:>6} {qd:>4} | {s['iops']:>10.0f} {k['iops']:>10.0f} {k['iops'] / s['iops']:>6.3f} | "
               f"{s['cpu_us_per_io']:>15.2f} {k['cpu_us_per_io']:>7.2f} "
               f"{k['cpu_us_per_io'] / s['cpu_us_per_io']:>6.3f} | {s['p50_us']:>12.1f} {k['p50_us']:>7.1f}")
+    # The two rings of one repetition ran back to back: their ratio cancels the machine's drift
+    # better than a ratio of medians, and its spread over the repetitions says how far to trust it.
+    print("\npacked / split within each repetition: median [min-max]; other work on the host (cores)")
+    for queues, qd in cells:
+        pairs = {}
+        for r in runs:
+            if (r["queues"], r["iodepth"]) == (queues, qd):
+                pairs.setdefault(r["rep"], {})[r["ring"]] = r
+        iops = [p["packed"]["iops"] / p["split"]["iops"] for p in pairs.values()]
+        cpu = [p["packed"]["cpu_us_per_io"] / p["split"]["cpu_us_per_io"] for p in pairs.values()]
+        other = [r["other_cores"] for p in pairs.values() for r in p.values()]
+        print(f"{queues:>6} {qd:>4} | IOPS {statistics.median(iops):.3f} [{min(iops):.2f}-{max(iops):.2f}]"
+              f" | CPU/IO {statistics.median(cpu):.3f} [{min(cpu):.2f}-{max(cpu):.2f}]"
+              f" | other {statistics.median(other):.2f} [{min(other):.2f}-{max(other):.2f}]")
     return 0
 
 

@@ -123,6 +123,12 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--io-threads", default=None,
                    help="I/O threads shared by the exports when there are several (default: one per"
                         " CPU not running a vCPU)")
+    p.add_argument("--iotlb-timeout", type=time_arg, default=None, metavar="TIME",
+                   help="behind a vIOMMU, how long a request waits for the IOTLB entry it"
+                        " missed before it fails with IOERR (default 10s)")
+    # The vIOMMU enforces nothing: unknown IOVAs are taken as guest-physical, permissions and
+    # invalidations are ignored (to prove the hostile IOTLB tests see it).
+    p.add_argument("--debug-no-iotlb-check", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--debug-no-inflight", dest="inflight", action="store_false", default=None,
                    help=argparse.SUPPRESS)   # turns reconnect safety off, to prove the tests see it
     # The same for migration: LOG_ALL and LOG_SHMFD are offered, nothing is logged.
@@ -229,6 +235,14 @@ def add_load_parser(sub: argparse._SubParsersAction) -> None:
     load.add_argument("--log-all", dest="log_all", action="store_true",
                       help="run as under a live migration: a dirty log (SET_LOG_BASE, LOG_ALL,"
                            " VHOST_VRING_F_LOG) harvested every 100 ms")
+    load.add_argument("--iommu", choices=["run", "request"], default=None,
+                      help="play a guest behind a vIOMMU (VIRTIO_F_IOMMU_PLATFORM): addresses are"
+                           " IOVAs, misses answered; run: the buffers mapped once for the run"
+                           " (static mappings), request: each request mapped before it is"
+                           " published and unmapped when it completes (strict IOMMU mode)")
+    load.add_argument("--iommu-page", dest="iommu_page", type=size_arg, default=4096,
+                      help="--iommu run: bytes per IOTLB update of the run's mappings (4k, as"
+                           " QEMU sends them; 0: one update per buffer area)")
     load.add_argument("--hotplug-every", dest="hotplug_every", type=time_arg, default=0.0,
                       help="while it runs, hot-plug 1 MiB of memory and remove it again this often"
                            " (ADD_MEM_REG / REM_MEM_REG)")
@@ -351,6 +365,18 @@ def _debug_switches(args: argparse.Namespace) -> None:
         log.warning("debug: SIGKILL before interrupt number %d", args.debug_kill_before_signal)
     if args.debug_no_mem_drain:
         log.warning("debug: memory regions removed under the requests in flight")
+    if getattr(args, "debug_no_iotlb_check", False):
+        log.warning("debug: the vIOMMU's IOTLB is not enforced (addresses, permissions,"
+                    " invalidations)")
+
+
+def _iotlb_timeout(args: argparse.Namespace) -> dict[str, int]:
+    if args.iotlb_timeout is None:
+        return {}
+    ms = round(args.iotlb_timeout * 1000)
+    if ms < 1:
+        raise ConfigError(f"--iotlb-timeout {args.iotlb_timeout:g}s: at least 1 ms")
+    return {"iotlb_miss_timeout_ms": ms}
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -363,7 +389,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                   poll_us=cfg.poll_us, metrics=cfg.metrics, rpc_socket=cfg.rpc_socket,
                                   serial_control=args.debug_serial_control,
                                   iopoll_unchecked=args.debug_iopoll_without_poll_queues,
-                                  dirty_log=args.dirty_log is not False), handed=handed)
+                                  dirty_log=args.dirty_log is not False,
+                                  iotlb_check=not args.debug_no_iotlb_check,
+                                  **_iotlb_timeout(args)), handed=handed)
     _debug_switches(args)
     # Before any socket appears: a SIGTERM that follows the socket at once still drains.
     install_signal_handlers(daemon)
@@ -391,12 +419,14 @@ def cmd_load(args: argparse.Namespace) -> int:
     job = Job(rw=args.rw, rwmixread=args.rwmixread, bs=args.bs, iodepth=args.iodepth,
               runtime=args.runtime, ramp_time=args.ramp, size=args.size, offset=args.offset,
               number_ios=args.number_ios, rate_iops=args.rate_iops, verify=args.verify,
-              randseed=args.randseed, indirect=args.indirect, poll_us=args.poll_us, cpus=cpus)
+              randseed=args.randseed, indirect=args.indirect, poll_us=args.poll_us, cpus=cpus,
+              iommu=args.iommu or "run", iommu_page=args.iommu_page)
     size = job.queue_size(indirect=bool(args.indirect))
     if size > 1024:
         size = job.queue_size(indirect=True)
     with Device.connect(args.socket, queues=args.queues, queue_size=size, ring=args.ring,
-                        memory=job.memory_needed(args.queues), regions=args.mem_regions) as dev:
+                        memory=job.memory_needed(args.queues), regions=args.mem_regions,
+                        iommu=args.iommu is not None) as dev:
         with Background(dev, log_all=args.log_all, hotplug_every=args.hotplug_every) as bg:
             result = dev.load(job)
     for line in bg.report.lines():

@@ -69,16 +69,19 @@ class RunningBackend:
 @pytest.fixture
 def start_backend(tmp_path: Path) -> Iterator:
     """Factory: start_backend(disk='null:64M', queues=2, read_only=False, cache='none',
-    poll_us=0, dirty_log=True, fixed='all')."""
+    poll_us=0, dirty_log=True, fixed='all', iotlb_check=True, iotlb_timeout_ms=None)."""
     started: list[RunningBackend] = []
 
     def start(disk: str = "null:64M", queues: int = 2, read_only: bool = False,
               cache: str = "none", serial: str = "dp-test", poll_us: int = 0,
-              dirty_log: bool = True, fixed: str = "all") -> RunningBackend:
+              dirty_log: bool = True, fixed: str = "all", iotlb_check: bool = True,
+              iotlb_timeout_ms: int | None = None) -> RunningBackend:
         d = open_disk(disk, read_only=read_only, cache=cache, serial=serial, fixed=fixed)
         sock = tmp_path / f"vhost{len(started)}.sock"
+        extra = {} if iotlb_timeout_ms is None else {"iotlb_miss_timeout_ms": iotlb_timeout_ms}
         server = VhostUserBlkServer(d, ServerOptions(socket_path=sock, num_queues=queues,
-                                                     dirty_log=dirty_log),
+                                                     dirty_log=dirty_log, iotlb_check=iotlb_check,
+                                                     **extra),
                                     EnginePool(poll_ns=poll_us * 1000))
         thread = threading.Thread(target=server.serve_forever, name="vhost-server", daemon=True)
         thread.start()

@@ -21,6 +21,7 @@
 #include "vhost/virtqueue.h"
 
 #define BENCH_HDR_BYTES 16u      /* struct virtio_blk_outhdr */
+#define BENCH_IOVA_BASE (1ull << 40)   /* behind a vIOMMU: IOVA = guest-physical + this */
 #define BENCH_CHAIN_DESCS 3u     /* header, data, status */
 
 struct dp_bench_ring {
@@ -39,6 +40,9 @@ struct dp_bench_ring {
     struct vq_chain *chains;
     struct iovec *chain_segs;    /* num * REQ_MAX_SEGS */
     struct iovec *req_segs;      /* the request slot's segment array */
+    /* behind a vIOMMU (dp_bench_ring_iommu) */
+    struct dp_iommu *iommu;
+    struct dp_iotlb *iotlb;
 };
 
 static uint64_t align_up(uint64_t v, uint64_t a)
@@ -67,6 +71,8 @@ void dp_bench_ring_free(struct dp_bench_ring *r)
         return;
     if (r->vq)
         dp_vq_free(r->vq);
+    dp_iotlb_free(r->iotlb);
+    dp_iommu_free(r->iommu);
     dp_mem_free(r->mem);
     dp_blk_dev_free(r->dev);
     dp_disk_free(r->disk);
@@ -175,6 +181,50 @@ fail:
     dp_bench_ring_free(r);
     *err = rc;
     return NULL;
+}
+
+/* Every address the ring's descriptors carry, moved by delta (guest-physical -> IOVA). */
+static void shift_descs(struct dp_bench_ring *r, uint64_t delta)
+{
+    struct vring_desc *desc = (struct vring_desc *)r->guest;   /* the table is at 0 */
+    unsigned n = r->indirect ? r->num : r->num / BENCH_CHAIN_DESCS * BENCH_CHAIN_DESCS;
+    for (unsigned i = 0; i < n; i++) {
+        if (desc[i].flags & VRING_DESC_F_INDIRECT) {
+            struct vring_desc *t = (struct vring_desc *)(r->guest + desc[i].addr);
+            for (unsigned k = 0; k < desc[i].len / sizeof(*t); k++)
+                t[k].addr += delta;
+        }
+        desc[i].addr += delta;
+    }
+}
+
+int dp_bench_ring_iommu(struct dp_bench_ring *r, int per_page)
+{
+    if (r->iommu)
+        return -EBUSY;
+    uint64_t pages = r->guest_len / 4096, uva = (uint64_t)(uintptr_t)r->guest;
+    r->iommu = dp_iommu_new();
+    r->iotlb = malloc(sizeof(*r->iotlb) + (per_page ? pages : 1) * sizeof(r->iotlb->e[0]));
+    if (!r->iommu || !r->iotlb)
+        return -ENOMEM;
+    /* Built by hand: pages QEMU sent one by one and whose user addresses are not adjacent
+     * would not merge (per_page), which dp_iotlb_update would do with these. */
+    r->iotlb->refs = 1;
+    r->iotlb->n = r->iotlb->cap = (unsigned)(per_page ? pages : 1);
+    for (unsigned i = 0; i < r->iotlb->n; i++) {
+        uint64_t off = per_page ? (uint64_t)i * 4096 : 0;
+        r->iotlb->e[i] = (struct iotlb_entry){
+            .iova = BENCH_IOVA_BASE + off, .uaddr = uva + off, .perm = DP_IOTLB_PERM_RW,
+            .last = BENCH_IOVA_BASE + off + (per_page ? 4096 : r->guest_len) - 1,
+        };
+    }
+    shift_descs(r, BENCH_IOVA_BASE);
+    uint64_t avail_off = r->vq->avail_uva - uva, used_off = r->vq->used_uva - uva;
+    int rc = dp_vq_set_iommu(r->vq, r->iommu, r->iotlb);
+    if (!rc)
+        rc = dp_vq_set_addr(r->vq, r->mem, BENCH_IOVA_BASE, BENCH_IOVA_BASE + avail_off,
+                            BENCH_IOVA_BASE + used_off);
+    return rc;
 }
 
 unsigned dp_bench_ring_requests(const struct dp_bench_ring *r)

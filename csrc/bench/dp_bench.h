@@ -18,6 +18,10 @@ struct dp_bench_ring;
  * On failure returns NULL and stores -errno in *err. */
 struct dp_bench_ring *dp_bench_ring_new(unsigned num, int indirect, uint32_t data_len, int *err);
 void dp_bench_ring_free(struct dp_bench_ring *ring);
+/* Put the ring behind a vIOMMU (before any loop): its descriptors and ring addresses become
+ * IOVAs, the queue translates them through an IOTLB of one entry for all of the fake guest or
+ * (per_page) of one 4 KiB entry per page, as QEMU's updates of scattered pages leave it. */
+int dp_bench_ring_iommu(struct dp_bench_ring *ring, int per_page);
 /* Requests in the ring: num with indirect chains, num / 3 with direct ones. */
 unsigned dp_bench_ring_requests(const struct dp_bench_ring *ring);
 /* vq_pop n times (the driver re-publishes each head). */

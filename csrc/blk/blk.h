@@ -38,6 +38,12 @@ struct dp_req {
     uint32_t used_len;            /* bytes the device wrote, reported in the used ring */
     struct iovec *seg;            /* the whole chain (REQ_MAX_SEGS slots) */
     uint64_t seq;                 /* submission order within the queue */
+    /* the engine's: where the request is (REQ_* in engine/engine.h), whether a drain waits
+     * for it, and, while it waits for an IOTLB UPDATE, until when */
+    uint8_t state;
+    uint8_t in_drain;
+    uint16_t nsaved;              /* a packed list's descriptors kept in seg (vq_retry) */
+    uint64_t deadline_ns;         /* parked: IOERR when no UPDATE made it whole by then */
     struct dp_disk_io io;
 };
 

@@ -32,6 +32,19 @@ struct dp_ring_handover {
     uint64_t arena_len;
 };
 
+/* ---- the front end's vhost-user socket, shared by Python and driver threads (vu_socket.c):
+ * one lock for a message and its reply, whoever sends it. The fd stays the caller's. ---- */
+struct dp_vu_socket;
+struct dp_vu_socket *dp_vu_socket_new(int fd);
+void dp_vu_socket_free(struct dp_vu_socket *s);
+void dp_vu_socket_lock(struct dp_vu_socket *s);
+void dp_vu_socket_unlock(struct dp_vu_socket *s);
+/* One IOTLB_MSG (NEED_REPLY set, as QEMU sends it) and its acknowledgement, under the lock:
+ * 0, -EIO when the back end answered failure, -EPROTO for a reply that is not the ack,
+ * -ETIMEDOUT after timeout_ms (<= 0: 10 s), -errno. type: 2 UPDATE, 3 INVALIDATE. */
+int dp_vu_iotlb_msg(struct dp_vu_socket *s, uint64_t iova, uint64_t size, uint64_t uaddr,
+                    unsigned perm, unsigned type, int timeout_ms);
+
 /* rw modes (fio's names) */
 #define DP_RW_READ 0
 #define DP_RW_WRITE 1
@@ -75,6 +88,13 @@ struct dp_load_params {
     uint32_t *verify_map;        /* size / bs entries: DP_VERIFY_*, or a generation */
     uint64_t verify_run_id;
     uint32_t verify_generation;  /* last generation used; the run continues from it */
+    /* vIOMMU, map per request (like a guest in strict IOMMU mode): ring.arena_gpa is the
+     * arena's IOVA, and each request's slot (its data buffer and the page after it with
+     * header, status and indirect table: the arena laid out by dp_load_arena_size_iommu) is
+     * mapped with an UPDATE before it is published and unmapped with an INVALIDATE once it
+     * completed, both on iommu_socket. NULL: addresses as given (a static mapping, if any, is
+     * the frontend's business). */
+    struct dp_vu_socket *iommu_socket;
 };
 
 struct dp_load_dir_stats {
@@ -122,6 +142,8 @@ struct dp_load_stats {
 struct dp_load;
 /* Bytes of guest memory a job needs for its buffers (4 KiB aligned). */
 uint64_t dp_load_arena_size(uint32_t bs, uint32_t iodepth);
+/* The same for a job that maps each request (iommu_socket): a page per slot more. */
+uint64_t dp_load_arena_size_iommu(uint32_t bs, uint32_t iodepth);
 /* Validates params and starts thread dp-load<queue>. On failure returns NULL, *err = -errno. */
 struct dp_load *dp_load_start(const struct dp_load_params *params, int *err);
 /* Ask the thread to stop issuing; it drains what is in flight. */

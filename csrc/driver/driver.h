@@ -272,6 +272,9 @@ struct load_slot {
         struct pvirtq_desc *pdata_desc;   /* packed: in the slot's table or its template */
     };
     uint32_t generation;         /* verify: the stamp a write carries */
+    uint64_t map_iova;           /* --iommu request: the slot's mapping, made per request */
+    uint64_t map_uaddr;
+    uint32_t map_len;
     uint16_t head;
     uint8_t dir;                 /* DP_DIR_* */
     uint8_t desc_dir;            /* the direction data_desc's flags currently say */

@@ -212,6 +212,25 @@ static uint32_t next_generation(struct dp_load *l)
     return g;
 }
 
+#define IOTLB_UPDATE 2
+#define IOTLB_INVALIDATE 3
+#define IOTLB_RW 3
+#define IOTLB_TIMEOUT_MS 10000
+
+/* --iommu request: what a guest in strict IOMMU mode does around each request, one mapping
+ * for the slot's buffers before the device sees it and its removal once it is back. */
+static int map_slot(struct dp_load *l, struct load_slot *s)
+{
+    return dp_vu_iotlb_msg(l->p.iommu_socket, s->map_iova, s->map_len, s->map_uaddr, IOTLB_RW,
+                           IOTLB_UPDATE, IOTLB_TIMEOUT_MS);
+}
+
+static int unmap_slot(struct dp_load *l, struct load_slot *s)
+{
+    return dp_vu_iotlb_msg(l->p.iommu_socket, s->map_iova, s->map_len, 0, 0, IOTLB_INVALIDATE,
+                           IOTLB_TIMEOUT_MS);
+}
+
 static void prep_request(struct dp_load *l, struct load_slot *s, uint64_t t_sched, int counted)
 {
     unsigned dir = pick_dir(l);
@@ -273,6 +292,11 @@ static int issue_batch(struct dp_load *l, uint64_t now, int *issuing)
     while (*issuing && request_due(l, now, &t_sched)) {
         struct load_slot *s = &l->slots[l->free_slots[--l->nfree]];
         prep_request(l, s, t_sched, counted);
+        if (l->p.iommu_socket) {
+            int rc = map_slot(l, s);
+            if (rc < 0)
+                return rc;
+        }
         l->stats.depth_level[depth_bucket(l->inflight)]++;
         ring_add(l, s);
         l->batch[added] = (uint16_t)(s - l->slots);
@@ -301,8 +325,14 @@ static int issue_batch(struct dp_load *l, uint64_t now, int *issuing)
     return (int)added;
 }
 
-static void complete_request(struct dp_load *l, struct load_slot *s, uint32_t len, uint64_t now)
+static int complete_request(struct dp_load *l, struct load_slot *s, uint32_t len, uint64_t now)
 {
+    if (l->p.iommu_socket) {   /* unmapped before the request counts as done, as a guest does */
+        int rc = unmap_slot(l, s);
+        if (rc < 0)
+            return rc;
+        now = now_ns();
+    }
     struct dp_load_stats *st = &l->stats;
     struct dp_load_dir_stats *ds = &st->dir[s->dir];
     uint8_t status = __atomic_load_n(s->status, __ATOMIC_RELAXED);
@@ -347,6 +377,7 @@ static void complete_request(struct dp_load *l, struct load_slot *s, uint32_t le
     s->inflight = 0;
     l->inflight--;
     l->free_slots[l->nfree++] = (uint16_t)(s - l->slots);
+    return 0;
 }
 
 /* A packed ring's used descriptors, each ending one request (an id that is no slot of ours in
@@ -366,7 +397,9 @@ static int reap_packed(struct dp_load *l, uint64_t *now)
             return -EPROTO;
         }
         driver_packed_consume(r, l->slot_descs);
-        complete_request(l, &l->slots[id], len, t);
+        int rc = complete_request(l, &l->slots[id], len, t);
+        if (rc < 0)
+            return rc;
         n++;
     }
     if (!n)
@@ -398,7 +431,9 @@ static int reap(struct dp_load *l, uint64_t *now)
             l->stats.bad_used++;
             return -EPROTO;
         }
-        complete_request(l, &l->slots[slot], len, t);
+        int rc = complete_request(l, &l->slots[slot], len, t);
+        if (rc < 0)
+            return rc;
     }
     l->stats.complete_level[batch_bucket(n)]++;
     *now = t;
@@ -574,12 +609,20 @@ uint64_t dp_load_arena_size(uint32_t bs, uint32_t iodepth)
     return (uint64_t)iodepth * data_stride(bs) + (meta + ARENA_ALIGN - 1) / ARENA_ALIGN * ARENA_ALIGN;
 }
 
+/* Mapped per request, a slot is its data buffer and the page after it (header, status,
+ * indirect table): one mapping, one UPDATE. */
+uint64_t dp_load_arena_size_iommu(uint32_t bs, uint32_t iodepth)
+{
+    return (uint64_t)iodepth * (data_stride(bs) + ARENA_ALIGN);
+}
+
 static int check_params(const struct dp_load_params *p)
 {
     if (p->bs == 0 || p->bs % SECTOR || p->offset % SECTOR || p->size < p->bs)
         return -EINVAL;
-    if (p->iodepth == 0 ||
-        driver_handover_check(&p->ring, p->iodepth, dp_load_arena_size(p->bs, p->iodepth)))
+    uint64_t arena = p->iommu_socket ? dp_load_arena_size_iommu(p->bs, p->iodepth)
+                                     : dp_load_arena_size(p->bs, p->iodepth);
+    if (p->iodepth == 0 || driver_handover_check(&p->ring, p->iodepth, arena))
         return -EINVAL;
     if (p->rw < DP_RW_READ || p->rw > DP_RW_RW || p->rwmixread > 100)
         return -EINVAL;
@@ -652,11 +695,18 @@ static void setup_slots(struct dp_load *l)
         l->head_to_slot[i] = DRIVER_NO_SLOT;
     for (unsigned i = 0; i < p->iodepth; i++) {
         struct load_slot *s = &l->slots[i];
-        uint64_t data_gpa = p->ring.arena_gpa + i * stride;
-        uint64_t meta_gpa = p->ring.arena_gpa + meta + (uint64_t)i * DP_LOAD_SLOT_META;
-        uint8_t *meta_host = (uint8_t *)(uintptr_t)(p->ring.arena_host + meta) +
-                             (uint64_t)i * DP_LOAD_SLOT_META;
-        s->data = (uint8_t *)(uintptr_t)(p->ring.arena_host + i * stride);
+        uint64_t data_off = i * stride, meta_off = meta + (uint64_t)i * DP_LOAD_SLOT_META;
+        if (p->iommu_socket) {   /* each slot one mapping: data, then its own metadata page */
+            data_off = i * (stride + ARENA_ALIGN);
+            meta_off = data_off + stride;
+            s->map_iova = p->ring.arena_gpa + data_off;
+            s->map_uaddr = p->ring.arena_host + data_off;
+            s->map_len = (uint32_t)(stride + ARENA_ALIGN);
+        }
+        uint64_t data_gpa = p->ring.arena_gpa + data_off;
+        uint64_t meta_gpa = p->ring.arena_gpa + meta_off;
+        uint8_t *meta_host = (uint8_t *)(uintptr_t)(p->ring.arena_host + meta_off);
+        s->data = (uint8_t *)(uintptr_t)(p->ring.arena_host + data_off);
         s->hdr = (struct virtio_blk_outhdr *)meta_host;
         s->status = meta_host + 16;
         memset(s->data, 0, p->bs);

@@ -28,12 +28,28 @@ int dp_vq_set_call_fd(struct dp_vq *vq, int call_fd);
  * may still point into it). A queue whose rings are not inside the new table is marked broken
  * (-EFAULT); its in-flight requests still complete into the old mappings first. */
 int dp_vqs_set_mem(struct dp_vq *const *vqs, unsigned n, struct dp_mem *mem, int drain);
+/* Publish an IOTLB snapshot to the queues behind a vIOMMU, running or not (the caller frees
+ * old once this returns). inval_size != 0: the change is the invalidation of
+ * [inval_iova, inval_iova + inval_size - 1] (old: the snapshot before it): the call returns
+ * once no queue can use the range any more: each has dropped its cached translations and any
+ * ring in the range, and the requests in flight that use memory old mapped it to have
+ * completed (requests waiting for an UPDATE hold nothing and are not waited for). Every
+ * change also gives the queues' parked requests and missing rings another look. */
+int dp_vqs_set_iotlb(struct dp_vq *const *vqs, unsigned n, const struct dp_iotlb *iotlb,
+                     const struct dp_iotlb *old, uint64_t inval_iova, uint64_t inval_size);
+/* The same for an UPDATE of [iova, iova + size - 1]: what the queues asked for there is
+ * answered (they may ask again at once should an invalidation take it away). */
+int dp_vqs_update_iotlb(struct dp_vq *const *vqs, unsigned n, const struct dp_iotlb *iotlb,
+                        uint64_t iova, uint64_t size);
 /* What the queue logs into (log NULL: nothing), and whether it logs its used ring writes at
  * used_gpa (VHOST_VRING_F_LOG). Safe while the queue runs: once this returns, the queue's
  * thread writes into no other log. */
 int dp_vq_set_log(struct dp_vq *vq, struct dp_dirty_log *log, int log_used, uint64_t used_gpa);
 /* Attach to an engine and start serving the ring. */
 int dp_vq_start(struct dp_vq *vq, struct dp_engine *engine);
+/* Where the last start put the ring, before the engine took anything from it: last_avail_idx
+ * (split) or the GET_VRING_BASE encoding (packed), after any inflight recovery. */
+uint32_t dp_vq_started_at(const struct dp_vq *vq);
 /* Stop popping, wait for in-flight requests, detach. Returns last_avail_idx or -errno. */
 int dp_vq_stop(struct dp_vq *vq);
 void dp_vq_free(struct dp_vq *vq);

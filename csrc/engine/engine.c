@@ -33,6 +33,11 @@ static void arm_ctl(struct dp_engine *engine)
 
 void engine_cmd_done(struct dp_engine *engine, struct engine_cmd *cmd, int result)
 {
+    if (cmd->release) {   /* posted without a waiter */
+        cmd->result = result;
+        cmd->release(cmd);
+        return;
+    }
     pthread_mutex_lock(&engine->lock);
     cmd->result = result;
     cmd->done = 1;
@@ -132,6 +137,9 @@ static void run_commands(struct dp_engine *engine)
             queue_set_log(cmd->vq, cmd->ptr);
             engine_cmd_done(engine, cmd, 0);
             break;
+        case CMD_SET_IOTLB:
+            queue_set_iotlb(engine, cmd->vq, cmd);   /* acknowledged once the range is unused */
+            break;
         case CMD_SET_RECORDER:
             cmd->vq->rec = cmd->vq->rec_next;
             engine_cmd_done(engine, cmd, 0);
@@ -210,6 +218,44 @@ static void disks_before_wait(struct dp_engine *engine)
             d->disk->ops->before_wait(d->state);
 }
 
+/* ---- the vIOMMU tick: queues waiting for IOTLB UPDATEs ask again and give up on time ---- */
+
+static void tick_done(struct dp_disk_cqe *cqe, int res)
+{
+    struct dp_engine *engine = container_of(cqe, struct dp_engine, tick_cqe);
+    engine->tick_at = 0;   /* the loop sees tick_next has passed */
+}
+
+/* Before sleeping: a timeout for the next tick (moved earlier when it is due sooner than the
+ * armed one). The loop runs the tick itself when it is busy. */
+static void arm_tick(struct dp_engine *engine)
+{
+    uint64_t due = engine->tick_next;
+    if (!due || (engine->tick_at && engine->tick_at <= due))
+        return;
+    engine->tick_ts.tv_sec = (long long)(due / 1000000000u);
+    engine->tick_ts.tv_nsec = (long long)(due % 1000000000u);
+    struct io_uring_sqe *sqe = disk_get_sqe(&engine->ring);
+    if (engine->tick_at) {
+        io_uring_prep_timeout_update(sqe, &engine->tick_ts, (uintptr_t)&engine->tick_cqe,
+                                     IORING_TIMEOUT_ABS);
+        io_uring_sqe_set_data64(sqe, TAG_IGNORE);
+    } else {
+        io_uring_prep_timeout(sqe, &engine->tick_ts, 0, IORING_TIMEOUT_ABS);
+        disk_set_cqe(sqe, &engine->tick_cqe);
+    }
+    engine->tick_at = due;
+}
+
+static void run_tick(struct dp_engine *engine)
+{
+    uint64_t now = now_ns();
+    if (now < engine->tick_next)
+        return;
+    queue_iotlb_tick(engine, now);
+    engine->tick_next = queue_iotlb_next_tick(engine, now_ns());
+}
+
 /* Before sleeping, spin for new buffers or completions: with the guest on another CPU this
  * saves a wake-up per batch (and the guest's kick, when EVENT_IDX is on). The window adapts
  * (adapt_poll) between 0 and poll_ns. */
@@ -227,7 +273,7 @@ static int poll_for_work(struct dp_engine *engine)
          * would not be seen and queues later in the list would starve. */
         int found = 0;
         for (struct dp_vq *vq = engine->vqs; vq; vq = vq->next)
-            if (!vq->stopping && !vq->starved && vq_has_avail(vq)) {
+            if (!vq->stopping && !vq->starved && vq->rings_ready && vq_has_avail(vq)) {
                 vq->need_pop = 1;
                 found = 1;
             }
@@ -307,6 +353,7 @@ static void *engine_main(void *arg)
         .ring = &engine->ring, .complete = queue_io_done, .arg = engine, .wait = &engine->wait,
         .files = &engine->fixed.ring_files,
     };
+    engine->tick_cqe.done = tick_done;
 
     pthread_mutex_lock(&engine->lock);
     engine->tid = (int)syscall(SYS_gettid);
@@ -324,6 +371,7 @@ static void *engine_main(void *arg)
             io_uring_submit_and_get_events(&engine->ring);
         } else if (!poll_for_work(engine)) {
             disks_before_wait(engine);
+            arm_tick(engine);
             engine->wait.slept_ns = now_ns();
             io_uring_submit_and_wait(&engine->ring, 1);
             engine->wait.woke_ns = now_ns();
@@ -332,6 +380,8 @@ static void *engine_main(void *arg)
         reap(engine);
         if (engine->ndisk_polls)
             poll_disks(engine, now_ns());
+        if (__builtin_expect(engine->tick_next != 0, 0))
+            run_tick(engine);
         for (struct dp_vq *vq = engine->vqs; vq; vq = vq->next)
             if (vq->need_pop || (vq->kick_fd < 0 && !vq->stopping))
                 queue_process_avail(engine, vq);

@@ -21,15 +21,23 @@ enum {
     TAG_MASK = DP_CQE_TAG_MASK,
 };
 
-enum { CMD_ATTACH, CMD_DETACH, CMD_SET_CALL, CMD_SET_MEM, CMD_SET_LOG, CMD_SET_RECORDER, CMD_EXIT };
+enum { CMD_ATTACH, CMD_DETACH, CMD_SET_CALL, CMD_SET_MEM, CMD_SET_LOG, CMD_SET_RECORDER,
+       CMD_SET_IOTLB, CMD_EXIT };
+
+/* Where a request slot is (dp_req.state). */
+enum { REQ_FREE, REQ_ACTIVE, REQ_PARKED, REQ_DEFERRED };
 
 struct engine_cmd {
     int op;
     int arg;
     struct dp_vq *vq;
-    void *ptr;                    /* SET_MEM: the table; SET_LOG: a struct vq_log_cfg */
+    void *ptr;                    /* SET_MEM: the table; SET_LOG: a struct vq_log_cfg;
+                                     SET_IOTLB: a struct vq_iotlb_cfg */
     int done;
     int result;
+    /* Set: nobody waits; engine_cmd_done hands the command to it instead (a posted IOTLB
+     * update frees what it allocated). */
+    void (*release)(struct engine_cmd *cmd);
     struct engine_cmd *next;
 };
 
@@ -71,6 +79,12 @@ struct dp_engine {
     uint64_t clock_ns;
     struct engine_fixed fixed;
     int exiting;
+    /* the tick of queues waiting on a vIOMMU (parked requests, rings not in the IOTLB): they
+     * ask again and give up on time (queue_iotlb_tick) */
+    struct dp_disk_cqe tick_cqe;
+    struct __kernel_timespec tick_ts;
+    uint64_t tick_next;           /* when the tick is due (0: nothing waits) */
+    uint64_t tick_at;             /* the timeout armed for it (0: none armed) */
     uint64_t poll_ns;             /* spin at most this long before sleeping (0: never) */
     uint64_t poll_win_ns;         /* the spin window now, adapted within [0, poll_ns] */
     uint64_t ctl_buf;
@@ -101,6 +115,25 @@ struct vq_log_cfg {
     uint64_t used_gpa;
 };
 
+/* SET_IOTLB's payload: the snapshot (the poster took a reference for each queue, which the
+ * queue keeps), and what an invalidation took away: its IOVA range and the front-end user
+ * addresses the old snapshot mapped it to (all: too many pieces to list, every request in
+ * flight counts as using them). */
+#define IOTLB_INVAL_RANGES 32
+struct vq_iotlb_cfg {
+    const struct dp_iotlb *iotlb;
+    int update;                   /* an UPDATE of [first, last] */
+    int invalidate;               /* an INVALIDATE of [first, last] */
+    uint64_t first, last;
+    int all;
+    unsigned nremoved;
+    struct iotlb_range removed[IOTLB_INVAL_RANGES];
+};
+
+/* The tick of the queues waiting on the vIOMMU: parked requests look again (asking for what
+ * is not asked for already) and give up once due, missing rings are asked for again. */
+#define IOTLB_RETRY_NS 50000000ull
+
 /* engine.c: the mailbox. engine_call = engine_post + engine_wait; posting to several engines
  * before waiting lets them work at once. */
 int engine_call(struct dp_engine *engine, int op, struct dp_vq *vq, int arg);
@@ -130,6 +163,11 @@ void queue_process_avail(struct dp_engine *engine, struct dp_vq *vq);
 void queue_notify(struct dp_vq *vq);
 void queue_set_mem(struct dp_engine *engine, struct dp_vq *vq, struct engine_cmd *cmd);
 void queue_set_log(struct dp_vq *vq, const struct vq_log_cfg *cfg);
+void queue_set_iotlb(struct dp_engine *engine, struct dp_vq *vq, struct engine_cmd *cmd);
+/* Queues waiting on the vIOMMU: when the engine's tick is next due (0: none waits), and the
+ * tick itself (engine.c runs it once tick_next has passed). */
+uint64_t queue_iotlb_next_tick(struct dp_engine *engine, uint64_t now);
+void queue_iotlb_tick(struct dp_engine *engine, uint64_t now);
 
 /* fixed.c: guest memory and files registered with the engine's ring */
 void fixed_init(struct dp_engine *engine);

@@ -115,6 +115,16 @@ void vq_log_iov(struct dp_vq *vq, const struct iovec *iov, unsigned cnt, size_t 
 
 void vq_log_used(struct dp_vq *vq, uint64_t offset, uint64_t len)
 {
-    if (vq->log_used)
-        dirty_log_mark(vq->log, vq->log_used_gpa + offset, len);
+    if (!vq->log_used)
+        return;
+    if (vq->iommu) {
+        /* log_guest_addr is an IOVA behind a vIOMMU (QEMU reads the log at the ring's GPA):
+         * log the ring area by the region its host address lies in, like a buffer. */
+        const uint8_t *area = vq_is_packed(vq) ? (const uint8_t *)vq->pk.device
+                                               : (const uint8_t *)vq->used;
+        if (area)
+            vq_log_host(vq, area + offset, len);
+        return;
+    }
+    dirty_log_mark(vq->log, vq->log_used_gpa + offset, len);
 }

@@ -6,7 +6,8 @@
  * whatever address the descriptor carried (an IOVA under a vIOMMU would still be logged by
  * its GPA). vq_log_used logs a write at an offset into the device area of the ring, at the
  * guest-physical address the front end gave for it (SET_VRING_ADDR's log_guest_addr with
- * VHOST_VRING_F_LOG). Each call comes after the store it logs, so a front end that finds the
+ * VHOST_VRING_F_LOG; behind a vIOMMU that is an IOVA, so the area is logged by the region
+ * its host address lies in instead). Each call comes after the store it logs, so a front end that finds the
  * bit and clears it reads the new bytes.
  */
 #ifndef DP_DIRTY_LOG_H

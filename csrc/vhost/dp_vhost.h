@@ -35,6 +35,59 @@ void *dp_mem_gpa_to_host(const struct dp_mem *mem, uint64_t gpa, uint64_t len);
 /* Same for a front-end user (virtual) address, as used for vring addresses. */
 void *dp_mem_uva_to_host(const struct dp_mem *mem, uint64_t uva, uint64_t len);
 
+/* ---- vIOMMU (VIRTIO_F_IOMMU_PLATFORM): the device IOTLB (iotlb.c) ---- */
+/* Permissions of an IOTLB entry, as vhost's VHOST_ACCESS_*: the device may read, write, both. */
+#define DP_IOTLB_PERM_RO 1
+#define DP_IOTLB_PERM_WO 2
+#define DP_IOTLB_PERM_RW 3
+/* Entries a snapshot holds at most; past that an UPDATE evicts one (a cache: the next access
+ * to it misses and asks again). */
+#define DP_IOTLB_MAX_ENTRIES 4096
+/* An immutable snapshot of the IOTLB: (IOVA range -> front-end user address, permission),
+ * sorted, non-overlapping. Each change makes a new one. Reference-counted: the queues that
+ * translate through a snapshot hold it, so the caller's dp_iotlb_free only drops its own. */
+struct dp_iotlb;
+struct dp_iotlb *dp_iotlb_new(void);
+void dp_iotlb_free(struct dp_iotlb *iotlb);
+unsigned dp_iotlb_count(const struct dp_iotlb *iotlb);
+/* Entry i (sorted by iova): its range [iova, last] (last inclusive), uaddr, perm. */
+int dp_iotlb_entry(const struct dp_iotlb *iotlb, unsigned i, uint64_t *iova, uint64_t *last,
+                   uint64_t *uaddr, unsigned *perm);
+/* The entry holding iova: 0 with its index in *index, or -ENOENT. */
+int dp_iotlb_find(const struct dp_iotlb *iotlb, uint64_t iova, unsigned *index);
+/* A new snapshot: iotlb with [iova, iova + size) mapped to uaddr with perm; what that range
+ * mapped before is replaced, a neighbour that continues it (same permission, adjacent user
+ * addresses) is merged. -EINVAL when size is 0, the range or its user addresses wrap past
+ * 2^64, or perm is not 1-3; with clip, a range that wraps is cut at 2^64 instead (what a
+ * back end that does not check does: --debug-no-iotlb-check). NULL and -errno in *err. */
+struct dp_iotlb *dp_iotlb_update(const struct dp_iotlb *iotlb, uint64_t iova, uint64_t size,
+                                 uint64_t uaddr, unsigned perm, int clip, int *err);
+/* A new snapshot without [iova, iova + size - 1]: size may reach 2^64 - iova (QEMU's "all"),
+ * not beyond; entries it cuts keep their other parts. -EINVAL for size 0 or a wrap. */
+struct dp_iotlb *dp_iotlb_invalidate(const struct dp_iotlb *iotlb, uint64_t iova, uint64_t size,
+                                     int *err);
+
+/* A device's link to its vIOMMU: the back-end channel (SET_BACKEND_REQ_FD) misses go out on,
+ * how long a request waits for the UPDATE, and the debug switch. */
+struct dp_iommu;
+/* Without the check: an address no entry holds is taken as guest-physical when it is one,
+ * permissions are not enforced, updates are not validated and invalidations are acknowledged
+ * without waiting for the requests that may use the range (--debug-no-iotlb-check: shows
+ * what the hostile tests catch). */
+#define DP_IOMMU_F_NO_CHECK 1
+#define DP_IOTLB_MISS_TIMEOUT_MS 10000
+struct dp_iommu_stats {
+    uint64_t misses_sent;
+    uint64_t misses_dropped;     /* the channel was full or missing */
+};
+struct dp_iommu *dp_iommu_new(void);
+void dp_iommu_free(struct dp_iommu *iommu);
+/* The channel's fd (the caller keeps it open while any queue uses the iommu; -1: none). */
+void dp_iommu_set_channel(struct dp_iommu *iommu, int fd);
+void dp_iommu_set_miss_timeout(struct dp_iommu *iommu, uint64_t timeout_ns);
+void dp_iommu_set_flags(struct dp_iommu *iommu, unsigned flags);
+void dp_iommu_get_stats(const struct dp_iommu *iommu, struct dp_iommu_stats *out);
+
 /* ---- dirty log (dirty_log.c): VHOST_F_LOG_ALL with LOG_SHMFD ---- */
 /* One bit per 4 KiB guest-physical page, bit (page % 8) of byte (page / 8), set with an
  * atomic OR after the device's store into the page. */
@@ -86,6 +139,12 @@ struct dp_vq_stats {
     uint64_t fixed_buffers;      /* gauge: the memory table's pieces registered with the ring */
     uint64_t fixed_error;        /* gauge: errno of the last refused registration (0: none) */
     uint64_t polled_ios;         /* reads and writes completed by polling (IOPOLL ring) */
+    /* vIOMMU */
+    uint64_t iotlb_misses;       /* translations the IOTLB had no entry for (requests parked) */
+    uint64_t iotlb_timeouts;     /* requests that waited in vain for their UPDATE: IOERR */
+    uint64_t iotlb_faults;       /* accesses an entry did not permit, or outside guest memory */
+    uint64_t iotlb_drains;       /* invalidations that waited for requests using the range */
+    uint64_t parked;             /* requests waiting for an UPDATE now (gauge) */
 };
 
 struct dp_vq;
@@ -104,6 +163,12 @@ int dp_vq_set_addr(struct dp_vq *vq, struct dp_mem *mem, uint64_t desc_user_addr
                    uint64_t avail_user_addr, uint64_t used_user_addr);
 /* Point a stopped queue at a new memory table; re-translates its ring addresses. */
 int dp_vq_set_mem(struct dp_vq *vq, struct dp_mem *mem);
+/* A stopped queue behind a vIOMMU (iommu NULL: none): from now on its ring addresses and
+ * every descriptor's address are IOVAs, translated through iotlb (the queue takes a reference;
+ * engine/dp_engine.h publishes the next ones). With a vIOMMU
+ * dp_vq_set_addr and dp_vq_start answer -EAGAIN while a ring is not in the IOTLB, having
+ * asked the front end for it (a miss on the channel). */
+int dp_vq_set_iommu(struct dp_vq *vq, struct dp_iommu *iommu, const struct dp_iotlb *iotlb);
 /* kick_fd < 0: the front end does not kick, the engine polls the ring. */
 int dp_vq_set_kick_fd(struct dp_vq *vq, int kick_fd);
 int dp_vq_set_err_fd(struct dp_vq *vq, int err_fd);

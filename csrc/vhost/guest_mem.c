@@ -221,6 +221,16 @@ const struct mem_region *guest_mem_host_region(const struct dp_mem *mem, const v
     return NULL;
 }
 
+const struct mem_region *guest_mem_uva_region(const struct dp_mem *mem, uint64_t uva)
+{
+    for (unsigned i = 0; i < mem->nregions; i++) {
+        const struct mem_region *r = &mem->regions[i];
+        if (uva - r->user_addr < r->size)
+            return r;
+    }
+    return NULL;
+}
+
 uint64_t dp_mem_host_to_gpa(const struct dp_mem *mem, const void *host)
 {
     const struct mem_region *r = guest_mem_host_region(mem, host);

@@ -39,6 +39,10 @@ int guest_mem_translate(const struct dp_mem *mem, uint64_t gpa, uint64_t len,
  * guest-physical address it came from (dirty logging). Linear: never on the fast path. */
 const struct mem_region *guest_mem_host_region(const struct dp_mem *mem, const void *p);
 
+/* The region holding the front-end user address uva, or NULL (linear, like the host lookup:
+ * an IOTLB translation looks once per cache miss). */
+const struct mem_region *guest_mem_uva_region(const struct dp_mem *mem, uint64_t uva);
+
 /* 0 when fd (a regular file or memfd) has [offset, offset+len) to map, else -EINVAL / -errno. */
 int guest_mem_fd_holds(int fd, uint64_t offset, uint64_t len);
 

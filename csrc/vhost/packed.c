@@ -24,29 +24,32 @@
 
 /* ---- guest memory: every translation and every store of this walker ---- */
 
-/* A ring area (a front-end address, as SET_VRING_ADDR gives it). */
-static void *packed_map_area(struct dp_vq *vq, uint64_t uva, uint64_t len)
+/* A ring area (as SET_VRING_ADDR gives it: a front-end address, or an IOVA). */
+static void *packed_map_area(struct dp_vq *vq, uint64_t addr, uint64_t len, unsigned perm, int *rc)
 {
-    return dp_mem_uva_to_host(vq->mem, uva, len);
+    return vq_map_ring_area(vq, addr, len, perm, rc);
 }
 
-/* An indirect table (a guest address); NULL unless it lies in one region. */
-static const struct pvirtq_desc *packed_map_table(struct dp_vq *vq, uint64_t gpa, uint32_t len)
+/* An indirect table (a guest address, or an IOVA); NULL unless it lies in one piece, with
+ * VQ_MISS in *err when the IOTLB lacks it. */
+static const struct pvirtq_desc *packed_map_table(struct dp_vq *vq, uint64_t addr, uint32_t len,
+                                                  int *err)
 {
-    return dp_mem_gpa_to_host(vq->mem, gpa, len);
+    return vq_map_piece(vq, addr, len, DP_IOTLB_PERM_RO, err);
 }
 
-/* A buffer, into iovecs (guest_mem_translate's answer). */
-static int packed_map_buffer(struct dp_vq *vq, uint64_t gpa, uint32_t len, struct iovec *iov,
-                             unsigned max_iov)
+/* A buffer, into iovecs (vq_map_buffer's answer). */
+static int packed_map_buffer(struct dp_vq *vq, uint64_t addr, uint32_t len, int writable,
+                             struct iovec *iov, unsigned max_iov)
 {
-    return guest_mem_translate(vq->mem, gpa, len, iov, max_iov);
+    return vq_map_buffer(vq, addr, len, writable, iov, max_iov);
 }
 
 /* The status byte: the last byte of a device-writable buffer. */
-static uint8_t *packed_map_last_byte(struct dp_vq *vq, uint64_t gpa, uint32_t len)
+static uint8_t *packed_map_last_byte(struct dp_vq *vq, uint64_t addr, uint32_t len)
 {
-    return dp_mem_gpa_to_host(vq->mem, gpa + len - 1, 1);
+    int err;
+    return vq_map_piece(vq, addr + len - 1, 1, DP_IOTLB_PERM_WO, &err);
 }
 
 /* A used descriptor: id and length first, then (release) the flags that make it the driver's,
@@ -108,10 +111,12 @@ static void walk_buffer(struct dp_vq *vq, struct packed_walk *w, uint64_t addr, 
         w->seen_writable = 1;
     else if (w->seen_writable && !chain->err)
         chain->err = -EINVAL;   /* device-readable after device-writable */
-    if (len && !chain->err) {
-        int n = packed_map_buffer(vq, addr, len, w->iov + chain->nseg, w->max_iov - chain->nseg);
+    /* Past a miss the walk goes on translating, only to find the other misses. */
+    if (len && (!chain->err || chain->err == VQ_MISS)) {
+        int n = packed_map_buffer(vq, addr, len, writable, w->iov + chain->nseg,
+                                  w->max_iov - chain->nseg);
         if (n < 0) {
-            chain->err = n;
+            chain->err = n;   /* a fault wins over a miss: no use waiting for the rest */
         } else {
             chain->nseg += (unsigned)n;
             if (!writable)
@@ -136,9 +141,15 @@ static int walk_desc(struct dp_vq *vq, struct packed_walk *w, uint16_t flags, ui
     if (!(vq->flags & DP_VQ_F_INDIRECT) || position || (flags & VRING_DESC_F_NEXT) || len == 0 ||
         len % sizeof(struct pvirtq_desc) || len / sizeof(struct pvirtq_desc) > DP_MAX_QUEUE_SIZE)
         return -EIO;
-    const struct pvirtq_desc *table = packed_map_table(vq, addr, len);
-    if (!table)
-        return -EIO;
+    int err;
+    const struct pvirtq_desc *table = packed_map_table(vq, addr, len, &err);
+    if (!table) {
+        if (err != VQ_MISS)
+            return -EIO;
+        if (!w->chain->err)
+            w->chain->err = VQ_MISS;   /* walked again once the IOTLB has the table */
+        return 0;
+    }
     for (unsigned i = 0; i < len / sizeof(struct pvirtq_desc); i++) {
         struct pvirtq_desc d;
         memcpy(&d, &table[i], sizeof(d));   /* read once: the guest may rewrite it */
@@ -245,6 +256,49 @@ int vq_packed_has_avail(struct dp_vq *vq)
     return vring_packed_is_avail(flags, vq->pk.avail_wrap);
 }
 
+/* A list that stopped at an IOTLB miss is walked again later (vq_packed_retry), when its ring
+ * slots may hold used descriptors of other lists: its n descriptors are kept meanwhile in the
+ * iovec array it was to fill (16 bytes each, the size of an iovec), read again from the ring
+ * now, before anything of this thread could write there. */
+_Static_assert(sizeof(struct pvirtq_desc) == sizeof(struct iovec), "a descriptor per iovec");
+
+static void save_list(struct dp_vq *vq, struct vq_chain *chain, struct iovec *iov,
+                      unsigned max_iov, uint16_t pos, unsigned n)
+{
+    if (n > max_iov) {
+        chain->err = -E2BIG;   /* more descriptors than a request may have segments */
+        return;
+    }
+    struct pvirtq_desc *saved = (struct pvirtq_desc *)iov;
+    for (unsigned k = 0; k < n; k++) {
+        memcpy(&saved[k], &vq->pk.desc[pos], sizeof(saved[k]));
+        if (++pos == vq->num)
+            pos = 0;
+    }
+    chain->nsaved = (uint16_t)n;
+}
+
+int vq_packed_retry(struct dp_vq *vq, uint16_t id, uint16_t nsaved, struct vq_chain *chain,
+                    struct iovec *iov, unsigned max_iov)
+{
+    *chain = (struct vq_chain){ .head = id };
+    if (id >= vq->num || !vq->pk.ndesc[id] || nsaved == 0 || nsaved > max_iov ||
+        nsaved > DP_MAX_QUEUE_SIZE)
+        return -EIO;
+    struct pvirtq_desc saved[DP_MAX_QUEUE_SIZE];
+    memcpy(saved, iov, nsaved * sizeof(saved[0]));   /* the walk writes iovecs over them */
+    struct packed_walk w = { .chain = chain, .iov = iov, .max_iov = max_iov };
+    for (unsigned k = 0; k < nsaved; k++)
+        if (walk_desc(vq, &w, saved[k].flags, saved[k].addr, saved[k].len, k) < 0)
+            return -EIO;
+    walk_finish(vq, &w);
+    if (chain->err == VQ_MISS) {
+        memcpy(iov, saved, nsaved * sizeof(saved[0]));
+        chain->nsaved = nsaved;
+    }
+    return 1;
+}
+
 int vq_packed_pop(struct dp_vq *vq, struct vq_chain *chain, struct iovec *iov, unsigned max_iov)
 {
     if (vq->broken)
@@ -305,6 +359,8 @@ int vq_packed_pop(struct dp_vq *vq, struct vq_chain *chain, struct iovec *iov, u
     }
     pk->ndesc[id] = (uint16_t)n;
     pk->in_ring += n;
+    if (chain->err == VQ_MISS)
+        save_list(vq, chain, iov, max_iov, vq->last_avail_idx, n);
     vq->last_avail_idx = pos;
     pk->avail_wrap = wrap;
     chain->head = id;
@@ -328,6 +384,22 @@ int vq_packed_read_saved(struct dp_vq *vq, uint16_t id, struct vq_chain *chain, 
         e = s->next;
     }
     walk_finish(vq, &w);
+    if (chain->err == VQ_MISS) {   /* kept for vq_packed_retry, from the region this time */
+        unsigned n = vq->pk.ndesc[id];
+        if (n > max_iov) {
+            chain->err = -E2BIG;
+            return 1;
+        }
+        struct pvirtq_desc *saved = (struct pvirtq_desc *)iov;
+        e = vq->pk.entry[id];
+        for (unsigned k = 0; k < n; k++) {
+            const struct inflight_packed_desc *s = &r->desc[e];
+            saved[k] = (struct pvirtq_desc){ .addr = s->addr, .len = s->len, .id = s->id,
+                                             .flags = s->flags };
+            e = s->next;
+        }
+        chain->nsaved = (uint16_t)n;
+    }
     return 1;
 }
 
@@ -431,11 +503,15 @@ int vq_packed_map_rings(struct dp_vq *vq)
 {
     if (!vq->mem || !vq->addr_set || !vq->num)
         return -EINVAL;
-    struct pvirtq_desc *desc = packed_map_area(vq, vq->desc_uva, 16ull * vq->num);
-    struct pvirtq_event *driver = packed_map_area(vq, vq->avail_uva, sizeof(*driver));
-    struct pvirtq_event *device = packed_map_area(vq, vq->used_uva, sizeof(*device));
-    if (!desc || !driver || !device)
-        return -EFAULT;
+    int rc = 0;
+    struct pvirtq_desc *desc = packed_map_area(vq, vq->desc_uva, 16ull * vq->num,
+                                               DP_IOTLB_PERM_RW, &rc);
+    struct pvirtq_event *driver = packed_map_area(vq, vq->avail_uva, sizeof(*driver),
+                                                  DP_IOTLB_PERM_RO, &rc);
+    struct pvirtq_event *device = packed_map_area(vq, vq->used_uva, sizeof(*device),
+                                                  DP_IOTLB_PERM_RW, &rc);
+    if (rc)
+        return rc;
     if ((uintptr_t)desc % 16 || (uintptr_t)driver % 4 || (uintptr_t)device % 4)
         return -EINVAL;
     vq->pk.desc = desc;

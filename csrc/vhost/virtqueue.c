@@ -79,9 +79,14 @@ int vq_split_read_chain(struct dp_vq *vq, uint16_t head, struct vq_chain *chain,
             if (in_indirect || !(vq->flags & DP_VQ_F_INDIRECT) || (d.flags & VRING_DESC_F_NEXT) ||
                 d.len == 0 || d.len % sizeof(struct vring_desc))
                 return -EIO;
-            table = dp_mem_gpa_to_host(vq->mem, d.addr, d.len);
-            if (!table)
-                return -EIO;
+            int err;
+            table = vq_map_piece(vq, d.addr, d.len, DP_IOTLB_PERM_RO, &err);
+            if (!table) {
+                if (err != VQ_MISS)
+                    return -EIO;
+                chain->err = VQ_MISS;   /* walked again once the IOTLB has the table */
+                return 1;
+            }
             table_len = d.len / sizeof(struct vring_desc);
             i = 0;
             visited = 0;
@@ -94,11 +99,12 @@ int vq_split_read_chain(struct dp_vq *vq, uint16_t head, struct vq_chain *chain,
             seen_writable = 1;
         else if (seen_writable && !chain->err)
             chain->err = -EINVAL;   /* device-readable after device-writable */
-        if (d.len && !chain->err) {
-            int n = guest_mem_translate(vq->mem, d.addr, d.len, iov + chain->nseg,
-                                        max_iov - chain->nseg);
+        /* Past a miss the walk goes on translating, only to find the other misses. */
+        if (d.len && (!chain->err || chain->err == VQ_MISS)) {
+            int n = vq_map_buffer(vq, d.addr, d.len, writable, iov + chain->nseg,
+                                  max_iov - chain->nseg);
             if (n < 0) {
-                chain->err = n;
+                chain->err = n;   /* a fault wins over a miss: no use waiting for the rest */
             } else {
                 chain->nseg += (unsigned)n;
                 if (!writable)
@@ -114,8 +120,10 @@ int vq_split_read_chain(struct dp_vq *vq, uint16_t head, struct vq_chain *chain,
             return -EIO;
     }
 
-    if ((last.flags & VRING_DESC_F_WRITE) && last.len)
-        chain->last_byte = dp_mem_gpa_to_host(vq->mem, last.addr + last.len - 1, 1);
+    if ((last.flags & VRING_DESC_F_WRITE) && last.len) {
+        int err;
+        chain->last_byte = vq_map_piece(vq, last.addr + last.len - 1, 1, DP_IOTLB_PERM_WO, &err);
+    }
     return 1;
 }
 
@@ -268,17 +276,36 @@ int dp_vq_set_base(struct dp_vq *vq, uint16_t last_avail_idx)
     return 0;
 }
 
-/* Translate the three ring areas; each must sit inside one region, suitably aligned. */
+void *vq_map_ring_area(struct dp_vq *vq, uint64_t addr, uint64_t len, unsigned perm, int *rc)
+{
+    int err;
+    vq->nmiss = 0;
+    void *p = vq_map_area(vq, addr, len, perm, &err);
+    if (!p) {
+        if (err == VQ_MISS) {
+            vq_iotlb_report_miss(vq);   /* every missing area is asked for at once */
+            if (!*rc)
+                *rc = VQ_MISS;
+        } else {
+            *rc = -EFAULT;
+        }
+    }
+    return p;
+}
+
+/* Translate the three ring areas; each must sit inside one region (behind a vIOMMU: in host
+ * memory contiguous IOTLB entries that allow the device's accesses), suitably aligned. */
 int vq_split_map_rings(struct dp_vq *vq)
 {
     if (!vq->mem || !vq->addr_set || !vq->num)
         return -EINVAL;
     size_t n = vq->num;
-    void *desc = dp_mem_uva_to_host(vq->mem, vq->desc_uva, 16 * n);
-    void *avail = dp_mem_uva_to_host(vq->mem, vq->avail_uva, 6 + 2 * n);
-    void *used = dp_mem_uva_to_host(vq->mem, vq->used_uva, 6 + 8 * n);
-    if (!desc || !avail || !used)
-        return -EFAULT;
+    int rc = 0;
+    void *desc = vq_map_ring_area(vq, vq->desc_uva, 16 * n, DP_IOTLB_PERM_RO, &rc);
+    void *avail = vq_map_ring_area(vq, vq->avail_uva, 6 + 2 * n, DP_IOTLB_PERM_RO, &rc);
+    void *used = vq_map_ring_area(vq, vq->used_uva, 6 + 8 * n, DP_IOTLB_PERM_RW, &rc);
+    if (rc)
+        return rc;
     if ((uintptr_t)desc % 16 || (uintptr_t)avail % 2 || (uintptr_t)used % 4)
         return -EINVAL;
     vq->desc = desc;
@@ -299,6 +326,8 @@ int dp_vq_set_addr(struct dp_vq *vq, struct dp_mem *mem, uint64_t desc_uva, uint
     vq->used_uva = used_uva;
     vq->addr_set = 1;
     int rc = vq_map_rings(vq);
+    if (rc == VQ_MISS)
+        return -EAGAIN;   /* behind a vIOMMU the IOTLB may not have the rings yet: asked */
     if (rc) {
         *vq = saved;
         return rc;
@@ -308,19 +337,44 @@ int dp_vq_set_addr(struct dp_vq *vq, struct dp_mem *mem, uint64_t desc_uva, uint
     return 0;
 }
 
-int dp_vq_set_mem(struct dp_vq *vq, struct dp_mem *mem)
+void vq_unmap_rings(struct dp_vq *vq)
 {
-    if (vq->engine)
-        return -EBUSY;
-    vq->mem = mem;
     vq->desc = NULL;
     vq->avail = NULL;
     vq->used = NULL;
     vq->pk.desc = NULL;
     vq->pk.driver = vq->pk.device = NULL;
+    vq->rings_ready = 0;
+}
+
+static int areas_overlap(uint64_t a, uint64_t len, uint64_t first, uint64_t last)
+{
+    return len && a <= last && first <= a + (len - 1);
+}
+
+int vq_rings_overlap(const struct dp_vq *vq, uint64_t first, uint64_t last)
+{
+    uint64_t n = vq->num;
+    if (vq_is_packed(vq))
+        return areas_overlap(vq->desc_uva, 16 * n, first, last) ||
+               areas_overlap(vq->avail_uva, sizeof(struct pvirtq_event), first, last) ||
+               areas_overlap(vq->used_uva, sizeof(struct pvirtq_event), first, last);
+    return areas_overlap(vq->desc_uva, 16 * n, first, last) ||
+           areas_overlap(vq->avail_uva, 6 + 2 * n, first, last) ||
+           areas_overlap(vq->used_uva, 6 + 8 * n, first, last);
+}
+
+int dp_vq_set_mem(struct dp_vq *vq, struct dp_mem *mem)
+{
+    if (vq->engine)
+        return -EBUSY;
+    vq->mem = mem;
+    vq_iotlb_changed(vq);
+    vq_unmap_rings(vq);
     if (!vq->addr_set || !vq->num)
         return 0;
-    return vq_map_rings(vq);
+    int rc = vq_map_rings(vq);
+    return rc == VQ_MISS ? -EAGAIN : rc;
 }
 
 int dp_vq_set_kick_fd(struct dp_vq *vq, int kick_fd)
@@ -368,8 +422,11 @@ static int vq_ready_for_test(struct dp_vq *vq)
 {
     if (vq->engine)
         return -EBUSY;
-    if (!vq->desc && vq_map_rings(vq))
-        return -EINVAL;
+    if (!vq->desc) {
+        int rc = vq_map_rings(vq);
+        if (rc)
+            return rc == VQ_MISS ? -EAGAIN : -EINVAL;
+    }
     if (vq_is_packed(vq) && (vq->last_avail_idx >= vq->num || vq->used_idx >= vq->num))
         return -EINVAL;
     return 0;
@@ -400,10 +457,13 @@ int dp_vq_pop_chain(struct dp_vq *vq, uint16_t *head, struct dp_seg *segs, unsig
         return rc;
     if (max_segs > DP_MAX_QUEUE_SIZE)
         max_segs = DP_MAX_QUEUE_SIZE;
+    vq->nmiss = 0;
     rc = vq_pop(vq, &chain, iov, max_segs);
     if (rc <= 0)
         return rc == 0 ? -EAGAIN : rc;
     *head = chain.head;
+    if (chain.err == VQ_MISS)
+        vq_iotlb_report_miss(vq);   /* what the engine does before parking the request */
     if (chain.err)
         return chain.err;
     for (unsigned i = 0; i < chain.nseg; i++)

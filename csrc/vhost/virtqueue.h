@@ -10,15 +10,18 @@
 #include "vhost/dp_vhost.h"
 #include "vhost/guest_mem.h"
 #include "vhost/inflight.h"
+#include "vhost/iotlb.h"
 #include "vhost/vring.h"
 #include "vhost/vring_packed.h"
 
 /* One popped descriptor chain, translated. Device-readable segments come first. */
 struct vq_chain {
     uint16_t head;
+    uint16_t nsaved;      /* packed ring, VQ_MISS: the list's descriptors kept in iov (vq_retry) */
     unsigned nseg;
     unsigned nreadable;
-    int err;              /* 0, or why the buffers are unusable (-EFAULT, -E2BIG, -EINVAL) */
+    int err;              /* 0, or why the buffers are unusable (-EFAULT, -E2BIG, -EINVAL,
+                             -EACCES; VQ_MISS: an address the IOTLB lacks, try again later) */
     uint8_t *last_byte;   /* last byte of the chain when it is device-writable, else NULL */
 };
 
@@ -52,6 +55,7 @@ struct dp_vq {
     unsigned num;
     unsigned flags;               /* DP_VQ_F_* */
     struct dp_mem *mem;
+    struct dp_iommu *iommu;       /* non-NULL: addresses are IOVAs, translated through iotlb */
     uint64_t desc_uva, avail_uva, used_uva;
     int addr_set;
     struct vring_desc *desc;
@@ -79,7 +83,7 @@ struct dp_vq {
     int kick_armed;
     int need_pop;
     int need_notify;
-    unsigned mem_drain_left;      /* requests of the previous memory table still in flight */
+    int rings_ready;              /* ring areas translated (a vIOMMU may take them away) */
     uint64_t kick_buf;
     struct rec_ring *rec;         /* recording: the queue's record ring, or NULL */
     struct rec_ring *rec_next;    /* the ring to swap in (on the engine thread) */
@@ -113,10 +117,26 @@ struct dp_vq {
     struct dp_dirty_log *log;
     int log_used;                 /* VHOST_VRING_F_LOG: log used ring writes at log_used_gpa */
     uint64_t log_used_gpa;
-    /* a new memory table published while the queue runs (engine/queue.c) */
-    uint64_t mem_drain_seq;       /* requests before this one were popped under the old table */
-    void *mem_cmd;                /* the command acknowledged once they are all done */
+    /* a command acknowledged once the requests it marked (in_drain) are done with guest
+     * memory: a memory table without a region they use, an IOTLB without an entry they use */
+    unsigned drain_left;
+    void *drain_cmd;
+    /* requests waiting for an IOTLB UPDATE (a miss), oldest first, and finished requests
+     * waiting for the ring a vIOMMU invalidation took away (engine/queue.c) */
+    struct dp_req *parked, **parked_tail;
+    unsigned nparked;
+    struct dp_req *deferred, **deferred_tail;
     struct vq_packed pk;          /* a packed ring's own state (cold for a split ring) */
+    uint32_t started_at;          /* the position the last start took (dp_vq_started_at) */
+
+    /* vIOMMU: the snapshot, the cache in front of it, the misses of the last walk, the pages
+     * asked for and not answered yet (iotlb.c) */
+    const struct dp_iotlb *iotlb;
+    uint32_t iotlb_gen;
+    unsigned nmiss;               /* the misses of the last walk, in order */
+    struct iotlb_miss miss[IOTLB_MISS_BATCH];
+    struct iotlb_asked asked[IOTLB_ASKED_SLOTS];
+    struct iotlb_slot cache[IOTLB_CACHE_SLOTS];
 };
 
 /* Hidden: called directly inside the module, never through the PLT (only dp_* functions are
@@ -132,6 +152,9 @@ DP_HIDDEN int vq_split_has_avail(struct dp_vq *vq);
 DP_HIDDEN int vq_split_read_chain(struct dp_vq *vq, uint16_t head, struct vq_chain *chain, struct iovec *iov,
                         unsigned max_iov);
 DP_HIDDEN int vq_split_map_rings(struct dp_vq *vq);
+/* One ring area through vq_map_area; a miss is asked for at once, and *rc becomes VQ_MISS
+ * (unless an area already failed: -EFAULT, which wins). */
+DP_HIDDEN void *vq_map_ring_area(struct dp_vq *vq, uint64_t addr, uint64_t len, unsigned perm, int *rc);
 DP_HIDDEN int vq_split_inflight_recover(struct dp_vq *vq);
 DP_HIDDEN void vq_split_inflight_drop(struct dp_vq *vq, uint16_t head);
 
@@ -247,5 +270,90 @@ static inline void vq_inflight_drop(struct dp_vq *vq, uint16_t head)
 
 /* Mark the ring broken (NEEDS_RESET) and tell the front end through the error fd. */
 void vq_set_broken(struct dp_vq *vq);
+
+/* ---- the address gates: every guest address either walker uses goes through one of these
+ * three (a vIOMMU hooks in here, once, for both ring formats; see iotlb.h) ---- */
+
+/* Behind a vIOMMU, the common case inline: [addr, addr + len) inside the cache slot of its
+ * first page, with the permission. The host address, or NULL (then vq_iova_map decides). */
+static inline void *vq_iova_cached(const struct dp_vq *vq, uint64_t addr, uint64_t len,
+                                   unsigned perm)
+{
+    const struct iotlb_slot *s = &vq->cache[(addr >> 12) & (IOTLB_CACHE_SLOTS - 1)];
+    if (s->gen == vq->iotlb_gen && len && addr - s->first <= s->last - s->first &&
+        len - 1 <= s->last - addr && (s->perm & perm) == perm)
+        return (void *)(uintptr_t)(addr + s->delta);
+    return NULL;
+}
+
+/* A buffer a descriptor names (a guest-physical address, or an IOVA), into iovecs: the count,
+ * or guest_mem_translate's / vq_iova_map's error. */
+static inline int vq_map_buffer(struct dp_vq *vq, uint64_t addr, uint64_t len, int writable,
+                                struct iovec *iov, unsigned max_iov)
+{
+    if (__builtin_expect(vq->iommu != NULL, 0)) {
+        unsigned perm = writable ? DP_IOTLB_PERM_WO : DP_IOTLB_PERM_RO;
+        void *host = max_iov ? vq_iova_cached(vq, addr, len, perm) : NULL;
+        if (host) {
+            iov[0].iov_base = host;
+            iov[0].iov_len = len;
+            return 1;
+        }
+        return vq_iova_map(vq, addr, len, perm, iov, max_iov);
+    }
+    return guest_mem_translate(vq->mem, addr, len, iov, max_iov);
+}
+
+/* An indirect table (perm R) or the status byte (W): one piece of host memory, or NULL and
+ * why in *err (-EFAULT, or VQ_MISS / -EACCES behind a vIOMMU). */
+static inline void *vq_map_piece(struct dp_vq *vq, uint64_t addr, uint64_t len, unsigned perm,
+                                 int *err)
+{
+    if (__builtin_expect(vq->iommu != NULL, 0)) {
+        void *host = vq_iova_cached(vq, addr, len, perm);
+        if (host) {
+            *err = 0;
+            return host;
+        }
+        return vq_iova_map_contig(vq, addr, len, perm, err);
+    }
+    void *p = dp_mem_gpa_to_host(vq->mem, addr, len);
+    *err = p ? 0 : -EFAULT;
+    return p;
+}
+
+/* A ring area, as SET_VRING_ADDR names it (a front-end user address, or an IOVA). */
+static inline void *vq_map_area(struct dp_vq *vq, uint64_t addr, uint64_t len, unsigned perm,
+                                int *err)
+{
+    if (vq->iommu)
+        return vq_iova_map_contig(vq, addr, len, perm, err);
+    void *p = dp_mem_uva_to_host(vq->mem, addr, len);
+    *err = p ? 0 : -EFAULT;
+    return p;
+}
+
+/* ---- a request that missed in the IOTLB, walked again ---- */
+
+DP_HIDDEN int vq_packed_retry(struct dp_vq *vq, uint16_t id, uint16_t nsaved, struct vq_chain *chain,
+                              struct iovec *iov, unsigned max_iov);
+
+/* Walk a chain that stopped at a miss (chain->err VQ_MISS) again, through the queue's IOTLB
+ * as it is now: a split chain from its head in the descriptor table, a packed list from the
+ * descriptors vq_pop left in iov (nsaved of them; a packed ring may have written used
+ * descriptors over its slots since). Returns 1 (check chain->err: VQ_MISS again keeps the
+ * list in iov), or -EIO when the ring is broken. The rings must be mapped. */
+static inline int vq_retry(struct dp_vq *vq, uint16_t head, uint16_t nsaved, struct vq_chain *chain,
+                           struct iovec *iov, unsigned max_iov)
+{
+    if (vq_is_packed(vq))
+        return vq_packed_retry(vq, head, nsaved, chain, iov, max_iov);
+    return vq_split_read_chain(vq, head, chain, iov, max_iov);
+}
+
+/* Do [first, last] (IOVAs) and one of the queue's ring areas overlap? */
+int vq_rings_overlap(const struct dp_vq *vq, uint64_t first, uint64_t last);
+/* Forget the rings' host addresses (the IOTLB lost them): translated again before next use. */
+void vq_unmap_rings(struct dp_vq *vq);
 
 #endif

@@ -60,6 +60,7 @@ from ..rpc import (
     RpcError,
     RpcServer,
 )
+from .device import IOTLB_MISS_TIMEOUT_MS
 from .engines import EnginePool, EngineView
 from .handover import HandedSocket, HandedSockets, sd_notify
 from .server import (
@@ -91,6 +92,8 @@ class DaemonOptions:
     serial_control: bool = False     # --debug-serial-control: one export's control work at a time
     dirty_log: bool = True           # False (--debug-no-dirty-log): LOG_ALL offered, nothing logged
     iopoll_unchecked: bool = False   # --debug-iopoll-without-poll-queues: poll where it cannot pay
+    iotlb_check: bool = True         # False (--debug-no-iotlb-check): the vIOMMU enforces nothing
+    iotlb_miss_timeout_ms: int = IOTLB_MISS_TIMEOUT_MS
 
 
 def device_info(disk_spec: str) -> DeviceInfo:
@@ -246,7 +249,9 @@ class Daemon:
                               socket_group=config.socket_group, inflight=config.inflight,
                               dirty_log=self.options.dirty_log, name=config.name, listener=listener,
                               listener_label=label, record=config.record,
-                              record_format=config.record_format),
+                              record_format=config.record_format,
+                              iotlb_check=self.options.iotlb_check,
+                              iotlb_miss_timeout_ms=self.options.iotlb_miss_timeout_ms),
                 mapping, serial_lock=self._serial)
         except BaseException:
             self._release(export)

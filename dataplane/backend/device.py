@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import struct
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from ..protocol.vhost_user import (
     CONFIG_HEADER,
     INFLIGHT,
     INFLIGHT_MIN_SIZE,
+    IOTLB_MSG,
     LOG,
     MEM_REG,
     MEMORY_HEADER,
@@ -42,6 +44,7 @@ from ..protocol.vhost_user import (
     VHOST_VRING_F_LOG,
     VRING_ADDR,
     VRING_STATE,
+    IotlbType,
     Message,
     ProtocolFeature,
     Request,
@@ -56,16 +59,23 @@ SEG_MAX = int(lib.DP_SEG_MAX)
 MAX_QUEUE_SIZE = int(lib.DP_MAX_QUEUE_SIZE)
 MAX_MEM_REGIONS = int(lib.DP_MAX_MEM_REGIONS)
 
+# BACKEND_REQ and REPLY_ACK are what QEMU requires of a back end that offers
+# VIRTIO_F_IOMMU_PLATFORM (vhost_user_backend_init): misses go out on the back-end channel and
+# every IOTLB_MSG is acknowledged.
 PROTOCOL_FEATURES = (
     (1 << ProtocolFeature.MQ)
     | (1 << ProtocolFeature.LOG_SHMFD)
     | (1 << ProtocolFeature.REPLY_ACK)
+    | (1 << ProtocolFeature.BACKEND_REQ)
     | (1 << ProtocolFeature.CONFIG)
     | (1 << ProtocolFeature.INFLIGHT_SHMFD)
     | (1 << ProtocolFeature.CONFIGURE_MEM_SLOTS)
 )
 LOG_SHMFD = 1 << ProtocolFeature.LOG_SHMFD
 MEM_SLOTS = 1 << ProtocolFeature.CONFIGURE_MEM_SLOTS
+BACKEND_REQ = 1 << ProtocolFeature.BACKEND_REQ
+IOMMU_PLATFORM = 1 << vb.VIRTIO_F_IOMMU_PLATFORM
+IOTLB_MISS_TIMEOUT_MS = int(lib.DP_IOTLB_MISS_TIMEOUT_MS)
 
 
 def device_features(disk: Disk) -> int:
@@ -73,9 +83,12 @@ def device_features(disk: Disk) -> int:
     caps = disk.capabilities
     # Packed rings are offered always: a front end takes them only when asked to (QEMU:
     # `packed=on`), and the same connection may go from one format to the other (SeaBIOS
-    # drives the disk over a split ring before Linux resets it and starts it packed).
+    # drives the disk over a split ring before Linux resets it and starts it packed). So is
+    # the vIOMMU (QEMU: `iommu_platform=on` with an IOMMU in front of the device; without
+    # one QEMU drops the bit itself).
     f = [vb.VIRTIO_F_VERSION_1, vb.VIRTIO_RING_F_INDIRECT_DESC, vb.VIRTIO_RING_F_EVENT_IDX,
-         vb.VIRTIO_F_ANY_LAYOUT, vb.VIRTIO_F_RING_PACKED, vb.VIRTIO_BLK_F_SEG_MAX,
+         vb.VIRTIO_F_ANY_LAYOUT, vb.VIRTIO_F_RING_PACKED, vb.VIRTIO_F_IOMMU_PLATFORM,
+         vb.VIRTIO_BLK_F_SEG_MAX,
          vb.VIRTIO_BLK_F_BLK_SIZE, vb.VIRTIO_BLK_F_TOPOLOGY, vb.VIRTIO_BLK_F_MQ,
          VHOST_USER_F_PROTOCOL_FEATURES, VHOST_F_LOG_ALL]
     if caps & lib.DP_DISK_F_FLUSH:
@@ -119,6 +132,7 @@ class Vring:
     started: bool = False        # a kick was received since the last GET_VRING_BASE
     running: bool = False        # attached to its I/O thread
     packed: bool = False         # the ring format of its base and of its last start
+    waiting_iotlb: bool = False  # ready to start but its rings are not in the IOTLB yet
 
     def close_fds(self) -> None:
         for name in ("kick_fd", "call_fd", "err_fd"):
@@ -174,11 +188,34 @@ class DirtyLog:
         lib.dp_log_free(self.handle)
 
 
+@dataclass
+class IotlbCounters:
+    """What the front end's vIOMMU did in a session (logged when it ends)."""
+
+    updates: int = 0
+    invalidations: int = 0
+    refused: int = 0
+
+    def line(self, iommu: object, queues: list[dict[str, int]]) -> str:
+        st = ffi.new("struct dp_iommu_stats *")
+        lib.dp_iommu_get_stats(iommu, st)
+        total = {k: sum(q[k] for q in queues)
+                 for k in ("iotlb_misses", "iotlb_timeouts", "iotlb_faults", "iotlb_drains")}
+        return (f"vIOMMU: {self.updates} update(s), {self.invalidations} invalidation(s)"
+                f" ({total['iotlb_drains']} waited for requests in flight), {self.refused}"
+                f" refused; {st.misses_sent} miss(es) sent"
+                + (f", {st.misses_dropped} dropped (channel full or missing)"
+                   if st.misses_dropped else "")
+                + f"; {total['iotlb_misses']} request(s) waited for an entry,"
+                f" {total['iotlb_timeouts']} in vain, {total['iotlb_faults']} fault(s)")
+
+
 class VhostUserBlkDevice:
     """The protocol state of one front-end session; `handle()` processes one message."""
 
     def __init__(self, disk: Disk, num_queues: int, engines: EnginePool,
-                 inflight: bool = True, dirty_log: bool = True) -> None:
+                 inflight: bool = True, dirty_log: bool = True, iotlb_check: bool = True,
+                 iotlb_miss_timeout_ms: int = IOTLB_MISS_TIMEOUT_MS) -> None:
         self.disk = disk
         self.num_queues = num_queues
         self.engines = engines
@@ -189,7 +226,21 @@ class VhostUserBlkDevice:
         # A debug switch when False: the features are offered and the log mapped, but nothing
         # is ever logged (a migration then loses what the device wrote).
         self.dirty_log = dirty_log
+        # The vIOMMU: the device's link (back-end channel, miss timeout) and the IOTLB
+        # snapshot every queue translates through; iotlb_check False is the debug switch that
+        # enforces nothing (--debug-no-iotlb-check).
+        self.iotlb_check = iotlb_check
+        self.iommu = lib.dp_iommu_new()
+        self.iotlb = lib.dp_iotlb_new()
+        if self.iommu == ffi.NULL or self.iotlb == ffi.NULL:
+            raise DeviceError("out of memory for the vIOMMU state")
+        lib.dp_iommu_set_miss_timeout(self.iommu, iotlb_miss_timeout_ms * 1_000_000)
+        lib.dp_iommu_set_flags(self.iommu, 0 if iotlb_check else lib.DP_IOMMU_F_NO_CHECK)
+        self.backend_fd = -1
+        self.iotlb_counters = IotlbCounters()
+        self._err = ffi.new("int *")
         self.vrings = [Vring(i, self._new_vq(i)) for i in range(num_queues)]
+        self._vq_array = ffi.new("struct dp_vq *[]", [v.handle for v in self.vrings])
         self.mem: object | None = None
         self.inflight: InflightBuffer | None = None
         self.recorder: object | None = None   # a C dp_recorder every queue records into
@@ -226,6 +277,8 @@ class VhostUserBlkDevice:
             Request.GET_MAX_MEM_SLOTS: self.get_max_mem_slots,
             Request.ADD_MEM_REG: self.add_mem_reg,
             Request.REM_MEM_REG: self.rem_mem_reg,
+            Request.SET_BACKEND_REQ_FD: self.set_backend_req_fd,
+            Request.IOTLB_MSG: self.iotlb_msg,
         }
 
     # ---- lifecycle ----
@@ -261,12 +314,19 @@ class VhostUserBlkDevice:
         """Stop every queue (draining in-flight requests) and release memory and fds."""
         for vring in self.vrings:
             self._stop(vring)
+        if self._iommu_used():
+            log.info("%s", self.iotlb_counters.line(self.iommu, self.stats()))
+        for vring in self.vrings:
             vring.close_fds()
             lib.dp_vq_free(vring.handle)
         self.vrings = []
         self._free_mem()
         self._free_inflight()
         self._free_log()
+        self._set_backend_fd(-1)
+        lib.dp_iommu_free(self.iommu)
+        lib.dp_iotlb_free(self.iotlb)
+        self.iommu = self.iotlb = ffi.NULL
 
     def _free_mem(self) -> None:
         if self.mem is not None:
@@ -385,8 +445,13 @@ class VhostUserBlkDevice:
         unknown = features & ~self.features_offered
         if unknown:
             raise MessageError(f"features {unknown:#x} were not offered")
+        if (features ^ self.features) & IOMMU_PLATFORM and any(v.running for v in self.vrings):
+            raise MessageError("VIRTIO_F_IOMMU_PLATFORM cannot change while queues run")
         logging_was = self._logging()
         self.features = features
+        for vring in self.vrings:
+            if not vring.running:
+                self._apply_iommu(vring)
         log.info("features acked: %s", " ".join(
             "VHOST_F_LOG_ALL" if name == f"bit{VHOST_F_LOG_ALL}" else name
             for name in vb.feature_names(features & ~(1 << VHOST_USER_F_PROTOCOL_FEATURES))))
@@ -428,6 +493,9 @@ class VhostUserBlkDevice:
         self._free_mem()
         self._free_log()
         self._reset_state()
+        self._replace_iotlb(lib.dp_iotlb_new(), 0, 0)
+        for vring in self.vrings:
+            self._apply_iommu(vring)
 
     def get_queue_num(self, msg: Message) -> bytes:
         return U64.pack(self.num_queues)
@@ -602,6 +670,124 @@ class VhostUserBlkDevice:
                  " (--debug-no-dirty-log: nothing will be logged)")
         return U64.pack(0)
 
+    # ---- vIOMMU (VIRTIO_F_IOMMU_PLATFORM): the device IOTLB and the back-end channel ----
+
+    @property
+    def iommu_on(self) -> bool:
+        """Ring and descriptor addresses are IOVAs (VIRTIO_F_IOMMU_PLATFORM negotiated)."""
+        return bool(self.features & IOMMU_PLATFORM)
+
+    def _iommu_used(self) -> bool:
+        c = self.iotlb_counters
+        return self.iommu_on or bool(c.updates or c.invalidations or c.refused)
+
+    def _apply_iommu(self, vring: Vring) -> None:
+        """A stopped queue translates through the IOTLB when the vIOMMU is on, else not."""
+        on = self.iommu_on
+        check(lib.dp_vq_set_iommu(vring.handle, self.iommu if on else ffi.NULL,
+                                  self.iotlb if on else ffi.NULL), f"vq{vring.index}: vIOMMU")
+
+    def _set_backend_fd(self, fd: int) -> None:
+        old, self.backend_fd = self.backend_fd, fd
+        if self.iommu != ffi.NULL:
+            lib.dp_iommu_set_channel(self.iommu, fd)   # no queue writes to old after this
+        if old >= 0:
+            os.close(old)
+
+    def set_backend_req_fd(self, msg: Message) -> None:
+        """SET_BACKEND_REQ_FD (BACKEND_REQ): the back end's end of a socket pair, on which the
+        queues send IOTLB misses (VHOST_USER_BACKEND_IOTLB_MSG)."""
+        if not self.protocol_features & BACKEND_REQ:
+            raise MessageError("BACKEND_REQ was not negotiated")
+        if len(msg.fds) != 1:
+            raise MessageError(f"expected 1 fd, got {len(msg.fds)}")
+        if not stat.S_ISSOCK(os.fstat(msg.fds[0]).st_mode):
+            raise MessageError("the back-end channel is not a socket")
+        self._set_backend_fd(msg.fds.pop())
+        log.info("back-end channel open (IOTLB misses go out on it)")
+
+    def iotlb_msg(self, msg: Message) -> None:
+        """IOTLB_MSG: an UPDATE or an INVALIDATE of the device IOTLB, acknowledged once every
+        queue has the new snapshot (an invalidation: once no queue can use the range)."""
+        self._no_fds(msg)
+        if not self.iommu_on:
+            raise MessageError("VIRTIO_F_IOMMU_PLATFORM was not negotiated")
+        iova, size, uaddr, perm, type_ = self._payload(msg, IOTLB_MSG)
+        try:
+            if type_ == IotlbType.UPDATE:
+                self._iotlb_update(iova, size, uaddr, perm)
+            elif type_ == IotlbType.INVALIDATE:
+                self._iotlb_invalidate(iova, size)   # uaddr and perm are stack garbage here
+            else:
+                name = IotlbType(type_).name if type_ in IotlbType._value2member_map_ else type_
+                raise MessageError(f"IOTLB message of type {name} from the front end")
+        except MessageError:
+            self.iotlb_counters.refused += 1
+            raise
+
+    def _iotlb_update(self, iova: int, size: int, uaddr: int, perm: int) -> None:
+        # (QEMU sends one per miss, and a guest in strict mode makes one per request: the
+        # path is kept short)
+        if self.iotlb_check:
+            if size == 0 or iova + size - 1 >= 1 << 64 or uaddr + size - 1 >= 1 << 64:
+                problem = "empty, or past the end of the address space"
+            elif perm not in (1, 2, 3):
+                problem = "permission must be 1 (RO), 2 (WO) or 3 (RW)"
+            elif self.mem is None or lib.dp_mem_uva_to_host(self.mem, uaddr, size) == ffi.NULL:
+                problem = "not inside one memory region"   # the spec: within the regions
+            else:
+                problem = ""
+            if problem:
+                raise MessageError(f"IOTLB update iova {iova:#x} size {size:#x} uaddr"
+                                   f" {uaddr:#x} perm {perm}: {problem}")
+        new = lib.dp_iotlb_update(self.iotlb, iova, size, uaddr, perm, int(not self.iotlb_check),
+                                  self._err)
+        if new == ffi.NULL:
+            raise MessageError(f"IOTLB update iova {iova:#x} size {size:#x}:"
+                               f" {os.strerror(-self._err[0])}")
+        rc = lib.dp_vqs_update_iotlb(self._vq_array, len(self.vrings), new, iova, size)
+        self._swap_iotlb(new, rc)
+        self.iotlb_counters.updates += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("IOTLB update iova %#x size %#x uaddr %#x perm %d (%d entries)", iova, size,
+                      uaddr, perm, lib.dp_iotlb_count(new))
+        if self._waiting_rings:
+            for vring in self.vrings:
+                if vring.waiting_iotlb:
+                    self._maybe_start(vring)
+
+    @property
+    def _waiting_rings(self) -> bool:
+        return any(v.waiting_iotlb for v in self.vrings)
+
+    def _iotlb_invalidate(self, iova: int, size: int) -> None:
+        # size may reach 2^64 - iova: QEMU's "everything" arrives as iova + size == 2^64.
+        if size == 0 or iova + size - 1 >= 1 << 64:
+            raise MessageError(f"IOTLB invalidate iova {iova:#x} size {size:#x}: empty, or past"
+                               " the end of the address space")
+        new = lib.dp_iotlb_invalidate(self.iotlb, iova, size, self._err)
+        if new == ffi.NULL:
+            raise MessageError(f"IOTLB invalidate iova {iova:#x} size {size:#x}:"
+                               f" {os.strerror(-self._err[0])}")
+        self._replace_iotlb(new, iova, size)
+        self.iotlb_counters.invalidations += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("IOTLB invalidate iova %#x size %#x (%d entries left)", iova, size,
+                      lib.dp_iotlb_count(new))
+
+    def _replace_iotlb(self, new: object, inval_iova: int, inval_size: int) -> None:
+        """Publish new to every queue (an invalidation: returns once none can use the range)."""
+        rc = lib.dp_vqs_set_iotlb(self._vq_array, len(self.vrings), new, self.iotlb, inval_iova,
+                                  inval_size)
+        self._swap_iotlb(new, rc)
+
+    def _swap_iotlb(self, new: object, rc: int) -> None:
+        """new is the snapshot now; the old one goes with the last queue that moves off it."""
+        old, self.iotlb = self.iotlb, new
+        lib.dp_iotlb_free(old)
+        if rc < 0:
+            log.error("publishing the IOTLB: %s", os.strerror(-rc))
+
     # ---- vrings ----
 
     def set_vring_num(self, msg: Message) -> None:
@@ -632,8 +818,14 @@ class VhostUserBlkDevice:
         vring.addr_flags, vring.log_addr = flags, log_addr
         if self.mem is not None and vring.num:
             check(lib.dp_vq_set_flags(vring.handle, self._vq_flags()), f"vq{index}: SET_VRING_ADDR")
+            self._apply_iommu(vring)
             rc = lib.dp_vq_set_addr(vring.handle, self.mem, desc, avail, used)
-            if rc < 0:
+            if rc == -errno.EAGAIN:
+                # IOVAs the IOTLB does not have yet: the misses are out, the queue starts once
+                # the UPDATEs are in.
+                log.debug("vq%d: rings not in the IOTLB yet (desc %#x avail %#x used %#x)",
+                          index, desc, avail, used)
+            elif rc < 0:
                 raise MessageError(
                     f"queue {index}: ring addresses desc={desc:#x} avail={avail:#x} used={used:#x}"
                     f" are not inside guest memory ({os.strerror(-rc)})")
@@ -665,6 +857,7 @@ class VhostUserBlkDevice:
         vring = self._vring(index)
         self._stop(vring)
         vring.started = False
+        vring.waiting_iotlb = False
         vring.base = (lib.dp_vq_packed_base(vring.handle) if vring.packed
                       else lib.dp_vq_last_avail_idx(vring.handle))
         # The ring is stopped: forget the kick fd, a restart sends a new one.
@@ -830,22 +1023,35 @@ class VhostUserBlkDevice:
                   else lib.dp_vq_set_base(vq, vring.base), what)
         check(lib.dp_vq_set_flags(vq, self._vq_flags()), what)
         check(lib.dp_vq_set_num(vq, vring.num), what)
+        self._apply_iommu(vring)
         rc = lib.dp_vq_set_addr(vq, self.mem, desc, avail, used)
+        if rc == -errno.EAGAIN:
+            if not vring.waiting_iotlb:
+                log.info("%s: waiting for the IOTLB to map its rings (desc %#x avail %#x used %#x)",
+                         what, desc, avail, used)
+            vring.waiting_iotlb = True
+            return
         if rc < 0:
             log.error("%s: cannot start, rings outside guest memory (%s)", what, os.strerror(-rc))
             return
+        vring.waiting_iotlb = False
         check(lib.dp_vq_set_kick_fd(vq, vring.kick_fd), what)
         check(lib.dp_vq_set_call_fd(vq, vring.call_fd), what)
         check(lib.dp_vq_set_err_fd(vq, vring.err_fd), what)
         restored = self._attach_inflight(vring)
         self._apply_log(vring)
         engine = self.engines.engine_for(vring.index)
-        check(lib.dp_vq_start(vq, engine), f"{what}: start")
+        rc = lib.dp_vq_start(vq, engine)
+        if rc == -errno.EAGAIN:   # an invalidation in between took a ring away: asked again
+            vring.waiting_iotlb = True
+            return
+        check(rc, f"{what}: start")
         vring.running = True
         packed = vring.packed
+        started_at = lib.dp_vq_started_at(vq)   # the engine may have popped since
         if packed and self.inflight is not None:
             self._inflight_live.add((self.inflight.key, vring.index))
-            base = lib.dp_vq_packed_base(vq)
+            base = started_at
             if restored and base != vring.base:
                 log.warning("%s: packed ring position %#010x from the inflight region (the front"
                             " end's base %#010x is stale after a back-end restart)", what, base,
@@ -864,8 +1070,8 @@ class VhostUserBlkDevice:
                         " (%d of them older than a request that had completed)", what,
                         stats.resubmitted, stats.recovered_out_of_order)
         if not quiet:
-            position = (f"packed ring, base {lib.dp_vq_packed_base(vq):#010x}" if packed
-                        else f"avail_idx {lib.dp_vq_last_avail_idx(vq)}")
+            position = (f"packed ring, base {started_at:#010x}" if packed
+                        else f"avail_idx {started_at}")
             iopoll = self.disk.iopoll_state
             if iopoll < 0 and iopoll != self._iopoll_error_told:
                 self._iopoll_error_told = iopoll

@@ -36,7 +36,7 @@ from ..errors import ConfigError, ProtocolError
 from ..observe.metrics import StatsCollector
 from ..protocol.vhost_user import close_fds, recv_message, send_message
 from . import stats
-from .device import VhostUserBlkDevice
+from .device import IOTLB_MISS_TIMEOUT_MS, VhostUserBlkDevice
 from .engines import EnginePool, EngineView
 from .record import Recording
 
@@ -59,6 +59,8 @@ class ServerOptions:
     socket_group: str | None = None
     inflight: bool = True
     dirty_log: bool = True                   # False: offer LOG_ALL, log nothing (debug only)
+    iotlb_check: bool = True                 # False: the vIOMMU enforces nothing (debug only)
+    iotlb_miss_timeout_ms: int = IOTLB_MISS_TIMEOUT_MS   # a request waits this long for an UPDATE
     metrics: tuple[str, int] | None = None   # Prometheus endpoint (host, port); None: off
     record: Path | None = None                # record every request served from the start
     record_format: str = "blktrace"
@@ -490,7 +492,9 @@ class VhostUserBlkServer:
         conn.settimeout(MESSAGE_TIMEOUT_S)
         device = VhostUserBlkDevice(self.disk, self.options.num_queues, self.engines,
                                     inflight=self.options.inflight,
-                                    dirty_log=self.options.dirty_log)
+                                    dirty_log=self.options.dirty_log,
+                                    iotlb_check=self.options.iotlb_check,
+                                    iotlb_miss_timeout_ms=self.options.iotlb_miss_timeout_ms)
         if self.recording is not None:
             device.set_recorder(self.recording.handle)
         with self._lock:

@@ -4,12 +4,15 @@ across backend restarts."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import socket
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+from ..core import ffi, lib
 from ..errors import DeviceError, ProtocolError
 from ..protocol import vhost_user as proto
 from ..protocol.vhost_user import (
@@ -45,28 +48,59 @@ INFLIGHT_PACKED_DESC = struct.Struct("<BxHHHQHHIQ")
 
 
 class VhostUserClient:
-    """The vhost-user front-end side of the socket: one method per message it sends."""
+    """The vhost-user front-end side of the socket: one method per message it sends.
+
+    More than one thread may talk on it (the vIOMMU's miss thread, a background thread, C
+    driver threads mapping each request): a message and its reply are one exchange under the
+    socket's lock (a C mutex, csrc/driver/vu_socket.c, which the C threads take too)."""
 
     def __init__(self, path: str, timeout: float = 10.0) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
+        self.timeout = timeout
         try:
             self.sock.connect(str(path))
         except OSError as exc:
             self.sock.close()
             raise DeviceError(f"cannot connect to {path}: {exc.strerror}") from None
         self.reply_ack = False
+        self.vu = lib.dp_vu_socket_new(self.sock.fileno())
+        if self.vu == ffi.NULL:
+            self.sock.close()
+            raise DeviceError("out of memory")
+        # Behind a vIOMMU ring addresses are IOVAs: the frontend's translation of a guest
+        # address (None: front-end user addresses, as without one).
+        self.ring_addr: Callable[[int], int] | None = None
 
     def close(self) -> None:
         self.sock.close()
+        if self.vu != ffi.NULL:
+            lib.dp_vu_socket_free(self.vu)
+            self.vu = ffi.NULL
+
+    @contextlib.contextmanager
+    def exchange(self) -> Iterator[None]:
+        """Hold the socket for one message and its reply."""
+        lib.dp_vu_socket_lock(self.vu)   # without the GIL: a C thread may hold it
+        try:
+            yield
+        finally:
+            lib.dp_vu_socket_unlock(self.vu)
 
     def call(self, request: int, payload: bytes = b"", fds: Iterable[int] = (),
              reply: bool = False, flags: int | None = None, keep_fds: bool = False) -> Message | None:
         """Send a message; return its reply (GET_*), or check the REPLY_ACK status. The fds a
         reply carries are closed unless keep_fds (then they are the caller's)."""
+        with self.exchange():
+            return self._call(request, payload, fds, reply, flags, keep_fds)
+
+    def _call(self, request: int, payload: bytes, fds: Iterable[int], reply: bool,
+              flags: int | None, keep_fds: bool) -> Message | None:
         want_ack = self.reply_ack and not reply
         if flags is None:
             flags = VHOST_USER_VERSION | (VHOST_USER_NEED_REPLY_MASK if want_ack else 0)
+        elif flags & VHOST_USER_NEED_REPLY_MASK and not reply:
+            want_ack = True
         proto.send_message(self.sock, Message(request, flags, payload, list(fds)))
         if not (reply or want_ack):
             return None
@@ -126,9 +160,19 @@ class VhostUserClient:
         return U64.unpack(msg.payload)[0]
 
     def set_vring_addr(self, ring: Vring, flags: int = 0, log_addr: int = 0) -> None:
+        addr = self.ring_addr or ring.mem.uva
         self.call(Request.SET_VRING_ADDR, VRING_ADDR.pack(
-            ring.index, flags, ring.mem.uva(ring.desc), ring.mem.uva(ring.used),
-            ring.mem.uva(ring.avail), log_addr))
+            ring.index, flags, addr(ring.desc), addr(ring.used), addr(ring.avail), log_addr))
+
+    def iotlb_msg(self, iova: int, size: int, uaddr: int, perm: int, type_: int) -> None:
+        """IOTLB_MSG with NEED_REPLY, as QEMU sends it (BACKEND_REQ and REPLY_ACK negotiated);
+        DeviceError when the back end refuses it."""
+        rc = lib.dp_vu_iotlb_msg(self.vu, iova, size, uaddr, perm, type_, int(self.timeout * 1000))
+        if rc == -errno.EIO:
+            raise DeviceError(f"IOTLB_MSG type {type_} iova {iova:#x} size {size:#x}: refused"
+                              " (REPLY_ACK status 1)")
+        if rc < 0:
+            raise ProtocolError(f"IOTLB_MSG: {os.strerror(-rc)}")
 
     def get_inflight_fd(self, num_queues: int, queue_size: int,
                         packed: bool = False) -> InflightBuffer:

@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import mmap
 import os
+import socket
 import struct
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..core import ffi, lib
@@ -52,8 +53,9 @@ from ..protocol.vhost_user import (
     Request,
 )
 from .client import InflightBuffer, VhostUserClient
+from .iommu import RO, WO, Iommu
 from .packed import PackedVring
-from .vring import GuestMemory, Vring, _Area
+from .vring import Dma, GuestMemory, Vring, _Area
 
 if TYPE_CHECKING:
     from .load import Job, LoadResult, VerifyState
@@ -67,6 +69,9 @@ WANTED_PROTOCOL_FEATURES = (
     | (1 << ProtocolFeature.INFLIGHT_SHMFD) | (1 << ProtocolFeature.LOG_SHMFD)
     | (1 << ProtocolFeature.CONFIGURE_MEM_SLOTS)
 )
+BACKEND_REQ_FEATURE = 1 << ProtocolFeature.BACKEND_REQ
+REPLY_ACK_FEATURE = 1 << ProtocolFeature.REPLY_ACK
+IOMMU_FEATURE = 1 << vb.VIRTIO_F_IOMMU_PLATFORM
 INFLIGHT_FEATURE = 1 << ProtocolFeature.INFLIGHT_SHMFD
 LOG_SHMFD_FEATURE = 1 << ProtocolFeature.LOG_SHMFD
 MEM_SLOTS_FEATURE = 1 << ProtocolFeature.CONFIGURE_MEM_SLOTS
@@ -83,7 +88,8 @@ RINGS = ("split", "packed")
 
 @dataclass
 class BlkRequest:
-    """A virtio-blk request in flight: where its pieces live in guest memory."""
+    """A virtio-blk request in flight: where its pieces live in guest memory (and, mapped per
+    request behind a vIOMMU, at which IOVAs)."""
 
     queue: int
     head: int
@@ -93,6 +99,7 @@ class BlkRequest:
     data_len: int
     status: int
     buffers: list[int]
+    iovas: list[int] = field(default_factory=list)
 
 
 class DirtyLog:
@@ -138,7 +145,8 @@ class Device:
     def __init__(self, client: VhostUserClient, mem: GuestMemory, rings: list[Vring | PackedVring],
                  features: int, config: dict[str, int], path: str = "",
                  inflight: InflightBuffer | None = None, want_inflight: bool = True,
-                 timeout: float = 10.0, protocol_features: int = 0, offered: int = 0) -> None:
+                 timeout: float = 10.0, protocol_features: int = 0, offered: int = 0,
+                 iommu: Iommu | None = None, iommu_strict: bool = False) -> None:
         self.client = client
         self.mem = mem
         self.rings = rings
@@ -154,6 +162,8 @@ class Device:
         self.offered = offered              # the backend's virtio features (GET_FEATURES)
         self.dirty_log: DirtyLog | None = None
         self._harvested: set[int] = set()   # pages taken from logs a resize replaced
+        self.iommu = iommu                  # the guest's vIOMMU (VIRTIO_F_IOMMU_PLATFORM)
+        self.iommu_strict = iommu_strict    # each request's buffers mapped for its lifetime
 
     @property
     def ring(self) -> str:
@@ -164,22 +174,37 @@ class Device:
     def connect(cls, path: str, queues: int = 1, queue_size: int = 128,
                 memory: int = 64 << 20, features: int = DRIVER_FEATURES,
                 timeout: float = 10.0, inflight: bool = True, regions: int = 1,
-                ring: str | None = None) -> Device:
+                ring: str | None = None, iommu: bool = False, iommu_strict: bool = False,
+                iommu_push: str = "used") -> Device:
         """Negotiate like QEMU's vhost-user-blk: features, then (when the backend offers
         INFLIGHT_SHMFD and `inflight`) GET_INFLIGHT_FD + SET_INFLIGHT_FD, the memory table
         (`regions` pieces of guest memory: one SET_MEM_TABLE, or one ADD_MEM_REG each when
         the backend offers CONFIGURE_MEM_SLOTS), and the rings. ring: "split" (the default:
-        every backend has it) or "packed" (VIRTIO_F_RING_PACKED, which the backend must offer)."""
+        every backend has it) or "packed" (VIRTIO_F_RING_PACKED, which the backend must offer).
+
+        iommu: play a guest behind QEMU's intel-iommu (VIRTIO_F_IOMMU_PLATFORM, with
+        BACKEND_REQ and REPLY_ACK): addresses are IOVAs of `dev.iommu` (driver.iommu), guest
+        memory mapped in its static window, misses answered; iommu_push: what is sent before
+        the rings start ("used": each used ring's page, as QEMU does; "rings": all three areas;
+        "none"); iommu_strict: each request's buffers mapped at fresh IOVAs for its lifetime
+        (an UPDATE before it is published, an INVALIDATE when it is released), as a guest in
+        strict IOMMU mode does."""
         ring = ring or "split"
         if ring not in RINGS:
             raise DeviceError(f"ring {ring!r}: expected one of {', '.join(RINGS)}")
+        if iommu_push not in ("used", "rings", "none"):
+            raise DeviceError(f"iommu_push {iommu_push!r}: expected used, rings or none")
         features = features | PACKED_FEATURE if ring == "packed" else features & ~PACKED_FEATURE
+        if iommu:
+            features |= IOMMU_FEATURE
         client = VhostUserClient(path, timeout)
         mem = None
         buf = None
+        viommu = None
         rings: list[Vring | PackedVring] = []
         try:
-            acked, proto, offered = cls._negotiate(client, queues, features, inflight)
+            acked, proto, offered, channel = cls._negotiate(client, queues, features, inflight,
+                                                            iommu)
             if ring == "packed" and not acked & PACKED_FEATURE:
                 raise DeviceError(f"{path}: the backend does not offer packed rings"
                                   " (VIRTIO_F_RING_PACKED)")
@@ -189,6 +214,9 @@ class Device:
                 buf = client.get_inflight_fd(queues, queue_size, bool(acked & PACKED_FEATURE))
                 client.set_inflight_fd(buf)
             mem = GuestMemory(memory, regions=regions)
+            if channel is not None:
+                viommu = Iommu(client, mem, channel)
+                client.ring_addr = viommu.iova
             cls._send_table(client, proto, mem)
             event_idx = bool(acked & (1 << vb.VIRTIO_RING_F_EVENT_IDX))
             kind = PackedVring if acked & PACKED_FEATURE else Vring
@@ -199,7 +227,11 @@ class Device:
             if acked & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
                 for i in range(queues):
                     client.call(Request.SET_VRING_ENABLE, VRING_STATE.pack(i, 1))
+            if viommu is not None:
+                cls._push_rings(viommu, rings, iommu_push)
         except BaseException:
+            if viommu is not None:
+                viommu.close()
             for ring in rings:
                 ring.close()
             if mem is not None:
@@ -210,7 +242,42 @@ class Device:
             raise
         return cls(client, mem, rings, acked, config, path=str(path), inflight=buf,
                    want_inflight=inflight, timeout=timeout, protocol_features=proto,
-                   offered=offered)
+                   offered=offered, iommu=viommu, iommu_strict=iommu_strict)
+
+    @staticmethod
+    def _push_rings(viommu: Iommu, rings: Sequence[Vring | PackedVring], what: str) -> None:
+        """What QEMU sends once the rings are enabled: an UPDATE of each used ring's page
+        (vhost_dev_start; the rest comes from the backend's misses); or all of them."""
+        for r in rings:
+            used = 6 + 8 * r.num if isinstance(r, Vring) else 4
+            areas = {"used": [(r.used, used)], "none": []}.get(what) or [
+                (r.desc, 16 * r.num), (r.avail, 6 + 2 * r.num if isinstance(r, Vring) else 4),
+                (r.used, used)]
+            for gpa, size in areas:
+                viommu.push(viommu.iova(gpa), size)
+
+    def dma_addr(self, gpa: int) -> int:
+        """The address the device is given for guest-physical gpa: its IOVA in the vIOMMU's
+        static window, or gpa itself without a vIOMMU."""
+        return self.iommu.iova(gpa) if self.iommu is not None else gpa
+
+    def _request_dma(self, iovas: list[int]) -> Dma | None:
+        """How a request's addresses are made: none (guest-physical), the static window, or
+        (strict) a fresh mapping per buffer, read-only for what the device reads and
+        write-only for what it writes, pushed before the request is published."""
+        viommu = self.iommu
+        if viommu is None:
+            return None
+        if not self.iommu_strict:
+            return lambda gpa, length, writable: viommu.iova(gpa)
+
+        def dma(gpa: int, length: int, writable: bool) -> int:
+            iova = viommu.map(gpa, max(length, 1), WO if writable else RO)
+            iovas.append(iova)
+            viommu.push(iova, max(length, 1))
+            return iova
+
+        return dma
 
     @staticmethod
     def _send_table(client: VhostUserClient, proto: int, mem: GuestMemory) -> None:
@@ -227,14 +294,19 @@ class Device:
         client.set_mem_table(table)
 
     @staticmethod
-    def _negotiate(client: VhostUserClient, queues: int, features: int,
-                   inflight: bool) -> tuple[int, int, int]:
+    def _negotiate(client: VhostUserClient, queues: int, features: int, inflight: bool,
+                   iommu: bool = False) -> tuple[int, int, int, socket.socket | None]:
         """GET_FEATURES .. SET_OWNER; returns (features to ack, protocol features acked,
-        features offered)."""
+        features offered, the back-end channel when iommu: opened with SET_BACKEND_REQ_FD
+        before SET_OWNER, as QEMU does)."""
         offered = client.get_u64(Request.GET_FEATURES)
         proto = 0
+        if iommu and not offered & IOMMU_FEATURE:
+            raise DeviceError("the backend does not offer VIRTIO_F_IOMMU_PLATFORM")
         if offered & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
             wanted = WANTED_PROTOCOL_FEATURES & ~(0 if inflight else INFLIGHT_FEATURE)
+            if iommu:
+                wanted |= BACKEND_REQ_FEATURE
             proto = client.get_u64(Request.GET_PROTOCOL_FEATURES) & wanted
             client.set_u64(Request.SET_PROTOCOL_FEATURES, proto)
             client.reply_ack = bool(proto & (1 << ProtocolFeature.REPLY_ACK))
@@ -242,8 +314,28 @@ class Device:
                 max_queues = client.get_u64(Request.GET_QUEUE_NUM)
                 if queues > max_queues:
                     raise DeviceError(f"backend offers {max_queues} queue(s), {queues} wanted")
-        client.call(Request.SET_OWNER)
-        return offered & features, proto, offered
+        channel = None
+        if iommu:
+            # QEMU refuses IOMMU support without both (vhost_user_backend_init).
+            if proto & (BACKEND_REQ_FEATURE | REPLY_ACK_FEATURE) != BACKEND_REQ_FEATURE | REPLY_ACK_FEATURE:
+                raise DeviceError("IOMMU support requires the REPLY_ACK and BACKEND_REQ protocol"
+                                  " features, which the backend does not offer")
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                client.call(Request.SET_BACKEND_REQ_FD, b"", [theirs.fileno()])
+            except BaseException:
+                ours.close()
+                raise
+            finally:
+                theirs.close()
+            channel = ours
+        try:
+            client.call(Request.SET_OWNER)
+        except BaseException:
+            if channel is not None:
+                channel.close()
+            raise
+        return offered & features, proto, offered, channel
 
     def reconnect(self, path: str | None = None, timeout: float | None = None) -> None:
         """Play QEMU's part after the backend went away: connect to the backend now listening
@@ -257,10 +349,18 @@ class Device:
         timeout = self.timeout if timeout is None else timeout
         if self.client is not None:
             self.client.close()
+        if self.iommu is not None:
+            self.iommu.close()
         client = self._connect_retrying(path, timeout)
         try:
-            acked, proto, offered = self._negotiate(client, len(self.rings), self.features,
-                                                    self.want_inflight)
+            acked, proto, offered, channel = self._negotiate(
+                client, len(self.rings), self.features, self.want_inflight,
+                self.iommu is not None)
+            if channel is not None:   # the new backend's IOTLB is empty: a new vIOMMU link
+                old = self.iommu
+                self.iommu = Iommu(client, self.mem, channel)
+                self.iommu.maps = old.maps if old is not None else []
+                client.ring_addr = self.iommu.iova
             if acked != self.features:
                 raise DeviceError(f"the new backend lacks features {self.features & ~acked:#x}")
             client.set_u64(Request.SET_FEATURES, acked)
@@ -275,6 +375,8 @@ class Device:
             if acked & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
                 for ring in self.rings:
                     client.call(Request.SET_VRING_ENABLE, VRING_STATE.pack(ring.index, 1))
+            if self.iommu is not None:
+                self._push_rings(self.iommu, self.rings, "used")
         except BaseException:
             client.close()
             raise
@@ -308,6 +410,8 @@ class Device:
                 ring.base = self.client.get_vring_base(ring.index)
         except (OSError, ProtocolError, DeviceError):
             pass
+        if self.iommu is not None:
+            self.iommu.close()
         self.client.close()
         for ring in self.rings:
             ring.close()
@@ -361,8 +465,8 @@ class Device:
             raise DeviceError("the backend does not offer LOG_SHMFD")
         self.resize_dirty_log(size or DirtyLog.size_for(self.mem.end()))
         self.client.set_u64(Request.SET_FEATURES, self.features | (1 << VHOST_F_LOG_ALL))
-        for ring in self.rings:
-            self.client.set_vring_addr(ring, VHOST_VRING_F_LOG, ring.used)
+        for ring in self.rings:   # log_guest_addr: the used ring (its IOVA behind a vIOMMU)
+            self.client.set_vring_addr(ring, VHOST_VRING_F_LOG, self.dma_addr(ring.used))
         assert self.dirty_log is not None
         return self.dirty_log
 
@@ -434,11 +538,17 @@ class Device:
         self.mem.write(status, b"\xff")
         bufs.append((status, 1, True))
         owned.append(status)
-        head = ring.add_chain(bufs, indirect=indirect)
+        iovas: list[int] = []
+        try:
+            head = ring.add_chain(bufs, indirect=indirect, dma=self._request_dma(iovas))
+        except BaseException:
+            for iova in iovas:
+                self.iommu.unmap(iova)
+            raise
         old = ring.avail_idx
         ring.publish(head)
         ring.kick(old)
-        return BlkRequest(queue, head, type_, hdr, data_gpa, data_len, status, owned)
+        return BlkRequest(queue, head, type_, hdr, data_gpa, data_len, status, owned, iovas)
 
     def wait(self, reqs: Sequence[BlkRequest], timeout: float = 10.0) -> dict[int, tuple[int, int]]:
         """Wait for requests; returns {id(req): (status, used_len)}."""
@@ -459,6 +569,11 @@ class Device:
         return done
 
     def release(self, req: BlkRequest) -> None:
+        """The request's buffers are the guest's again: unmapped first when they were mapped
+        for it (an INVALIDATE each, acknowledged), then freed."""
+        for iova in req.iovas:
+            self.iommu.unmap(iova)
+        req.iovas = []
         for gpa in req.buffers:
             self.mem.free(gpa)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core import check, ffi, lib
-from ..errors import ConfigError, DeviceError
+from ..errors import ConfigError, DataplaneError, DeviceError
 from ..protocol import virtio_blk as vb
 from .packed import PackedVring
 
@@ -43,6 +43,7 @@ RW_MODES = {
 }
 DIRS = (("read", lib.DP_DIR_READ), ("write", lib.DP_DIR_WRITE))
 MAX_QUEUE_SIZE = 1024
+IOMMU_MODES = ("run", "request")
 # One indirect descriptor per request when negotiated, as a Linux guest does: measured as fast
 # as 3-descriptor chains or slightly faster (4k randread QD32, null disks, both backends), and
 # iodepth can then go up to the ring size.
@@ -76,6 +77,12 @@ class Job:
     timeout: float = 30.0          # no completion for this long ends the run
     cpus: Sequence[int] = ()       # pin queue i's thread to cpus[i % len(cpus)]
     name: str = "q"
+    # Behind a vIOMMU (Device.connect(iommu=True)): "run" maps the buffers once for the run
+    # (static mappings: an UPDATE per iommu_page of them, and of the rings, before it starts),
+    # "request" maps each request's buffers before it is published and unmaps them when it
+    # completes (a guest in strict IOMMU mode: an UPDATE and an INVALIDATE per request).
+    iommu: str = "run"
+    iommu_page: int = 4096         # bytes per UPDATE of a run's mappings (0: one per area)
 
     def __post_init__(self) -> None:
         if self.rw not in RW_MODES:
@@ -90,6 +97,10 @@ class Job:
             raise ConfigError("runtime, ramp_time, number_ios and rate_iops cannot be negative")
         if self.offset < 0 or self.size < 0 or self.offset % SECTOR:
             raise ConfigError(f"offset={self.offset}: expected a multiple of {SECTOR}")
+        if self.iommu not in IOMMU_MODES:
+            raise ConfigError(f"iommu={self.iommu!r}: expected one of {', '.join(IOMMU_MODES)}")
+        if self.iommu_page < 0 or self.iommu_page % 4096:
+            raise ConfigError(f"iommu_page={self.iommu_page}: expected a multiple of 4096 (or 0)")
 
     @property
     def reads(self) -> bool:
@@ -107,10 +118,17 @@ class Job:
             size *= 2
         return size
 
+    def arena_size(self, per_request_iommu: bool = False) -> int:
+        """Guest memory one queue's requests take (a page per request more when each request
+        is mapped by itself)."""
+        if per_request_iommu:
+            return lib.dp_load_arena_size_iommu(self.bs, self.iodepth)
+        return lib.dp_load_arena_size(self.bs, self.iodepth)
+
     def memory_needed(self, queues: int) -> int:
         """Guest memory for Device.connect: every queue's buffers plus room for the rings
         and the frontend's own requests."""
-        arena = lib.dp_load_arena_size(self.bs, self.iodepth)
+        arena = self.arena_size(self.iommu == "request")
         return queues * (arena + 64 * 1024) + (16 << 20)
 
     def options(self, numjobs: int = 1) -> dict[str, str]:
@@ -676,10 +694,13 @@ def _text_job(job: dict[str, Any], when: str) -> list[str]:
 
 # ---- running ----
 
-def hand_over(dev: Any, queue: int, out: Any, arena: int, arena_len: int, indirect: bool) -> None:
+def hand_over(dev: Any, queue: int, out: Any, arena: int, arena_len: int, indirect: bool,
+              arena_addr: int | None = None) -> None:
     """Fill out (a struct dp_ring_handover) for a C driver thread (load, replay) that takes
     dev's ring `queue` (split or packed) over and lays its requests out in the guest memory
-    [arena, arena + arena_len), one indirect descriptor each when indirect."""
+    [arena, arena + arena_len), one indirect descriptor each when indirect. The descriptors
+    carry arena_addr onwards (default: what the device is told for arena: its guest-physical
+    address, or its IOVA in the static window behind a vIOMMU)."""
     ring = dev.rings[queue]
     out.desc_host = dev.mem.uva(ring.desc)
     out.avail_host = dev.mem.uva(ring.avail)
@@ -693,7 +714,10 @@ def hand_over(dev: Any, queue: int, out: Any, arena: int, arena_len: int, indire
     out.indirect = int(indirect)
     out.packed = int(isinstance(ring, PackedVring))
     out.arena_host = dev.mem.uva(arena)
-    out.arena_gpa = arena
+    if arena_addr is None:
+        dma_addr = getattr(dev, "dma_addr", None)   # a stand-in device may lack it
+        arena_addr = dma_addr(arena) if dma_addr is not None else arena
+    out.arena_gpa = arena_addr
     out.arena_len = arena_len
 
 
@@ -750,9 +774,12 @@ def run_load(dev: Any, job: Job, queues: Sequence[int] | None = None,
     else:
         regions = dict.fromkeys(queues, (offset, size))
 
-    arena_size = lib.dp_load_arena_size(job.bs, job.iodepth)
+    viommu = getattr(dev, "iommu", None)
+    per_request = viommu is not None and job.iommu == "request"
+    arena_size = job.arena_size(per_request)
     started = time.time()
     running: list[tuple[int, Any, Any]] = []      # (queue, handle, arena gpa)
+    mapped: list[tuple[int, int]] = []            # (iova, size) mapped for the run
     results: list[QueueResult] = []
     err = ffi.new("int *")
     try:
@@ -771,7 +798,12 @@ def run_load(dev: Any, job: Job, queues: Sequence[int] | None = None,
                     f"queue {q}: no room for {arena_size} bytes of request buffers in guest memory; "
                     f"connect with memory=job.memory_needed({len(queues)})") from None
             p = ffi.new("struct dp_load_params *")
-            hand_over(dev, q, p.ring, arena, arena_size, indirect)
+            arena_addr = None
+            if viommu is not None:
+                arena_addr = _iommu_prepare(dev, job, q, arena, arena_size, per_request, mapped)
+                if per_request:
+                    p.iommu_socket = dev.client.vu
+            hand_over(dev, q, p.ring, arena, arena_size, indirect, arena_addr)
             p.queue = q
             p.rw = RW_MODES[job.rw]
             p.rwmixread = job.rwmixread
@@ -815,7 +847,36 @@ def run_load(dev: Any, job: Job, queues: Sequence[int] | None = None,
             if verify_state is not None:
                 verify_state.generations[q] = st.verify_generation
             results.append(QueueResult(q, tid, regions[q], st))
+        _iommu_release(dev, mapped, per_request)
     return LoadResult(job, results, started, dev.features)
+
+
+def _iommu_prepare(dev: Any, job: Job, queue: int, arena: int, arena_size: int,
+                   per_request: bool, mapped: list[tuple[int, int]]) -> int:
+    """The arena's IOVA for a run behind the frontend's vIOMMU. Per run: the static window's,
+    its pages and the queue's rings pushed now, so that the run itself sees no miss. Per
+    request: fresh IOVAs nothing maps yet (the load thread maps each request's slot)."""
+    viommu = dev.iommu
+    if per_request:
+        iova = viommu.alloc_iova(arena_size)
+    else:
+        iova = viommu.iova(arena)
+        viommu.push(iova, arena_size, job.iommu_page)
+    dev._push_rings(viommu, [dev.rings[queue]], "rings")
+    mapped.append((iova, arena_size))
+    return iova
+
+
+def _iommu_release(dev: Any, mapped: list[tuple[int, int]], per_request: bool) -> None:
+    """The run's mappings end with it: one INVALIDATE per arena (a run that ended early may
+    have left requests mapped)."""
+    for iova, size in mapped:
+        try:
+            dev.iommu.invalidate(iova, size)
+        except DataplaneError as exc:
+            log.warning("vIOMMU: invalidating the run's mappings at %#x: %s", iova, exc)
+        if per_request:
+            dev.iommu.free_iova(iova, size)
 
 
 def run_job(dev: Any, job: Job, queues: Sequence[int] | None = None,
@@ -833,7 +894,7 @@ def run_job(dev: Any, job: Job, queues: Sequence[int] | None = None,
     blocks = next(iter(verify_state.regions.values()))[1] // job.bs
     readback = Job(rw="read", bs=job.bs, iodepth=min(job.iodepth, blocks - 1), runtime=0,
                    number_ios=blocks, verify=True, indirect=job.indirect, timeout=job.timeout,
-                   cpus=job.cpus)
+                   cpus=job.cpus, iommu=job.iommu, iommu_page=job.iommu_page)
     check_run = run_load(dev, readback, [q.queue for q in result.queues], verify_state)
     for q, v in zip(result.queues, check_run.queues, strict=True):
         q.absorb_verify(v)

@@ -18,7 +18,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..errors import DeviceError
-from .vring import DESC, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, GuestMemory, wait_used
+from .vring import (
+    DESC,
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    Dma,
+    GuestMemory,
+    wait_used,
+)
 
 PDESC = struct.Struct("<QIHH")        # addr, len, id, flags
 EVENT = struct.Struct("<HH")          # off_wrap, flags
@@ -159,9 +167,13 @@ class PackedVring:
 
     # -- lists --
 
-    def add_chain(self, bufs: Sequence[tuple[int, int, bool]], indirect: bool = False) -> int:
+    def add_chain(self, bufs: Sequence[tuple[int, int, bool]], indirect: bool = False,
+                  dma: Dma | None = None) -> int:
         """Write a list of (gpa, len, device_writable) buffers into the ring at the avail
-        position; returns its buffer id. The head's flags wait for publish(id)."""
+        position; returns its buffer id. The head's flags wait for publish(id). dma: as for
+        the split ring's add_chain."""
+        if dma is not None:
+            bufs = [(dma(addr, length, writable), length, writable) for addr, length, writable in bufs]
         if not self.free_ids:
             raise DeviceError(f"queue {self.index}: no free buffer id")
         slots = 1 if indirect else len(bufs)
@@ -176,7 +188,8 @@ class PackedVring:
                 self.mem.write(table + 16 * i, PDESC.pack(addr, length, 0,
                                                           VRING_DESC_F_WRITE if writable else 0))
             owned.append(-table)
-            descs = [(table, 16 * len(bufs), VRING_DESC_F_INDIRECT)]
+            table_addr = dma(table, 16 * len(bufs), False) if dma is not None else table
+            descs = [(table_addr, 16 * len(bufs), VRING_DESC_F_INDIRECT)]
         else:
             descs = [(addr, length, (VRING_DESC_F_WRITE if writable else 0)
                       | (VRING_DESC_F_NEXT if i + 1 < len(bufs) else 0))

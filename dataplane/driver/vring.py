@@ -11,7 +11,7 @@ import os
 import select
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,8 @@ VRING_DESC_F_NEXT = 1
 VRING_DESC_F_WRITE = 2
 VRING_DESC_F_INDIRECT = 4
 DESC = struct.Struct("<QIHH")
+# (guest-physical address, length, device-writable) -> the address a descriptor carries
+Dma = Callable[[int, int, bool], int]
 
 
 def _need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
@@ -245,8 +247,13 @@ class Vring:
 
     # -- chains --
 
-    def add_chain(self, bufs: Sequence[tuple[int, int, bool]], indirect: bool = False) -> int:
-        """Write a chain of (gpa, len, device_writable) buffers; returns its head (unpublished)."""
+    def add_chain(self, bufs: Sequence[tuple[int, int, bool]], indirect: bool = False,
+                  dma: Dma | None = None) -> int:
+        """Write a chain of (gpa, len, device_writable) buffers; returns its head (unpublished).
+        dma(gpa, len, writable): the address the device is to use (behind a vIOMMU, an IOVA),
+        for every buffer and the indirect table; default the guest-physical address."""
+        if dma is not None:
+            bufs = [(dma(addr, length, writable), length, writable) for addr, length, writable in bufs]
         if indirect:
             table = self.mem.alloc(16 * len(bufs), 16)
             for i, (addr, length, writable) in enumerate(bufs):
@@ -254,7 +261,8 @@ class Vring:
                     VRING_DESC_F_NEXT if i + 1 < len(bufs) else 0)
                 self.mem.write(table + 16 * i, DESC.pack(addr, length, flags, i + 1))
             head = self._take_desc(1)[0]
-            self.write_desc(head, table, 16 * len(bufs), VRING_DESC_F_INDIRECT)
+            table_addr = dma(table, 16 * len(bufs), False) if dma is not None else table
+            self.write_desc(head, table_addr, 16 * len(bufs), VRING_DESC_F_INDIRECT)
             self.chains[head] = [head, -table]
             return head
         ids = self._take_desc(len(bufs))

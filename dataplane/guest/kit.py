@@ -699,21 +699,33 @@ def qemu_command(
     memory_slots: int = 0,
     max_memory_mb: int = 0,
     memory_kb: int = 0,
+    iommu: bool = False,
 ) -> list[str]:
     """The QEMU argv used to boot ``image`` (exposed for debugging and tests); ``packed``:
     the disk's virtqueues are packed rings (``packed=on``). ``scratch``: a raw file the guest
     gets as a second (QEMU virtio-blk) disk, its device in $DP_SCRATCH. memory_slots and
     max_memory_mb make room for hot-plugged DIMMs (`-m SIZE,slots=N,maxmem=MAX`); memory_kb,
-    when set, is the RAM size in KiB instead of memory_mb."""
+    when set, is the RAM size in KiB instead of memory_mb.
+
+    ``iommu``: the disk behind QEMU's virtual IOMMU, as QEMU 7.2 needs it under TCG: a q35
+    machine, ``intel-iommu`` (interrupt remapping, device IOTLB) before the device, the device
+    behind a PCIe root port (on pcie.0 a virtio device is transitional, which refuses
+    iommu_platform, and ats=on would be ignored) with ``iommu_platform=on,ats=on``, and
+    ``intel_iommu=on`` for the guest kernel (the Debian kernel leaves it off). ATS with a
+    device IOTLB is what makes QEMU send the backend invalidations at all when the guest is in
+    its default lazy mode; add ``iommu.strict=1`` to kernel_args for one per unmap."""
     size = f"{memory_kb}K" if memory_kb else f"{memory_mb}M"
     append = ["console=ttyS0", "quiet", "panic=-1"]
     if socket is not None:
         append.append("dpguest.disk=1")
     if scratch is not None:
         append.append("dpguest.scratch=1")
+    if iommu:
+        append.append("intel_iommu=on")
     append.extend(kernel_args)
     cmd = [
         QEMU_BINARY,
+        *(["-machine", "q35"] if iommu else []),
         "-accel", "tcg,thread=multi",
         "-cpu", "max",
         "-smp", str(smp),
@@ -729,12 +741,18 @@ def qemu_command(
         "-append", " ".join(append),
     ]  # fmt: skip
     if socket is not None:
+        if iommu:
+            cmd += [
+                "-device", "intel-iommu,intremap=on,device-iotlb=on",
+                "-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=1",
+            ]  # fmt: skip
         cmd += [
             "-chardev", f"socket,id=vub0,path={socket}",
             "-device", (
                 "vhost-user-blk-pci,chardev=vub0"
                 f",num-queues={num_queues},queue-size={queue_size}"
                 + (",packed=on" if packed else "")
+                + (",bus=rp1,iommu_platform=on,ats=on" if iommu else "")
             ),
         ]  # fmt: skip
     if scratch is not None:
@@ -903,6 +921,7 @@ class BootOptions(TypedDict, total=False):
     memory_slots: int
     max_memory_mb: int
     memory_kb: int
+    iommu: bool
 
 
 def initrd_with_script(image: GuestImage, script: str, out: Path) -> Path:
@@ -924,8 +943,8 @@ def start_guest(
     **boot: Unpack[BootOptions],
 ) -> GuestHandle:
     """Boot ``image`` running ``script`` as /test.sh; returns immediately. ``boot``: socket
-    (required), num_queues, smp, memory_mb, queue_size, packed, kernel_args, extra_args (see
-    qemu_command)."""
+    (required), num_queues, smp, memory_mb, queue_size, packed, kernel_args, extra_args, iommu
+    (see qemu_command)."""
     if shutil.which(QEMU_BINARY) is None:
         raise GuestError(f"{QEMU_BINARY} not installed")
     workdir = Path(tempfile.mkdtemp(prefix="dp-guest-"))
@@ -969,6 +988,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--queues", type=int, default=2)
     run.add_argument("--queue-size", type=int, default=128)
     run.add_argument("--packed", action="store_true", help="packed virtqueues (packed=on)")
+    run.add_argument("--iommu", action="store_true",
+                     help="the disk behind intel-iommu (q35, root port, iommu_platform=on,ats=on)")
     run.add_argument("--smp", type=int, default=2)
     run.add_argument("--memory", type=int, default=1024, help="guest RAM in MiB")
     run.add_argument("--timeout", type=float, default=300)
@@ -987,7 +1008,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run_guest(
             image, args.script.read_text(), socket=args.socket, num_queues=args.queues,
             queue_size=args.queue_size, packed=args.packed, smp=args.smp, memory_mb=args.memory,
-            timeout=args.timeout,
+            timeout=args.timeout, iommu=args.iommu,
             kernel_args=args.append, log_path=args.log, echo=sys.stdout,
         )  # fmt: skip
     except GuestTimeout as exc:

@@ -117,6 +117,28 @@ LOG = struct.Struct("<QQ")                 # SET_LOG_BASE: mmap_size, mmap_offse
 CONFIG_HEADER = struct.Struct("<III")      # offset, size, flags
 INFLIGHT = struct.Struct("<QQHH4x")        # mmap_size, mmap_offset, num_queues, queue_size
 INFLIGHT_MIN_SIZE = 20                     # the struct without its tail padding
+# IOTLB_MSG (22) and the back end's IOTLB miss: struct vhost_iotlb_msg {u64 iova, size, uaddr;
+# u8 perm, type; 6 bytes of padding}. QEMU leaves uaddr, perm and the padding of an
+# INVALIDATE uninitialised: they mean nothing there.
+IOTLB_MSG = struct.Struct("<QQQBB6x")
+VHOST_ACCESS_RO, VHOST_ACCESS_WO, VHOST_ACCESS_RW = 1, 2, 3
+
+
+class IotlbType(IntEnum):
+    MISS = 1
+    UPDATE = 2
+    INVALIDATE = 3
+    ACCESS_FAIL = 4
+    BATCH_BEGIN = 5
+    BATCH_END = 6
+
+
+class BackendRequest(IntEnum):
+    """What a back end sends on the channel SET_BACKEND_REQ_FD hands it (QEMU 7.2 reads these)."""
+
+    IOTLB_MSG = 1
+    CONFIG_CHANGE_MSG = 2
+    VRING_HOST_NOTIFIER_MSG = 3
 
 
 class Message:

@@ -37,6 +37,52 @@ exit $rc
 """
 
 
+def timed_verify_job(runtime: int, size: str, bsrange: str = "4k-128k", iodepth: int = 32,
+                     offsets: tuple[str, str] = ("0", "128m")) -> str:
+    """A fio job file: randwrite + crc32c verify for `runtime` seconds (time based, fatal on
+    the first mismatch), jobs q0 and q1 at `offsets`, pinned to vCPUs 0 and 1."""
+    return f"""[global]
+filename=/dev/vda
+ioengine=libaio
+direct=1
+iodepth={iodepth}
+bsrange={bsrange}
+rw=randwrite
+verify=crc32c
+do_verify=1
+verify_fatal=1
+verify_state_save=0
+time_based=1
+runtime={runtime}
+size={size}
+[q0]
+offset={offsets[0]}
+cpus_allowed=0
+[q1]
+offset={offsets[1]}
+cpus_allowed=1
+"""
+
+
+def fio_in_background(job: str) -> str:
+    """Shell: write `job` to /tmp/job.fio, start fio on it in the background ($fpid, output in
+    /tmp/fio.out), wait until the disk has seen a write (30 s at most), echo DP-FIO-RUNNING."""
+    return f"""
+cat > /tmp/job.fio <<'EOF'
+{job}EOF
+w0=$(awk '{{print $5}}' /sys/block/vda/stat)
+fio /tmp/job.fio > /tmp/fio.out 2>&1 &
+fpid=$!
+i=0
+while [ "$(awk '{{print $5}}' /sys/block/vda/stat)" = "$w0" ] && kill -0 $fpid 2>/dev/null \\
+        && [ $i -lt 1500 ]; do
+    sleep 0.02
+    i=$((i + 1))
+done
+echo DP-FIO-RUNNING
+"""
+
+
 def fio_job_errors(console: str) -> dict[str, str]:
     """job name -> fio's err= of each job the script reported."""
     return dict(_JOB_RE.findall(console))

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fio_scripts import timed_verify_job
 from serve_process import ServeProcess
 
 from dataplane.guest import GuestImage, Qmp, start_guest
@@ -36,30 +37,6 @@ RUNNING_TIMEOUT = 90.0
 FINISH_TIMEOUT = 200.0
 
 
-def fio_job(runtime: int, bs: str, size: str, offsets: tuple[str, str] = ("0", "128m")) -> str:
-    return f"""[global]
-filename=/dev/vda
-ioengine=libaio
-direct=1
-iodepth=32
-bsrange={bs}
-rw=randwrite
-verify=crc32c
-do_verify=1
-verify_fatal=1
-verify_state_save=0
-time_based=1
-runtime={runtime}
-size={size}
-[q0]
-offset={offsets[0]}
-cpus_allowed=0
-[q1]
-offset={offsets[1]}
-cpus_allowed=1
-"""
-
-
 GUEST_SCRIPT = f"""
 memtotal() {{ awk '/MemTotal/ {{print $2}}' /proc/meminfo; }}
 movable_free() {{ awk '/^Node/ {{z=$4}} z=="Movable" && /pages free/ {{print $3; exit}}' /proc/zoneinfo; }}
@@ -69,11 +46,11 @@ wait_memtotal() {{   # CMP KB: until MemTotal compares so (-ge / -le) with KB, 6
     [ "$(memtotal)" $1 $2 ]
 }}
 cat > /tmp/a.fio <<'EOF'
-{fio_job(30, "4k-128k", "96m")}EOF
+{timed_verify_job(30, "96m")}EOF
 cat > /tmp/b.fio <<'EOF'
-{fio_job(8, "256k-512k", "32m", ("96m", "224m"))}EOF
+{timed_verify_job(8, "32m", "256k-512k", offsets=("96m", "224m"))}EOF
 cat > /tmp/c.fio <<'EOF'
-{fio_job(5, "4k-64k", "32m")}EOF
+{timed_verify_job(5, "32m", "4k-64k")}EOF
 w0=$(awk '{{print $5}}' /sys/block/vda/stat)
 fio /tmp/a.fio > /tmp/a.out 2>&1 &
 apid=$!

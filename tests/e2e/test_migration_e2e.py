@@ -36,11 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from fio_scripts import fio_in_background, timed_verify_job
 from serve_process import ServeProcess
 
 from dataplane.guest import GuestHandle, GuestImage, Qmp, QmpError, start_guest
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(360)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 DISK_SIZE = 256 << 20
 QUEUES = 2
@@ -51,47 +52,13 @@ QUEUES = 2
 # kernel pages, with no vhost-user device at all (seen here: oopses on B). Any other size
 # takes the page-by-page path, which resets the TLB. KVM is not affected.
 MEMORY_KB = (1 << 20) - 8
-FIO_RUNTIME = 40
+FIO_RUNTIME = 60            # long enough for a migration on a loaded 2-CPU host (seen: 43 s)
 MIGRATE_AFTER = 12.0          # seconds of fio on A before the migration starts
 RUNNING_TIMEOUT = 90.0        # boot + fio's first writes
 MIGRATION_TIMEOUT = 90.0
 FINISH_MARGIN = 90.0          # after fio's runtime: final verify pass, power-off
 
-FIO_JOB = f"""[global]
-filename=/dev/vda
-ioengine=libaio
-direct=1
-iodepth=32
-bsrange=4k-128k
-rw=randwrite
-verify=crc32c
-do_verify=1
-verify_fatal=1
-verify_state_save=0
-time_based=1
-runtime={FIO_RUNTIME}
-size=120m
-[q0]
-offset=0
-cpus_allowed=0
-[q1]
-offset=128m
-cpus_allowed=1
-"""
-
-FIO_SCRIPT = f"""
-cat > /tmp/job.fio <<'EOF'
-{FIO_JOB}EOF
-w0=$(awk '{{print $5}}' /sys/block/vda/stat)
-fio /tmp/job.fio > /tmp/fio.out 2>&1 &
-fpid=$!
-i=0
-while [ "$(awk '{{print $5}}' /sys/block/vda/stat)" = "$w0" ] && kill -0 $fpid 2>/dev/null \\
-        && [ $i -lt 1500 ]; do
-    sleep 0.02
-    i=$((i + 1))
-done
-echo DP-FIO-RUNNING
+FIO_SCRIPT = fio_in_background(timed_verify_job(FIO_RUNTIME, "120m")) + """
 wait $fpid
 echo "DP-FIO-RC $?"
 grep -E 'err=|issued rwts|verify' /tmp/fio.out | sed 's/^ */DP-FIO /'
@@ -275,6 +242,7 @@ def test_fio_verify_survives_migration(guest_image: GuestImage, tmp_path: Path, 
         status = wait_migration(m, MIGRATION_TIMEOUT)
         report(m, record_property, "file disk, unix socket")
         assert status == "completed", m.diag()
+        assert "DP-FIO-RC" not in m.output("A"), f"fio ended on A before the migration did{m.diag()}"
         assert m.qmp["B"].cmd("query-status")["status"] == "running", m.diag()
         m.qmp["A"].cmd("quit")
         assert wait_guest_done(m, "B", FIO_RUNTIME + FINISH_MARGIN), f"guest did not finish on B{m.diag()}"
@@ -331,6 +299,22 @@ def memory_migration(image: GuestImage, tmp: Path, flags_a: tuple[str, ...]) -> 
         raise
 
 
+def held_memory_migration(image: GuestImage, tmp: Path, flags_a: tuple[str, ...],
+                          tries: int = 3) -> tuple[Migration, str]:
+    """memory_migration until it was held past a read on A (check_held's premise): on a loaded
+    host the guest's rounds can be so slow that the migration converges before the first read,
+    and such a run tests nothing. Only that premise is retried, never an outcome."""
+    for attempt in range(tries):
+        where = tmp / f"try{attempt}"
+        where.mkdir()
+        m, status = memory_migration(image, where, flags_a)
+        if status != "completed" or m.held_round is not None or attempt + 1 == tries:
+            return m, status
+        print(f"\nattempt {attempt + 1}: the migration converged before a read on A; again")
+        m.close()
+    raise AssertionError("unreachable")
+
+
 def check_held(m: Migration) -> None:
     """The migration converged only after a round's read on A, and that round was checked on
     B: only then does the run test what it means to."""
@@ -342,7 +326,7 @@ def check_held(m: Migration) -> None:
 
 def test_guest_memory_the_device_wrote_arrives(guest_image: GuestImage, tmp_path: Path,
                                                record_property) -> None:
-    m, status = memory_migration(guest_image, tmp_path, ())
+    m, status = held_memory_migration(guest_image, tmp_path, ())
     try:
         report(m, record_property, "null disk, tcp")
         assert status == "completed", m.diag()
@@ -359,19 +343,31 @@ def test_guest_memory_the_device_wrote_arrives(guest_image: GuestImage, tmp_path
         m.close()
 
 
+@pytest.mark.timeout(900)
 def test_without_the_dirty_log_the_destination_gets_stale_memory(guest_image: GuestImage,
                                                                  tmp_path: Path) -> None:
-    m, status = memory_migration(guest_image, tmp_path, ("--debug-no-dirty-log",))
-    try:
-        if status == "completed":
-            check_held(m)
-        bad = [x for x in m.markers("B", "DP-DMESG") if "I/O error" in x or "not a head" in x]
-        clean = (status == "completed" and "DP-DONE" in m.output("B")
-                 and not m.markers("B", "DP-MEM-BAD") and not bad
-                 and m.guests["B"].running() is False)
-        refused = "VQ" in m.output("B") and "used_idx" in m.output("B")
-        print(f"\nwithout the dirty log: migration {status}; QEMU B refused a stale ring: {refused};"
-              f" pattern found on B: {m.markers('B', 'DP-MEM-BAD')}")
-        assert not clean, f"without the dirty log the migration went unnoticed{m.diag()}"
-    finally:
-        m.close()
+    """--debug-no-dirty-log: the same run must end with stale memory on B (or a ring QEMU B
+    refuses). Whether the device's writes land after QEMU sent those pages is timing (a slow,
+    loaded host can let the last pass copy them anyway), so up to three runs: one that shows
+    the loss is enough; three that show none fail the test."""
+    seen = []
+    for run in range(3):
+        where = tmp_path / f"run{run}"
+        where.mkdir()
+        m, status = held_memory_migration(guest_image, where, ("--debug-no-dirty-log",))
+        try:
+            if status == "completed":
+                check_held(m)
+            bad = [x for x in m.markers("B", "DP-DMESG") if "I/O error" in x or "not a head" in x]
+            clean = (status == "completed" and "DP-DONE" in m.output("B")
+                     and not m.markers("B", "DP-MEM-BAD") and not bad
+                     and m.guests["B"].running() is False)
+            refused = "VQ" in m.output("B") and "used_idx" in m.output("B")
+            print(f"\nwithout the dirty log (run {run + 1}): migration {status}; QEMU B refused a"
+                  f" stale ring: {refused}; pattern found on B: {m.markers('B', 'DP-MEM-BAD')}")
+            if not clean:
+                return
+            seen.append(m.diag())
+        finally:
+            m.close()
+    pytest.fail("without the dirty log the migration went unnoticed three times" + seen[-1])

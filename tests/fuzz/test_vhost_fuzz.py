@@ -3,8 +3,9 @@
 Two targets:
 * in-process: message sequences (well-formed structs with hostile values, random bytes,
   random fds) straight into VhostUserBlkDevice.handle(), including sequences that map
-  memory and start queues on rings full of garbage, split or packed, so both C ring walkers
-  are fuzzed too;
+  memory and start queues on rings full of garbage, split or packed, directly or behind a
+  vIOMMU (IOTLB updates and invalidations with hostile values among them), so both C ring
+  walkers and the IOTLB are fuzzed too;
 * over the socket: random byte streams, after which the server must still serve a frontend.
 
 Invariants: no exception escapes the handler, no fd is leaked, every started queue stops
@@ -29,6 +30,7 @@ from dataplane.disks import open_disk
 from dataplane.driver import Device
 from dataplane.protocol.vhost_user import (
     CONFIG_HEADER,
+    IOTLB_MSG,
     MEMORY_HEADER,
     MEMORY_REGION,
     U64,
@@ -42,7 +44,8 @@ from dataplane.protocol.vhost_user import (
 
 EXAMPLES = int(os.environ.get("DATAPLANE_FUZZ_EXAMPLES", "300"))
 MEM_SIZE = 1 << 20
-CASES = {"in_process": 0, "socket": 0, "kicks": 0, "packed": 0}
+CASES = {"in_process": 0, "socket": 0, "kicks": 0, "packed": 0, "iommu": 0}
+IOVA = 0x1_0000_0000          # where _plausible_start maps guest memory behind the vIOMMU
 
 pytestmark = pytest.mark.fuzz
 
@@ -89,6 +92,10 @@ def _garbage_rings(seed: int, packed: bool = False) -> bytes:
 def _make_fd(kind: str) -> int:
     if kind == "eventfd":
         return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    if kind == "socket":   # a back-end channel whose front end went away: misses go nowhere
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        theirs.close()
+        return ours.detach()
     if kind.startswith("memfd"):
         fd = os.memfd_create("fuzz", os.MFD_CLOEXEC)
         os.ftruncate(fd, MEM_SIZE)
@@ -133,6 +140,17 @@ def structured_message(draw) -> tuple[int, bytes, list[str]]:
         payload = CONFIG_HEADER.pack(draw(st.integers(0, 300)), size, 0) + draw(st.binary(max_size=size))
     elif req in (Request.SET_FEATURES, Request.SET_PROTOCOL_FEATURES):
         payload = U64.pack(draw(u64))
+    elif req == Request.IOTLB_MSG:
+        iova = draw(st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, IOVA, 2**64 - 4096]),
+                              st.integers(0, 64).map(lambda p: IOVA + p * 4096)))
+        size = draw(st.sampled_from([0, 1, 4096, 8192, MEM_SIZE, 2**64 - 1, 0xFFFF_FFFF_0110_0000]))
+        uaddr = draw(st.one_of(st.integers(0, 2**64 - 1),
+                               st.integers(0, MEM_SIZE // 4096).map(lambda p: 0x7F0000000000 + p * 4096)))
+        payload = IOTLB_MSG.pack(iova, size, uaddr, draw(st.integers(0, 255)),
+                                 draw(st.sampled_from([0, 1, 2, 2, 3, 3, 4, 5, 6, 255])))
+    elif req == Request.SET_BACKEND_REQ_FD:
+        fds = draw(st.lists(st.sampled_from(["socket", "eventfd", "null"]), max_size=2))
+        payload = b""
     else:
         payload = draw(st.binary(max_size=64))
     return int(req), payload, fds
@@ -154,22 +172,42 @@ def message_stream(draw) -> list[tuple[int, int, bytes, list[str]]]:
     return out
 
 
-def _plausible_start(seed: int, packed: bool = False) -> list[tuple[int, int, bytes, list[str]]]:
+def _plausible_start(seed: int, packed: bool = False,
+                     iommu: bool = False) -> list[tuple[int, int, bytes, list[str]]]:
     """A valid start-up sequence whose rings (split, or packed: the descriptor ring, the driver
-    and the device areas at the same offsets) sit in a memfd full of random bytes."""
+    and the device areas at the same offsets) sit in a memfd full of random bytes. With iommu:
+    behind a vIOMMU, guest memory mapped at IOVA + its offset, a page at a time with random
+    permissions and some pages left out, so that the garbage rings' addresses (guest-physical
+    ones) miss, fault or hit."""
     uva = 0x7F0000000000
     features = (1 << 32) | (1 << 28) | (1 << 29) | (1 << 30) | ((1 << 34) if packed else 0)
-    seq = [
+    seq = []
+    base = 0
+    if iommu:
+        features |= 1 << 33
+        proto = (1 << 3) | (1 << 5)   # REPLY_ACK, BACKEND_REQ
+        seq += [(Request.SET_PROTOCOL_FEATURES, 1, U64.pack(proto), []),
+                (Request.SET_BACKEND_REQ_FD, 9, b"", ["socket"])]
+        base = IOVA
+    seq += [
         (Request.SET_FEATURES, 1, U64.pack(features), []),
         (Request.SET_MEM_TABLE, 1, MEMORY_HEADER.pack(1, 0) + MEMORY_REGION.pack(0, MEM_SIZE, uva, 0),
          [f"memfd{'-packed' if packed else ''}:{seed}"]),
     ]
+    if iommu:
+        rng = random.Random(seed)
+        for p in range(24):   # the rings' pages, headers, some buffers
+            if p < 2 or rng.random() < 0.8:
+                perm = 3 if p < 2 else rng.choice([1, 2, 3, 3, 3])
+                seq.append((Request.IOTLB_MSG, 9, IOTLB_MSG.pack(IOVA + p * 4096, 4096, uva + p * 4096,
+                                                                 perm, 2), []))
+    ring = (lambda off: base + off) if iommu else (lambda off: uva + off)
     for q in range(2):
         seq += [
             (Request.SET_VRING_NUM, 1, VRING_STATE.pack(q, 8), []),
             (Request.SET_VRING_BASE, 1, VRING_STATE.pack(q, 0x80008000 if packed else 0), []),
-            (Request.SET_VRING_ADDR, 1, VRING_ADDR.pack(q, 0, uva + q * 4096, uva + q * 4096 + 3072,
-                                                       uva + q * 4096 + 2048, 0), []),
+            (Request.SET_VRING_ADDR, 1, VRING_ADDR.pack(q, 0, ring(q * 4096), ring(q * 4096 + 3072),
+                                                       ring(q * 4096 + 2048), 0), []),
             (Request.SET_VRING_KICK, 1, U64.pack(q), ["eventfd"]),
             (Request.SET_VRING_ENABLE, 1, VRING_STATE.pack(q, 1), []),
         ]
@@ -188,21 +226,25 @@ def campaign_summary() -> str | None:
     if not CASES["in_process"] and not CASES["socket"]:
         return None
     return (f"fuzz campaign: {CASES['in_process']} in-process message streams ({CASES['packed']} "
-            f"starting packed rings), {CASES['socket']} socket byte streams, {CASES['kicks']} kicks "
-            f"on garbage rings (DATAPLANE_FUZZ_EXAMPLES={EXAMPLES})")
+            f"starting packed rings, {CASES['iommu']} behind a vIOMMU), {CASES['socket']} socket"
+            f" byte streams, {CASES['kicks']} kicks on garbage rings"
+            f" (DATAPLANE_FUZZ_EXAMPLES={EXAMPLES})")
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
-@given(stream=message_stream(), start=st.booleans(), packed=st.booleans(),
+@given(stream=message_stream(), start=st.booleans(), packed=st.booleans(), iommu=st.booleans(),
        seed=st.integers(0, 2**32), data=st.data())
-def test_random_message_streams_never_crash_hang_or_leak(fuzz_disk, stream, start, packed, seed, data):
+def test_random_message_streams_never_crash_hang_or_leak(fuzz_disk, stream, start, packed, iommu,
+                                                          seed, data):
     CASES["in_process"] += 1
     CASES["packed"] += int(start and packed)
+    CASES["iommu"] += int(start and iommu)
     before = _fd_count()
     engines = EnginePool(ring_entries=64)
-    device = VhostUserBlkDevice(fuzz_disk, 2, engines)
+    # a short miss timeout: garbage rings park requests on IOVAs nothing will ever map
+    device = VhostUserBlkDevice(fuzz_disk, 2, engines, iotlb_miss_timeout_ms=20)
     try:
-        sequence = (_plausible_start(seed, packed) if start else []) + stream
+        sequence = (_plausible_start(seed, packed, iommu) if start else []) + stream
         for req, flags, payload, fd_kinds in sequence:
             fds = [_make_fd(k) for k in fd_kinds]
             msg = Message(req, flags, payload, fds)
