@@ -39,7 +39,8 @@ def connect_time(path: Path, fixed: str, memory: int, work: Path) -> tuple[float
         while not sock.exists():
             time.sleep(0.01)
         t0 = time.monotonic()
-        with Device.connect(str(sock), queues=1, memory=memory) as dev:
+        # registration answers SET_VRING_ENABLE only when it is done: give it time
+        with Device.connect(str(sock), queues=1, memory=memory, timeout=600) as dev:
             elapsed = time.monotonic() - t0
             buffers = server.device.stats()[0]["fixed_buffers"]
             dev.write(0, b"x" * 4096)

@@ -19,10 +19,10 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import threading
 from pathlib import Path
 
 import pytest
+from hotplug import hot_plug_under_load
 from serve_process import ServeProcess
 
 from dataplane.backend import fetch_stats
@@ -104,29 +104,21 @@ def test_hot_plugged_memory_is_registered_on_the_engine_thread(start_backend, di
     backend = start_backend(str(disk_file), queues=3)
     job = Job(rw="randrw", bs=4096, iodepth=16, runtime=1.5, verify=True, size=32 * MiB)
     with Device.connect(backend.socket, queues=3, memory=job.memory_needed(3)) as dev:
-        result = {}
-        load = threading.Thread(target=lambda: result.setdefault("r", run_load(dev, job, [0, 1])))
-        load.start()
-        cycles = 0
-        try:
-            while load.is_alive() or cycles < 3:
-                before = backend.device.stats()[2]
-                areas = [dev.add_memory(2 * MiB) for _ in range(2)]
-                assert backend.device.stats()[2]["fixed_buffers"] == before["fixed_buffers"] + 2
-                for i, area in enumerate(areas):
-                    data = os.urandom(64 * 1024)
-                    offset = 40 * MiB + (cycles * 2 + i) % 64 * 64 * 1024
-                    dev.write(offset, data, queue=2, area=area)
-                    assert dev.read(offset, len(data), queue=2, area=area) == data
-                after = backend.device.stats()[2]
-                assert after["fixed_ios"] - before["fixed_ios"] == 4, "hot-plugged memory went as readv"
-                for area in reversed(areas):
-                    dev.remove_memory(area)
-                assert backend.device.stats()[2]["fixed_buffers"] == before["fixed_buffers"]
-                cycles += 1
-        finally:
-            load.join()
-        assert_clean(result["r"])
+        seen: dict[str, dict] = {}
+
+        def phase(name: str, cycle: int) -> None:
+            now = backend.device.stats()[2]
+            if name == "start":
+                seen["before"] = now
+            elif name == "added":
+                assert now["fixed_buffers"] == seen["before"]["fixed_buffers"] + 2
+            elif name == "io":
+                assert now["fixed_ios"] - seen["before"]["fixed_ios"] == 4, "hot-plugged memory went as readv"
+            else:
+                assert now["fixed_buffers"] == seen["before"]["fixed_buffers"]
+
+        result, _ = hot_plug_under_load(dev, job, areas=2, min_cycles=3, offset=40 * MiB, phase=phase)
+        assert_clean(result)
         stats = backend.device.stats()
         assert all(s["fixed_error"] == 0 for s in stats)
         assert stats[0]["fixed_ios"] == stats[0]["reads"] + stats[0]["writes"]
