@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -54,6 +56,7 @@ def run(args: argparse.Namespace, cells: Sequence[Cell], variants: dict[str, dic
     backend = dataplane_backend("serve", work / "vub.sock", DISK, max(q for q, _ in cells), work)
     names = list(variants)
     runs: list[dict] = []
+    load_before = os.getloadavg()
     backend.start()
     try:
         for rep in range(args.reps):
@@ -74,12 +77,17 @@ def run(args: argparse.Namespace, cells: Sequence[Cell], variants: dict[str, dic
                     runs.append({"rep": rep, "queues": queues, "iodepth": qd, key: name,
                                  "iops": read["iops"],
                                  "p50_us": read["clat_ns"]["percentile"]["50.000000"] / 1e3,
-                                 "cpu_us_per_io": out.backend_cpu_s / max(out.served_ios, 1) * 1e6})
+                                 "cpu_us_per_io": out.backend_cpu_s / max(out.served_ios, 1) * 1e6,
+                                 # cores the rest of the machine used during the run
+                                 "other_cores": max(0.0, out.host_busy_s - out.ours_s) / out.wall_s})
     finally:
         backend.stop()
     if args.json is not None:
         args.json.write_text(json.dumps({"cells": cells, "reps": args.reps, "seconds": args.seconds,
-                                         key + "s": names, "runs": runs}, indent=1) + "\n")
+                                         key + "s": names, "argv": sys.argv,
+                                         "loadavg_before": load_before,
+                                         "loadavg_after": os.getloadavg(), "runs": runs},
+                                        indent=1) + "\n")
     return runs
 
 
@@ -90,3 +98,21 @@ def medians(runs: list[dict], cell: Cell, names: Sequence[str], key: str) -> dic
         rows = [r for r in runs if (r["queues"], r["iodepth"], r[key]) == (*cell, name)]
         out[name] = {k: statistics.median(r[k] for r in rows) for k in FIGURES}
     return out
+
+
+def paired(runs: list[dict], cell: Cell, variant: str, base: str, key: str) -> str:
+    """variant / base within each repetition (the two ran back to back: their ratio cancels the
+    machine's drift better than a ratio of medians, and its spread says how far to trust it):
+    median [min-max] of IOPS and CPU per I/O, and the other work on the host meanwhile."""
+    pairs: dict[int, dict[str, dict]] = {}
+    for r in runs:
+        if (r["queues"], r["iodepth"]) == cell:
+            pairs.setdefault(r["rep"], {})[r[key]] = r
+    pairs = {rep: p for rep, p in pairs.items() if variant in p and base in p}
+    iops = [p[variant]["iops"] / p[base]["iops"] for p in pairs.values()]
+    cpu = [p[variant]["cpu_us_per_io"] / p[base]["cpu_us_per_io"] for p in pairs.values()]
+    other = [p[v]["other_cores"] for p in pairs.values() for v in (variant, base)]
+    return (f"IOPS {statistics.median(iops):.3f} [{min(iops):.2f}-{max(iops):.2f}]"
+            f" | CPU/IO {statistics.median(cpu):.3f} [{min(cpu):.2f}-{max(cpu):.2f}]"
+            f" | other {statistics.median(other):.2f} [{min(other):.2f}-{max(other):.2f}]")
+

@@ -114,14 +114,21 @@ PLACEMENT_SYSTEMS = {
                           about="serve --poll-us 50; load unpinned"),
     "file-poll50-lpoll50": System("dataplane-poll50-lpoll50", "dataplane-file-poll50", poll_us=50,
                                   about="serve --poll-us 50; load --poll-us 50, unpinned"),
+    "file-fixed-all": System("dataplane-fixed-all", "dataplane-file-fixed-all",
+                             about="serve --fixed all (guest memory registered as fixed buffers "
+                                   "too); load unpinned"),
+    "file-lpoll50": System("dataplane-lpoll50", "dataplane-file", poll_us=50,
+                           about="serve's defaults; load --poll-us 50 (the guest side spins, as a "
+                                 "vCPU under KVM's halt polling does), unpinned"),
 }
 PLACEMENT_CELLS = [
     ("null", "randread-4k-qd32", 1, ["poll50", "unpinned", "samecpu", "xcpu", "xcpu-poll10",
                                      "xcpu-poll50", "xcpu-poll50-lpoll50", "qsd-xcpu"]),
     ("null", "randread-4k-qd1", 1, ["poll50"]),
     ("null", "randread-4k-qd32", 2, ["poll50"]),
-    ("file", "randread-4k-qd1", 1, ["file-poll50", "file-poll50-lpoll50"]),
-    ("file", "randread-4k-qd32", 1, ["file-poll50", "file-poll50-lpoll50"]),
+    ("file", "randread-4k-qd1", 1, ["file-poll50", "file-poll50-lpoll50", "file-fixed-all", "file-lpoll50"]),
+    ("file", "randread-4k-qd32", 1, ["file-poll50", "file-poll50-lpoll50", "file-fixed-all"]),
+    ("file", "randread-4k-qd128", 1, ["file-fixed-all"]),
 ]
 
 
@@ -196,11 +203,18 @@ def backend_factories(file_path: Path, logdir: Path) -> dict[str, BackendFactory
         "dataplane-file": lambda s: dataplane_backend("dataplane-file", s, f, 2, logdir),
         "dataplane-file-poll50": lambda s: dataplane_backend("dataplane-file-poll50", s, f, 2,
                                                              logdir, poll_us=50),
+        "dataplane-file-fixed-all": lambda s: with_args(
+            dataplane_backend("dataplane-file-fixed-all", s, f, 2, logdir), "--fixed", "all"),
         "qsd-null": lambda s: qsd_backend("qsd-null", s, "null", NULL_SIZE, 2, logdir),
         "qsd-null-cpu0": lambda s: qsd_backend("qsd-null-cpu0", s, "null", NULL_SIZE, 2, logdir,
                                                cpus="0"),
         "qsd-file": lambda s: qsd_backend("qsd-file", s, f, 0, 2, logdir),
     }
+
+
+def with_args(backend: Backend, *args: str) -> Backend:
+    backend.argv += list(args)
+    return backend
 
 
 def prepare_file(path: Path, size: int) -> None:

@@ -54,6 +54,11 @@ def main() -> int:
             print(f"{queues:>6} {qd:>4} {mode:>7} | {m['iops']:>10.0f} {m['iops'] / off['iops']:>6.3f} | "
                   f"{m['cpu_us_per_io']:>9.2f} {m['cpu_us_per_io'] / off['cpu_us_per_io']:>6.3f} | "
                   f"{m['p50_us']:>8.1f}")
+    print("\nmode / off within each repetition: median [min-max]; other work on the host (cores)")
+    for cell in cells:
+        for mode in (m for m in modes if m != "off"):
+            ratios = alternate.paired(runs, cell, mode, "off", "mode")
+            print(f"{cell[0]:>6} {cell[1]:>4} {mode:>7} | {ratios}")
     return 0
 
 

@@ -2,7 +2,8 @@
 driven by `dataplane load --ring split` and `--ring packed` alternately (the order flips every
 repetition), 4k randread at QD1, QD32 and QD128 on 1 and 2 queues; IOPS, median completion
 latency and the backend's CPU per I/O (its process's utime + stime over the run, divided by the
-I/Os it served), medians over the repetitions, and packed / split ratios:
+I/Os it served), medians over the repetitions, and packed / split ratios, also paired within
+each repetition (bench/alternate.py):
 
     python bench/packed.py [--reps 5] [--seconds 3] [--cells 1:1,1:32,1:128,2:1,2:32,2:128]
                            [--cpus LIST] [--json out.json]
@@ -46,6 +47,9 @@ def main() -> int:
         print(f"{queues:>6} {qd:>4} | {s['iops']:>10.0f} {k['iops']:>10.0f} {k['iops'] / s['iops']:>6.3f} | "
               f"{s['cpu_us_per_io']:>15.2f} {k['cpu_us_per_io']:>7.2f} "
               f"{k['cpu_us_per_io'] / s['cpu_us_per_io']:>6.3f} | {s['p50_us']:>12.1f} {k['p50_us']:>7.1f}")
+    print("\npacked / split within each repetition: median [min-max]; other work on the host (cores)")
+    for cell in cells:
+        print(f"{cell[0]:>6} {cell[1]:>4} | {alternate.paired(runs, cell, 'packed', 'split', 'ring')}")
     return 0
 
 

@@ -131,6 +131,17 @@ def overhead(args: argparse.Namespace, work: Path) -> list[dict]:
                   f"{statistics.median(r['cpu_us_per_io'] for r in sel):17.3f}  "
                   f"{statistics.median(r['writer_us_per_io'] for r in sel):12.3f}  "
                   f"{sum(r['dropped'] for r in sel)}")
+    # Each round ran the three modes back to back: the ratio to the same round's run without
+    # recording, and its spread over the rounds (how far a shared machine moved the figure).
+    print("\nrecording / off within each round: median [min-max]")
+    for queues in args.queues:
+        off = {r["round"]: r for r in runs if r["queues"] == queues and r["mode"] == "off"}
+        for mode in MODES[1:]:
+            sel = [r for r in runs if r["queues"] == queues and r["mode"] == mode]
+            iops = [r["iops"] / off[r["round"]]["iops"] for r in sel]
+            cpu = [r["cpu_us_per_io"] / off[r["round"]]["cpu_us_per_io"] for r in sel]
+            print(f"{queues:6d}  {mode:9s}  IOPS {statistics.median(iops):.3f} [{min(iops):.2f}-"
+                  f"{max(iops):.2f}]  CPU/IO {statistics.median(cpu):.3f} [{min(cpu):.2f}-{max(cpu):.2f}]")
     return runs
 
 
@@ -144,15 +155,17 @@ class SlowReader(threading.Thread):
 
     def run(self) -> None:
         os.set_blocking(self.fd, True)
-        start = time.monotonic()
+        start = None    # the rate counts from the first byte: no credit for the backend's start-up
         while True:
-            if not self.hurry.is_set():
-                due = start + len(self.data) / self.rate
-                if time.monotonic() < due:
-                    time.sleep(min(0.01, due - time.monotonic()))
+            if not self.hurry.is_set() and start is not None:
+                wait = start + len(self.data) / self.rate - time.monotonic()
+                if wait > 0:
+                    time.sleep(min(0.01, wait))
                     continue
             chunk = os.read(self.fd, 4096 if not self.hurry.is_set() else 1 << 20)
             if chunk:
+                if start is None:
+                    start = time.monotonic()
                 self.data += chunk
             elif self.hurry.is_set():
                 return
@@ -345,7 +358,7 @@ def main() -> int:
     parts = args.only or ["overhead", "drops", "writers"]
     work = Path(tempfile.mkdtemp(prefix="dp-bench-record-"))
     (work / "logs").mkdir()
-    out: dict[str, list[dict]] = {}
+    out: dict = {"argv": sys.argv, "loadavg_before": os.getloadavg()}
     try:
         if "overhead" in parts:
             print("overhead: null disk, 4k randread QD32, recording off / blktrace / iolog (tmpfs)")
@@ -358,6 +371,7 @@ def main() -> int:
             out["writers"] = writers(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    out["loadavg_after"] = os.getloadavg()
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     return 0

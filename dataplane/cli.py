@@ -94,6 +94,16 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
                    help="advertise RO; writes fail with IOERR")
     p.add_argument("--cache", choices=["none", "writeback"], default=None,
                    help="none: O_DIRECT (default); writeback: through the host page cache")
+    p.add_argument("--fixed", choices=("all", "buffers", "files", "none"), default=None,
+                   help="file disks: what each I/O thread registers with its io_uring: the file as "
+                        "a fixed file (files, the default), guest memory as fixed buffers too (all: "
+                        "READ_FIXED/WRITE_FIXED, no page pinning per request, but all of the guest's "
+                        "memory is faulted in and pinned when a queue starts, seconds per GiB of "
+                        "memory not yet touched), buffers, or none")
+    p.add_argument("--iopoll", action=argparse.BooleanOptionalAction, default=None,
+                   help="file disks: poll the device for completions (IORING_SETUP_IOPOLL) instead of "
+                        "waiting for its interrupts; needs --cache none and a device with poll "
+                        "queues (NVMe: nvme.poll_queues=N), else serve says why and uses interrupts")
     p.add_argument("--serial", default=None, help="serial number (GET_ID), up to 20 bytes")
     p.add_argument("--socket-mode", default=None, help="socket permissions (default 0600)")
     p.add_argument("--socket-group", default=None, help="group owning the socket")
@@ -132,6 +142,9 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
     # REM_MEM_REG without waiting for the requests in flight (use-after-unmap, to prove the test).
     p.add_argument("--debug-no-mem-drain", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--debug-serial-control", action="store_true", help=argparse.SUPPRESS)
+    # --iopoll on a device without poll queues (its completions come by interrupt and the I/O
+    # thread polls for them): runs the polled path on machines that have no such device
+    p.add_argument("--debug-iopoll-without-poll-queues", action="store_true", help=argparse.SUPPRESS)
     # one export's control work at a time (as one blocking loop would): proves the isolation test
 
 
@@ -375,6 +388,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     daemon = Daemon(DaemonOptions(policy=cfg.policy, vcpu_cpus=cfg.vcpu_cpus, io_threads=cfg.io_threads,
                                   poll_us=cfg.poll_us, metrics=cfg.metrics, rpc_socket=cfg.rpc_socket,
                                   serial_control=args.debug_serial_control,
+                                  iopoll_unchecked=args.debug_iopoll_without_poll_queues,
                                   dirty_log=args.dirty_log is not False,
                                   iotlb_check=not args.debug_no_iotlb_check,
                                   **_iotlb_timeout(args)), handed=handed)

@@ -28,6 +28,8 @@ MAX_QUEUES = 256   # a vhost-user vring index is 8 bits (VHOST_USER_VRING_IDX_MA
 MAX_IO_THREADS = 1024
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 CACHE_MODES = ("none", "writeback")
+# what a file disk's I/O threads register with their io_uring (disks.disk.FIXED_MODES)
+FIXED_MODES = ("all", "buffers", "files", "none")
 RECORD_FORMATS = ("blktrace", "iolog")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -68,6 +70,8 @@ class ExportConfig:
     queues: int = field(default_factory=lambda: default_queues())
     read_only: bool = False
     cache: str = "none"
+    fixed: str = "files"
+    iopoll: bool = False
     serial: str = "dataplane"
     socket_mode: int = 0o600
     socket_group: str | None = None
@@ -81,7 +85,8 @@ class ExportConfig:
         return {"name": self.name, "disk": self.disk,
                 "addr": self.addr.to_dict() if self.addr is not None else None,
                 "queues": self.queues, "read_only": self.read_only, "cache": self.cache,
-                "serial": self.serial, "socket_mode": f"{self.socket_mode:04o}",
+                "fixed": self.fixed, "iopoll": self.iopoll, "serial": self.serial,
+                "socket_mode": f"{self.socket_mode:04o}",
                 "socket_group": self.socket_group,
                 "vcpu_cpus": list(self.vcpu_cpus) if self.vcpu_cpus is not None else None,
                 "inflight": self.inflight,
@@ -100,6 +105,8 @@ class ServeConfig:
     queues: int = field(default_factory=default_queues)
     read_only: bool = False
     cache: str = "none"
+    fixed: str = "files"
+    iopoll: bool = False
     serial: str = "dataplane"
     policy: Policy = PER_QUEUE
     vcpu_cpus: list[int] | None = None         # host CPUs running the guest's vCPUs: kept free
@@ -169,6 +176,12 @@ def _bool(value: Any, where: str, from_file: bool) -> bool:
 def _cache(value: Any, where: str, from_file: bool) -> str:
     if value not in CACHE_MODES:
         raise _bad(where, " or ".join(CACHE_MODES), value)
+    return value
+
+
+def _fixed(value: Any, where: str, from_file: bool) -> str:
+    if value not in FIXED_MODES:
+        raise _bad(where, ", ".join(FIXED_MODES[:-1]) + " or " + FIXED_MODES[-1], value)
     return value
 
 
@@ -313,6 +326,8 @@ VALIDATORS: dict[str, Callable[[Any, str, bool], Any]] = {
     "queues": _queues,
     "read_only": _bool,
     "cache": _cache,
+    "fixed": _fixed,
+    "iopoll": _bool,
     "serial": _serial,
     "policy": _policy,
     "vcpu_cpus": _vcpu_cpus,
@@ -334,10 +349,12 @@ _PATH_KEYS = ("socket", "disk", "rpc_socket", "record")   # relative paths in a 
 # tables describe its single export.
 EXPORT_VALIDATORS: dict[str, Callable[[Any, str, bool], Any]] = {
     key: VALIDATORS[key] for key in ("name", "disk", "socket", "socket_fd", "queues", "read_only",
-                                     "cache", "serial", "socket_mode", "socket_group", "vcpu_cpus",
+                                     "cache", "fixed", "iopoll", "serial", "socket_mode", "socket_group",
+                                     "vcpu_cpus",
                                      "inflight", "record", "record_format")
 } | {"addr": _addr}
-FLAT_EXPORT_KEYS = ("name", "disk", "socket", "socket_fd", "queues", "read_only", "cache", "serial",
+FLAT_EXPORT_KEYS = ("name", "disk", "socket", "socket_fd", "queues", "read_only", "cache", "fixed", "iopoll",
+                    "serial",
                     "socket_mode", "socket_group", "record", "record_format")
 
 
@@ -481,8 +498,8 @@ def _export_from(values: Mapping[str, Any], label: str, *, index: int | None,
         raise ConfigError(f"{where}socket is required (or socket_fd, or addr = {{ type = ..., ... }})")
     name = values.get("name") or _default_name(addr, index)
     vcpus = values.get("vcpu_cpus")
-    fields = {k: values[k] for k in ("queues", "read_only", "cache", "serial", "socket_mode",
-                                     "socket_group", "inflight", "record", "record_format")
+    fields = {k: values[k] for k in ("queues", "read_only", "cache", "fixed", "iopoll", "serial",
+                                     "socket_mode", "socket_group", "inflight", "record", "record_format")
               if values.get(k) is not None}
     return ExportConfig(name=name, disk=values["disk"], addr=addr,
                         vcpu_cpus=tuple(vcpus) if vcpus is not None else None, **fields)

@@ -69,14 +69,14 @@ class RunningBackend:
 @pytest.fixture
 def start_backend(tmp_path: Path) -> Iterator:
     """Factory: start_backend(disk='null:64M', queues=2, read_only=False, cache='none',
-    poll_us=0, dirty_log=True, iotlb_check=True, iotlb_timeout_ms=None)."""
+    poll_us=0, dirty_log=True, fixed='all', iotlb_check=True, iotlb_timeout_ms=None)."""
     started: list[RunningBackend] = []
 
     def start(disk: str = "null:64M", queues: int = 2, read_only: bool = False,
               cache: str = "none", serial: str = "dp-test", poll_us: int = 0,
-              dirty_log: bool = True, iotlb_check: bool = True,
+              dirty_log: bool = True, fixed: str = "all", iotlb_check: bool = True,
               iotlb_timeout_ms: int | None = None) -> RunningBackend:
-        d = open_disk(disk, read_only=read_only, cache=cache, serial=serial)
+        d = open_disk(disk, read_only=read_only, cache=cache, serial=serial, fixed=fixed)
         sock = tmp_path / f"vhost{len(started)}.sock"
         extra = {} if iotlb_timeout_ms is None else {"iotlb_miss_timeout_ms": iotlb_timeout_ms}
         server = VhostUserBlkServer(d, ServerOptions(socket_path=sock, num_queues=queues,

@@ -22,14 +22,16 @@ class ServeProcess:
     """One `dataplane serve` subprocess on a socket, started once it listens; its output goes
     to log_path (its stem names it in messages)."""
 
-    def __init__(self, log_path: Path, socket: Path, disk: str, args: Sequence[str] = ()) -> None:
+    def __init__(self, log_path: Path, socket: Path, disk: str, args: Sequence[str] = (),
+                 prefix: Sequence[str] = ()) -> None:
+        """prefix: a command that runs serve (prlimit, setpriv, ...)."""
         self.name = log_path.stem
         self.log_path = log_path
         self.socket = socket
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dataplane", "serve", "--socket", str(socket), "--disk", disk,
-                 *args],
+                [*prefix, sys.executable, "-m", "dataplane", "serve", "--socket", str(socket),
+                 "--disk", disk, *args],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)
         deadline = time.monotonic() + SERVE_START_TIMEOUT

@@ -78,6 +78,7 @@ int dp_bench_delay_close(int *first_close, unsigned *cqes)
     io.iovcnt = 1;
     io.nbytes = sizeof(buf);
     io.start_ns = now_ns();
+    io.buf_index = -1;                     /* no registered buffers here */
     ops->submit(state, qstate, &io);       /* null answers at once: held for 10 ms */
     ops->before_wait(state);               /* the engine is about to sleep: timeout armed */
     io_uring_submit(&ring);
@@ -145,6 +146,7 @@ int dp_bench_disk_run(struct dp_disk *disk, unsigned op, uint64_t offset, void *
     io->op = op;
     io->offset = offset;
     io->start_ns = now_ns();
+    io->buf_index = -1;
     if (op == DP_BENCH_IO_READ || op == DP_BENCH_IO_WRITE) {
         r->iov = (struct iovec){ .iov_base = buf, .iov_len = len };
         io->iov = &r->iov;

@@ -28,7 +28,6 @@ struct delay_engine {
     const struct dp_disk_env *env;     /* the engine's */
     struct dp_disk_env inner_env;      /* lent to the inner disk: completions come back here */
     void *inner_state;
-    struct dp_disk_io *submitting;     /* the request being handed to the inner disk */
     struct dp_disk_io **heap;          /* held-back completions: a min-heap on due_ns */
     unsigned nheld, cap;
     struct __kernel_timespec timer_ts; /* the one timeout, armed for the earliest of them */
@@ -158,10 +157,11 @@ static struct dp_disk_io *heap_pop(struct delay_engine *de)
 static void inner_done(void *arg, struct dp_disk_io *io, int result)
 {
     struct delay_engine *de = arg;
-    /* A disk that answered within submit did no I/O to wait for (the null disk): the latency
-     * counts from the pop. Otherwise it counts from now, after the real I/O. */
-    uint64_t now = now_ns(), base = de->submitting == io ? io->start_ns : now;
-    uint64_t done = base + io->delay_ns;
+    /* From now: after the real I/O, or (a disk that answered within submit, the null disk)
+     * right after the pop. Not from io->start_ns, which is the engine's clock for the batch the
+     * request was popped in and may be earlier than the driver published it. */
+    uint64_t now = now_ns();
+    uint64_t done = now + io->delay_ns;
     if (io->due_ns > done)
         done = io->due_ns;   /* the queue's share of the caps is not free before then */
     if (done > now) {
@@ -200,10 +200,7 @@ static void delay_submit(void *state, void *qstate, struct dp_disk_io *io)
         io->due_ns = slot;
     }
     struct dp_disk *inner = de->disk->inner;
-    struct dp_disk_io *outer = de->submitting;
-    de->submitting = io;
     inner->ops->submit(de->inner_state, dq->inner_qstate, io);
-    de->submitting = outer;
 }
 
 /* Complete every held-back request that is due (after the inner disk's own deferred work,
@@ -255,7 +252,7 @@ static int delay_open(struct dp_disk *disk, const struct dp_disk_env *env, void 
     de->disk = d;
     de->env = env;
     de->inner_env = (struct dp_disk_env){
-        .ring = env->ring, .complete = inner_done, .arg = de, .wait = env->wait,
+        .ring = env->ring, .complete = inner_done, .arg = de, .wait = env->wait, .files = env->files,
     };
     de->timer_cqe.done = timer_done;
     int rc = d->inner->ops->open(d->inner, &de->inner_env, &de->inner_state);
@@ -357,6 +354,7 @@ struct dp_disk *dp_delay_disk_new(struct dp_disk *inner, const struct dp_latency
     }
     d->base.ops = &delay_ops;
     d->base.info = inner->info;
+    d->base.ring_flags = inner->ring_flags;   /* its requests are the inner disk's */
     d->inner = inner;
     d->lat = *params;
     return &d->base;

@@ -35,6 +35,8 @@ enum dp_disk_op {
 #define DP_IO_F_FUA 1        /* in: a write that must be durable when it completes */
 #define DP_IO_F_BOUNCED 2    /* out: it went through an aligned copy of the guest's buffers */
 #define DP_IO_F_DELAYED 4    /* out: a latency layer held its completion back */
+#define DP_IO_F_POLLED 8     /* out: it went through a polled (IOPOLL) ring */
+#define DP_IO_F_FIXED 16     /* out: READ_FIXED / WRITE_FIXED on a registered buffer */
 
 /* A disk's SQE carries (uintptr_t)&cqe as user_data; the engine calls cqe->done with the CQE's
  * res. Pointers to it are 8-byte aligned: the engine keeps user_data with nonzero low 3 bits
@@ -69,6 +71,9 @@ struct dp_disk_io {
     unsigned iovcnt;
     unsigned nranges;            /* DISCARD / WRITE_ZEROES: ranges[0 .. nranges) */
     uint64_t start_ns;           /* when the request was taken from the ring (CLOCK_MONOTONIC) */
+    /* READ / WRITE of one iovec: the engine ring's registered buffer that holds all of it
+     * (READ_FIXED / WRITE_FIXED), or -1. Set only for a disk with DISK_RING_FIXED_BUFFERS. */
+    int buf_index;
 
     /* the disk that does the I/O (file, rbd): its state, CQE handler and progress */
     void *io_state;
@@ -80,6 +85,7 @@ struct dp_disk_io {
     struct iovec *xfer_copy;     /* what is left to transfer after a short one: iov stays intact */
     uint64_t done;               /* bytes transferred so far (short transfers resubmit) */
     unsigned pending;            /* sub-operations in flight */
+    unsigned disk_flags;         /* the disk's own marks while it holds the request */
     int result;                  /* what to complete with once pending reaches zero */
     struct dp_disk_io *link;     /* a disk's own list of them (rbd: done in librbd, not yet reaped) */
 
@@ -98,6 +104,15 @@ struct dp_engine_wait {
     uint64_t woke_ns;
 };
 
+/* The ring's table of fixed files, which the engine keeps for the disks on it: get gives a
+ * slot for fd (name it in an SQE with IOSQE_FIXED_FILE), or -errno where the kernel refuses
+ * (then use fd); put gives it back, once nothing of the disk is left on the ring. */
+struct dp_ring_files {
+    int (*get)(void *arg, int fd);
+    void (*put)(void *arg, int slot);
+    void *arg;
+};
+
 /* What an engine lends a disk for as long as the disk's per-engine state lives. */
 struct dp_disk_env {
     struct io_uring *ring;       /* the engine's ring: queue SQEs on it (never submit-and-wait) */
@@ -106,6 +121,7 @@ struct dp_disk_env {
     void (*complete)(void *arg, struct dp_disk_io *io, int result);
     void *arg;
     const struct dp_engine_wait *wait;
+    const struct dp_ring_files *files;   /* NULL: no fixed files (a stacking disk passes it on) */
 };
 
 struct dp_disk;
@@ -130,13 +146,20 @@ struct dp_disk_ops {
     unsigned (*poll)(void *state, uint64_t now);
     /* Optional: the engine is about to sleep; queue on env->ring what must wake it. */
     void (*before_wait)(void *state);
+    /* Optional: nonzero while the disk has requests that only its poll hook completes (a
+     * polled ring of its own): the engine does not sleep then, it keeps calling poll. */
+    int (*busy)(void *state);
     void (*free)(struct dp_disk *disk);
 };
+
+/* dp_disk.ring_flags: what the disk does with the engine's ring */
+#define DISK_RING_FIXED_BUFFERS 1   /* reads and writes take io->buf_index: register guest memory */
 
 /* Every disk begins with this. */
 struct dp_disk {
     const struct dp_disk_ops *ops;
     struct dp_disk_info info;
+    unsigned ring_flags;         /* DISK_RING_* (a stacking disk takes the one below's) */
 };
 
 /* The next free SQE of ring, submitting what is queued when the SQ ring is full. Never NULL. */

@@ -28,6 +28,23 @@ struct dp_disk *dp_null_disk_new(const struct dp_disk_info *info, int *err);
 /* A regular file or block device, read and written through the serving engine's io_uring. The
  * fd stays the caller's; it is O_DIRECT exactly when info->dio_align is not 0. */
 struct dp_disk *dp_file_disk_new(int fd, const struct dp_disk_info *info, int *err);
+/* What a file disk asks each engine that serves it to register with its io_uring (before
+ * any queue of it starts; default both): guest memory as fixed buffers (a read or write of one
+ * buffer inside them goes out as READ_FIXED / WRITE_FIXED, which skips pinning its pages per
+ * request), and the file as a fixed file. Where the kernel refuses, requests go out as before.
+ * -EINVAL for a disk that is not a file disk. */
+#define DP_FILE_FIXED_BUFFERS 1
+#define DP_FILE_FIXED_FILE 2
+int dp_file_disk_set_fixed(struct dp_disk *disk, unsigned what);
+/* Reads and writes through a ring made with IORING_SETUP_IOPOLL on each engine (before any
+ * queue starts): completions are polled from the device rather than signalled by interrupt.
+ * Only for an O_DIRECT file on a device with poll queues (the caller checks the device; on one
+ * without them the kernel completes by interrupt and the I/O thread spins for nothing).
+ * -EINVAL for a disk that is not an O_DIRECT file disk. */
+int dp_file_disk_set_iopoll(struct dp_disk *disk, int on);
+/* 0: no polled ring asked for (or none made yet); 1: an engine runs one; -errno: the kernel
+ * refused to make one (reads and writes then go on the engine's ring, interrupt-driven). */
+int dp_file_disk_iopoll_state(const struct dp_disk *disk);
 /* Frees the disk (and, for a stacking disk, the disk under it). No queue may still use it. */
 void dp_disk_free(struct dp_disk *disk);
 void dp_disk_get_info(const struct dp_disk *disk, struct dp_disk_info *out);

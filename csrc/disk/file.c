@@ -1,8 +1,14 @@
 /* file.c — a regular file or block device through the serving engine's io_uring.
  *
- * READ/WRITE are readv/writev straight on guest memory (zero copy); only buffers that
- * O_DIRECT cannot take (misaligned) go through an aligned bounce buffer. FLUSH is
- * fdatasync; DISCARD and WRITE_ZEROES are fallocate, one operation per range.
+ * READ/WRITE are readv/writev straight on guest memory (zero copy), or READ_FIXED /
+ * WRITE_FIXED where the engine registered that memory; only buffers that O_DIRECT cannot take
+ * (misaligned) go through an aligned bounce buffer. FLUSH is fdatasync; DISCARD and
+ * WRITE_ZEROES are fallocate, one operation per range.
+ *
+ * With iopoll (a device with poll queues: NVMe's poll_queues), reads and writes go on a
+ * ring of the disk's own per engine, made with IORING_SETUP_IOPOLL (polled and interrupt-driven
+ * I/O cannot share a ring): the engine keeps calling this disk's poll hook, which reaps it,
+ * and does not sleep while any of them is in flight. Everything else stays on the engine's.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -19,13 +25,30 @@
 struct file_disk {
     struct dp_disk base;
     int fd;
+    unsigned fixed;              /* DP_FILE_FIXED_*: what it asks the engines to register */
+    int iopoll;                  /* reads and writes on a polled ring */
+    int iopoll_state;            /* 1: a polled ring runs; -errno: the kernel refused one */
 };
+
+#define IOPOLL_ENTRIES 256
+#define IO_NOT_POLLED 1          /* disk_flags: the polled ring refused it; the engine's ring */
 
 /* The file on one engine: where its SQEs go and where its completions are reported. */
 struct file_engine {
     const struct file_disk *disk;
     const struct dp_disk_env *env;
+    int fd;                      /* what its SQEs name: the fd, or its fixed-file slot */
+    int fixed_file;              /* fd is a slot of the ring's file table (IOSQE_FIXED_FILE) */
+    int polled;                  /* reads and writes go on pring */
+    struct io_uring pring;       /* IORING_SETUP_IOPOLL; the file is its fixed file 0 */
+    unsigned pinflight;          /* SQEs on pring not reaped yet */
 };
+
+static inline void prep_file(const struct file_engine *fe, struct io_uring_sqe *sqe)
+{
+    if (fe->fixed_file)
+        sqe->flags |= IOSQE_FIXED_FILE;
+}
 
 static int iov_aligned(const struct iovec *iov, unsigned cnt, uint32_t align)
 {
@@ -48,7 +71,7 @@ static int setup_bounce(struct dp_disk_io *io)
     io->bounce_iov = (struct iovec){ .iov_base = io->bounce, .iov_len = io->nbytes };
     io->xfer_iov = &io->bounce_iov;
     io->xfer_cnt = 1;
-    io->flags |= DP_IO_F_BOUNCED;
+    io->flags = (io->flags | DP_IO_F_BOUNCED) & ~(unsigned)DP_IO_F_FIXED;   /* never registered */
     return 0;
 }
 
@@ -62,32 +85,73 @@ static void file_finish(const struct file_engine *fe, struct dp_disk_io *io, int
     disk_complete(fe->env, io, result);
 }
 
-static void submit_rw(const struct file_engine *fe, struct dp_disk_io *io)
+static void submit_rw(struct file_engine *fe, struct dp_disk_io *io)
 {
+    if (fe->polled && !(io->disk_flags & IO_NOT_POLLED)) {
+        /* The polled ring has its own file table (the file at 0) and no registered buffers. */
+        struct io_uring_sqe *sqe = disk_get_sqe(&fe->pring);
+        uint64_t offset = io->offset + io->done;
+        if (io->op == DP_DISK_READ) {
+            io_uring_prep_readv(sqe, 0, io->xfer_iov, io->xfer_cnt, offset);
+        } else {
+            io_uring_prep_writev(sqe, 0, io->xfer_iov, io->xfer_cnt, offset);
+            if (io->flags & DP_IO_F_FUA)
+                sqe->rw_flags = RWF_DSYNC;
+        }
+        sqe->flags |= IOSQE_FIXED_FILE;
+        disk_set_cqe(sqe, &io->cqe);
+        io->flags |= DP_IO_F_POLLED;
+        fe->pinflight++;
+        return;
+    }
     struct io_uring_sqe *sqe = disk_get_sqe(fe->env->ring);
     uint64_t offset = io->offset + io->done;
+    /* One iovec in a registered buffer (the engine said which; a bounce buffer never is):
+     * READ_FIXED / WRITE_FIXED, which skip pinning its pages. The rest of a short transfer
+     * is still inside that buffer. */
+    int fixed = io->buf_index >= 0 && io->xfer_cnt == 1 && !io->bounce;
+    if (fixed)
+        io->flags |= DP_IO_F_FIXED;
     if (io->op == DP_DISK_READ) {
-        io_uring_prep_readv(sqe, fe->disk->fd, io->xfer_iov, io->xfer_cnt, offset);
+        if (fixed)
+            io_uring_prep_read_fixed(sqe, fe->fd, io->xfer_iov[0].iov_base,
+                                     (unsigned)io->xfer_iov[0].iov_len, offset, io->buf_index);
+        else
+            io_uring_prep_readv(sqe, fe->fd, io->xfer_iov, io->xfer_cnt, offset);
     } else {
-        io_uring_prep_writev(sqe, fe->disk->fd, io->xfer_iov, io->xfer_cnt, offset);
+        if (fixed)
+            io_uring_prep_write_fixed(sqe, fe->fd, io->xfer_iov[0].iov_base,
+                                      (unsigned)io->xfer_iov[0].iov_len, offset, io->buf_index);
+        else
+            io_uring_prep_writev(sqe, fe->fd, io->xfer_iov, io->xfer_cnt, offset);
         if (io->flags & DP_IO_F_FUA)
             sqe->rw_flags = RWF_DSYNC;   /* write-through: durable before completion */
     }
+    prep_file(fe, sqe);
     disk_set_cqe(sqe, &io->cqe);
 }
 
 static void submit_range(const struct file_engine *fe, struct dp_disk_range *r)
 {
     struct io_uring_sqe *sqe = disk_get_sqe(fe->env->ring);
-    io_uring_prep_fallocate(sqe, fe->disk->fd, r->disk_op, r->offset, r->len);
+    io_uring_prep_fallocate(sqe, fe->fd, r->disk_op, r->offset, r->len);
+    prep_file(fe, sqe);
     disk_set_cqe(sqe, &r->cqe);
 }
 
 static void rw_done(struct dp_disk_cqe *cqe, int res)
 {
     struct dp_disk_io *io = container_of(cqe, struct dp_disk_io, cqe);
-    const struct file_engine *fe = io->io_state;
+    struct file_engine *fe = io->io_state;
     if (res == -EAGAIN || res == -EINTR) {
+        submit_rw(fe, io);
+        return;
+    }
+    if (res == -EOPNOTSUPP && (io->flags & DP_IO_F_POLLED) && !(io->disk_flags & IO_NOT_POLLED)) {
+        /* The kernel cannot poll this one (ext4 refuses polled reads of unwritten extents):
+         * again, interrupt-driven, on the engine's ring. */
+        io->disk_flags |= IO_NOT_POLLED;
+        io->flags &= ~(unsigned)(DP_IO_F_POLLED | DP_IO_F_FIXED);
         submit_rw(fe, io);
         return;
     }
@@ -151,8 +215,9 @@ static void range_done(struct dp_disk_cqe *cqe, int res)
 
 static void file_submit(void *state, void *qstate, struct dp_disk_io *io)
 {
-    const struct file_engine *fe = state;
+    struct file_engine *fe = state;
     io->io_state = (void *)fe;
+    io->disk_flags = 0;
     io->done = 0;
     io->result = 0;
     io->bounce = NULL;
@@ -172,7 +237,8 @@ static void file_submit(void *state, void *qstate, struct dp_disk_io *io)
         break;
     case DP_DISK_FLUSH: {
         struct io_uring_sqe *sqe = disk_get_sqe(fe->env->ring);
-        io_uring_prep_fsync(sqe, fe->disk->fd, IORING_FSYNC_DATASYNC);
+        io_uring_prep_fsync(sqe, fe->fd, IORING_FSYNC_DATASYNC);
+        prep_file(fe, sqe);
         io->cqe.done = flush_done;
         disk_set_cqe(sqe, &io->cqe);
         io->pending = 1;
@@ -200,7 +266,32 @@ static int file_open(struct dp_disk *disk, const struct dp_disk_env *env, void *
     struct file_engine *fe = malloc(sizeof(*fe));
     if (!fe)
         return -ENOMEM;
-    *fe = (struct file_engine){ .disk = (const struct file_disk *)disk, .env = env };
+    struct file_disk *f = (struct file_disk *)disk;
+    *fe = (struct file_engine){ .disk = f, .env = env, .fd = f->fd };
+    if (f->iopoll) {
+        /* made here, on the engine thread that submits to it and reaps it */
+        struct io_uring_params params = { .flags = IORING_SETUP_IOPOLL | IORING_SETUP_SINGLE_ISSUER };
+        int rc = io_uring_queue_init_params(IOPOLL_ENTRIES, &fe->pring, &params);
+        if (rc == -EINVAL) {   /* a kernel without SINGLE_ISSUER */
+            params = (struct io_uring_params){ .flags = IORING_SETUP_IOPOLL };
+            rc = io_uring_queue_init_params(IOPOLL_ENTRIES, &fe->pring, &params);
+        }
+        if (rc == 0) {
+            rc = io_uring_register_files(&fe->pring, &f->fd, 1);
+            if (rc < 0)
+                io_uring_queue_exit(&fe->pring);
+        }
+        fe->polled = rc == 0;
+        __atomic_store_n(&f->iopoll_state, rc < 0 ? rc : 1, __ATOMIC_RELAXED);
+    }
+    if ((f->fixed & DP_FILE_FIXED_FILE) && env->files) {
+        /* refused (an old kernel, a full table): the fd itself, as before */
+        int slot = env->files->get(env->files->arg, f->fd);
+        if (slot >= 0) {
+            fe->fd = slot;
+            fe->fixed_file = 1;
+        }
+    }
     *state = fe;
     return 0;
 }
@@ -208,7 +299,12 @@ static int file_open(struct dp_disk *disk, const struct dp_disk_env *env, void *
 /* Every request completed before this is called, so none of its SQEs is left on the ring. */
 static int file_close(void *state)
 {
-    free(state);
+    struct file_engine *fe = state;
+    if (fe->polled)
+        io_uring_queue_exit(&fe->pring);
+    if (fe->fixed_file)
+        fe->env->files->put(fe->env->files->arg, fe->fd);
+    free(fe);
     return 0;
 }
 
@@ -217,10 +313,48 @@ static void file_free(struct dp_disk *disk)
     free(disk);   /* the fd is the caller's */
 }
 
+/* The polled ring: submit what is queued and poll the device once for completions. */
+static unsigned file_poll(void *state, uint64_t now)
+{
+    struct file_engine *fe = state;
+    if (!fe->polled || (!fe->pinflight && !io_uring_sq_ready(&fe->pring)))
+        return 0;
+    io_uring_submit_and_get_events(&fe->pring);
+    struct io_uring_cqe *cqe;
+    unsigned head, n = 0;
+    io_uring_for_each_cqe(&fe->pring, head, cqe) {
+        struct dp_disk_cqe *done = (struct dp_disk_cqe *)(uintptr_t)cqe->user_data;
+        fe->pinflight--;
+        done->done(done, cqe->res);   /* may queue a resubmission: SQ, not this CQ */
+        n++;
+    }
+    io_uring_cq_advance(&fe->pring, n);
+    return n;
+}
+
+static int file_busy(void *state)
+{
+    const struct file_engine *fe = state;
+    return fe->polled && fe->pinflight > 0;
+}
+
 static const struct dp_disk_ops file_ops = {
     .name = "file", .free = file_free,
     .open = file_open, .close = file_close, .submit = file_submit,
 };
+
+/* With iopoll: the same, plus the hooks that reap the polled ring (an engine calls a poll hook
+ * after every reap, so a disk without a polled ring does not have one). */
+static const struct dp_disk_ops file_iopoll_ops = {
+    .name = "file", .free = file_free,
+    .open = file_open, .close = file_close, .submit = file_submit,
+    .poll = file_poll, .busy = file_busy,
+};
+
+static int is_file_disk(const struct dp_disk *disk)
+{
+    return disk->ops == &file_ops || disk->ops == &file_iopoll_ops;
+}
 
 struct dp_disk *dp_file_disk_new(int fd, const struct dp_disk_info *info, int *err)
 {
@@ -237,6 +371,34 @@ struct dp_disk *dp_file_disk_new(int fd, const struct dp_disk_info *info, int *e
     f->base.info = *info;
     f->base.info.flags |= DP_DISK_F_FLUSH | DP_DISK_F_DISCARD | DP_DISK_F_WRITE_ZEROES;
     f->fd = fd;
+    f->fixed = DP_FILE_FIXED_BUFFERS | DP_FILE_FIXED_FILE;
+    f->base.ring_flags = DISK_RING_FIXED_BUFFERS;
     *err = 0;
     return &f->base;
+}
+
+int dp_file_disk_set_iopoll(struct dp_disk *disk, int on)
+{
+    if (!is_file_disk(disk) || !disk->info.dio_align)
+        return -EINVAL;   /* polled I/O is O_DIRECT I/O */
+    ((struct file_disk *)disk)->iopoll = on != 0;
+    disk->ops = on ? &file_iopoll_ops : &file_ops;
+    return 0;
+}
+
+int dp_file_disk_iopoll_state(const struct dp_disk *disk)
+{
+    if (!is_file_disk(disk))
+        return 0;
+    return __atomic_load_n(&((const struct file_disk *)disk)->iopoll_state, __ATOMIC_RELAXED);
+}
+
+int dp_file_disk_set_fixed(struct dp_disk *disk, unsigned what)
+{
+    if (!is_file_disk(disk) || (what & ~(unsigned)(DP_FILE_FIXED_BUFFERS | DP_FILE_FIXED_FILE)))
+        return -EINVAL;
+    struct file_disk *f = (struct file_disk *)disk;
+    f->fixed = what;
+    f->base.ring_flags = (what & DP_FILE_FIXED_BUFFERS) ? DISK_RING_FIXED_BUFFERS : 0;
+    return 0;
 }

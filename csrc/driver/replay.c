@@ -26,8 +26,7 @@
 #define STAMP_STRIDE 4096
 #define STATUS_UNSET 0xff
 #define NO_LAYOUT 0xff
-#define HAZARD_SHIFT 20
-#define HAZARD_SPAN 16
+#define HAZARD_SPAN 8
 #define DEFAULT_FEED 65536u
 #define DEFAULT_TIMEOUT_NS (30ull * 1000000000ull)
 #define LATE_NS 1000000ull
@@ -52,14 +51,25 @@ static inline int op_has_data(unsigned op)
     return op == DP_REPLAY_OP_READ || op == DP_REPLAY_OP_WRITE;
 }
 
+/* A slot's chain laid out for a read or a write (not NO_LAYOUT, a flush or a trim). */
+static inline int layout_has_data(unsigned layout)
+{
+    return layout == DP_REPLAY_OP_READ || layout == DP_REPLAY_OP_WRITE;
+}
+
 /* ---- the feed (consumer side; the producer is dp_replay_feed) ---- */
 
 static inline const struct dp_replay_rec *feed_peek(struct dp_replay *r)
 {
     struct replay_feed *f = &r->feed;
-    /* Pairs with the release store of tail in dp_replay_feed: records before the index. */
-    if (f->local_head == __atomic_load_n(&f->tail, __ATOMIC_ACQUIRE))
-        return NULL;
+    /* The producer's tail is read again only when the records known to be there are used up:
+     * not once per record, so its cache line is not pulled over while the producer writes it. */
+    if (f->local_head == f->local_tail) {
+        /* Pairs with the release store of tail in dp_replay_feed: records before the index. */
+        f->local_tail = __atomic_load_n(&f->tail, __ATOMIC_ACQUIRE);
+        if (f->local_head == f->local_tail)
+            return NULL;
+    }
     return &f->buf[f->local_head & f->mask];
 }
 
@@ -194,9 +204,16 @@ static void vring_prep(struct dp_replay *r, struct replay_slot *s)
         return;
     }
     /* Descriptors are plain stores: the release store of avail->idx publishes them. */
-    if (s->layout == s->op) {
-        /* Only a changed length is stored: an unchanged line stays shared with the device's
-         * cache instead of bouncing back to ours. */
+    if (s->layout == s->op || (data && layout_has_data(s->layout))) {
+        /* A read after a write (or the reverse) has the same chain: the header's type and the
+         * data descriptor's WRITE flag are all that change, as in load.c. Only what changed is
+         * stored: an unchanged line stays shared with the device's cache instead of bouncing
+         * back to ours. */
+        if (s->layout != s->op) {
+            hdr->type = op_type[s->op];
+            s->data_desc->flags = VRING_DESC_F_NEXT | (s->op == DP_REPLAY_OP_READ ? VRING_DESC_F_WRITE : 0);
+            s->layout = s->op;
+        }
         if (data && s->data_desc->len != s->length)
             s->data_desc->len = s->length;
         driver_ring_add(&r->ring, s->head);
@@ -236,7 +253,7 @@ static void packed_prep(struct dp_replay *r, struct replay_slot *s, int data)
 {
     unsigned slot = (unsigned)(s - r->slots);
     struct pvirtq_desc *tmpl = &r->ptmpl[slot * 3];
-    if (s->layout != s->op) {
+    if (s->layout != s->op && !(data && layout_has_data(s->layout))) {
         struct virtio_blk_outhdr *hdr = (struct virtio_blk_outhdr *)s->meta;
         struct pvirtq_desc chain[3];
         unsigned n = 0;
@@ -266,8 +283,15 @@ static void packed_prep(struct dp_replay *r, struct replay_slot *s, int data)
             s->ring_descs = (uint8_t)n;
         }
         s->layout = s->op;
-    } else if (data && s->pdata_desc->len != s->length) {
-        s->pdata_desc->len = s->length;
+    } else if (data) {
+        if (s->layout != s->op) {   /* read <-> write: the type and the WRITE flag */
+            ((struct virtio_blk_outhdr *)s->meta)->type = op_type[s->op];
+            uint16_t next = s->pdata_desc->flags & VRING_DESC_F_NEXT;
+            s->pdata_desc->flags = (uint16_t)(next | (s->op == DP_REPLAY_OP_READ ? VRING_DESC_F_WRITE : 0));
+            s->layout = s->op;
+        }
+        if (s->pdata_desc->len != s->length)
+            s->pdata_desc->len = s->length;
     }
     driver_packed_add(&r->pring, tmpl, s->ring_descs, (uint16_t)slot);
 }
@@ -326,24 +350,34 @@ static int uring_submit(struct dp_replay *r)
 
 /* ---- requests ---- */
 
-/* In-flight ranges by 1 MiB bucket (offset >> HAZARD_SHIFT, modulo the table): a record whose
- * buckets hold nothing it could conflict with needs no scan of the in-flight list. Requests
- * spanning HAZARD_SPAN buckets or more are not bucketed; while one is in flight every check
- * scans. */
+/* In-flight ranges, hashed by bucket (offset >> hazard_shift): a record whose buckets hold
+ * nothing it could conflict with needs no scan of the in-flight list, so the common case (no
+ * overlap) costs one table look per bucket it covers, one for most records. Buckets are sized
+ * so that the longest data record covers a few (hazard_setup); hashing, not a modulo, keeps
+ * distinct buckets apart however the trace's offsets are spread. Requests spanning
+ * HAZARD_SPAN buckets or more (long trims) are not bucketed; while one is in flight every
+ * check scans. A hash collision only costs a scan: the scan decides. */
+static inline uint32_t hazard_slot(const struct dp_replay *r, uint64_t bucket)
+{
+    return (uint32_t)((bucket * 0x9e3779b97f4a7c15ull) >> (64 - r->hazard_bits));
+}
+
 static void hazard_track(struct dp_replay *r, const struct replay_slot *s, int delta)
 {
     if (s->op == DP_REPLAY_OP_FLUSH)
         return;
-    uint64_t first = s->offset >> HAZARD_SHIFT, last = (s->offset + s->length - 1) >> HAZARD_SHIFT;
+    unsigned shift = r->hazard_shift;
+    uint64_t first = s->offset >> shift, last = (s->offset + s->length - 1) >> shift;
     if (last - first >= HAZARD_SPAN) {
         r->hazard_big += delta;
         return;
     }
     int writes = op_writes(s->op);
     for (uint64_t b = first; b <= last; b++) {
-        r->hazard_any[b & (HAZARD_BUCKETS - 1)] += delta;
+        struct hazard_bucket *h = &r->hazard_map[hazard_slot(r, b)];
+        h->any = (uint16_t)(h->any + delta);
         if (writes)
-            r->hazard_write[b & (HAZARD_BUCKETS - 1)] += delta;
+            h->write = (uint16_t)(h->write + delta);
     }
 }
 
@@ -356,12 +390,16 @@ static int hazard(const struct dp_replay *r, const struct dp_replay_rec *rec)
     if (!writes && !r->writes_inflight)
         return 0;
     uint64_t lo = rec->offset, hi = rec->offset + rec->length;
-    uint64_t first = lo >> HAZARD_SHIFT, last = (hi - 1) >> HAZARD_SHIFT;
+    unsigned shift = r->hazard_shift;
+    uint64_t first = lo >> shift, last = (hi - 1) >> shift;
     if (!r->hazard_big && last - first < HAZARD_SPAN) {
-        const uint16_t *map = writes ? r->hazard_any : r->hazard_write;
         uint64_t b = first;
-        while (b <= last && !map[b & (HAZARD_BUCKETS - 1)])
-            b++;
+        if (writes)
+            while (b <= last && !r->hazard_map[hazard_slot(r, b)].any)
+                b++;
+        else
+            while (b <= last && !r->hazard_map[hazard_slot(r, b)].write)
+                b++;
         if (b > last)
             return 0;
     }
@@ -373,6 +411,24 @@ static int hazard(const struct dp_replay *r, const struct dp_replay_rec *rec)
             return 1;
     }
     return 0;
+}
+
+/* Buckets of at least 4 KiB, large enough that the longest data record covers at most five;
+ * 16 table entries per request in flight: a collision rate around 1/16 per bucket a write
+ * looks at (a scan of the in-flight list, a few dozen ns), and a table small enough (2 KiB at
+ * iodepth 32) to stay in the L1 cache while the feed streams through it. */
+static int hazard_setup(struct dp_replay *r)
+{
+    unsigned shift = 12;
+    while ((r->p.buf_size >> shift) > 4)
+        shift++;
+    unsigned bits = 9;
+    while ((1u << bits) < 16u * r->p.iodepth && bits < 16)
+        bits++;
+    r->hazard_shift = shift;
+    r->hazard_bits = bits;
+    r->hazard_map = calloc((size_t)1 << bits, sizeof(*r->hazard_map));
+    return r->hazard_map ? 0 : -ENOMEM;
 }
 
 static void stamp_write(struct dp_replay *r, struct replay_slot *s)
@@ -426,14 +482,28 @@ static void take_record(struct dp_replay *r, const struct dp_replay_rec *rec, ui
     r->starved = 0;
 }
 
-/* Issue what is due, in feed order, up to the free slots; submit once. Returns the number
- * issued or -errno; *ended when the feed is exhausted. */
-static int issue(struct dp_replay *r, uint64_t now, int *ended)
+/* Issue what is due at *now, in feed order, up to the free slots; submit once. Returns the
+ * number issued or -errno; *ended when the feed is exhausted. The clock is read once per
+ * batch, after it is laid out: that is each request's submit time, and the new *now. */
+static int issue(struct dp_replay *r, uint64_t *now_io, int *ended)
 {
+    uint64_t now = *now_io;
     const struct dp_replay_rec *rec = NULL;
     int timed = r->p.mode == DP_REPLAY_TIMED;
     while ((rec = feed_peek(r)) != NULL) {
-        __builtin_prefetch(&r->feed.buf[(r->feed.local_head + 8) & r->feed.mask]);
+        /* Records are read once: fetched ahead without displacing what stays hot (locality 0),
+         * and the hazard entry of the record four ahead with them (that record may not be
+         * there yet: its offset is only a hint, read as the producer may be writing it). */
+        uint64_t ahead = __atomic_load_n(&r->feed.buf[(r->feed.local_head + 4) & r->feed.mask].offset,
+                                         __ATOMIC_RELAXED);
+        __builtin_prefetch(&r->feed.buf[(r->feed.local_head + 8) & r->feed.mask], 0, 0);
+        __builtin_prefetch(&r->hazard_map[hazard_slot(r, ahead >> r->hazard_shift)], 1, 3);
+        /* A write two records on will stamp the slot it takes then (the free stack's third
+         * from the top): ask for its first line now, for writing. That line is wherever the
+         * slot's last read left it, often the backend's CPU (the null disk zeroed it). */
+        if (r->p.stamp && r->nfree >= 3 && r->feed.local_head + 2 < r->feed.local_tail &&
+            r->feed.buf[(r->feed.local_head + 2) & r->feed.mask].op == DP_REPLAY_OP_WRITE)
+            __builtin_prefetch(r->slots[r->free_slots[r->nfree - 3]].data, 1, 3);
         uint64_t t_sched = now;
         if (timed) {
             t_sched = r->start_ns + (rec->time_ns > 0 ? (uint64_t)rec->time_ns : 0);
@@ -462,6 +532,7 @@ static int issue(struct dp_replay *r, uint64_t now, int *ended)
         return 0;
 
     uint64_t t_submit = now_ns();
+    *now_io = t_submit;
     for (unsigned i = 0; i < r->nbatch; i++) {
         struct replay_slot *s = &r->slots[r->batch[i]];
         s->t_submit = t_submit;
@@ -640,6 +711,38 @@ static inline void vring_disable_interrupts(struct dp_replay *r)
 
 /* ---- the loop ---- */
 
+/* The completion spin adapts to whether it pays. A spin that sees a completion arrive keeps
+ * (or doubles back to) the window, one that does not halves it, down to nothing: against a
+ * backend thread on another CPU the completions come within a few microseconds and the spin
+ * saves a sleep and an interrupt per batch; against one on this thread's CPU (two queues on
+ * two CPUs: four threads) nothing can complete while this thread spins, and every spin would
+ * be time taken from the backend. At zero a short spin is tried every SPIN_PROBE-th wait, so
+ * the window comes back when the threads move apart. */
+#define SPIN_MIN_NS 1000u
+#define SPIN_PROBE 32u
+
+static uint64_t spin_window(struct dp_replay *r)
+{
+    if (!r->p.poll_ns)
+        return 0;
+    if (r->spin_win_ns)
+        return r->spin_win_ns;
+    if (++r->spin_skipped < SPIN_PROBE)
+        return 0;
+    r->spin_skipped = 0;
+    return SPIN_MIN_NS < r->p.poll_ns ? SPIN_MIN_NS : r->p.poll_ns;
+}
+
+static void spin_adapt(struct dp_replay *r, int found)
+{
+    uint64_t win = r->spin_win_ns, max = r->p.poll_ns;
+    if (found)
+        win = win ? win * 2 : SPIN_MIN_NS;
+    else
+        win = win / 2 >= SPIN_MIN_NS ? win / 2 : 0;
+    r->spin_win_ns = win < max ? win : max;
+}
+
 static int stopping(const struct dp_replay *r)
 {
     return driver_thread_stopping(&r->t);
@@ -654,11 +757,18 @@ static int wait_idle(struct dp_replay *r, uint64_t now, uint64_t deadline, int w
         return 0;
     feed_release(r, 1);   /* a producer waiting for room must not wait for us */
     if (r->inflight) {
-        if (r->p.poll_ns) {
-            uint64_t until = now + r->p.poll_ns < deadline ? now + r->p.poll_ns : deadline;
-            while (!completions_pending(r) && now_ns() < until)
+        uint64_t window = spin_window(r);
+        if (window) {
+            /* The ring is looked at between pauses, the clock only every eighth time. */
+            uint64_t until = now + window < deadline ? now + window : deadline;
+            for (unsigned k = 1; !completions_pending(r); k++) {
                 cpu_relax();
-            if (completions_pending(r))
+                if (!(k & 7) && now_ns() >= until)
+                    break;
+            }
+            int found = completions_pending(r);
+            spin_adapt(r, found);
+            if (found)
                 return 0;
         }
         if (r->p.kind == DP_REPLAY_VRING) {
@@ -748,9 +858,9 @@ static int replay_run(struct dp_replay *r)
     for (;;) {
         if (issuing && stopping(r))
             issuing = 0;
-        int added = 0, ended = 0;
+        int added = 0, ended = 0, n = 0;
         if (issuing) {
-            added = issue(r, now, &ended);
+            added = issue(r, &now, &ended);
             if (added < 0) {
                 rc = added;
                 break;
@@ -758,15 +868,19 @@ static int replay_run(struct dp_replay *r)
             if (ended)
                 issuing = 0;
         }
-        now = now_ns();
-        series_at(r, now);
-        int n = r->p.kind == DP_REPLAY_VRING ? vring_reap(r, now) : uring_reap(r, now);
-        if (n < 0) {
-            rc = n;
-            break;
+        /* The clock is read for a batch of completions only when there is one: a pass that
+         * only issued already read it (its submit time). */
+        if (completions_pending(r)) {
+            now = now_ns();
+            series_at(r, now);
+            n = r->p.kind == DP_REPLAY_VRING ? vring_reap(r, now) : uring_reap(r, now);
+            if (n < 0) {
+                rc = n;
+                break;
+            }
+            if (n > 0)
+                last_progress = now;
         }
-        if (n > 0)
-            last_progress = now;
         if (!issuing && !r->inflight)
             break;
         if (!n && !added) {
@@ -948,6 +1062,7 @@ struct dp_replay *dp_replay_new(const struct dp_replay_params *params, int *err)
     rc = driver_thread_init(&r->t);
     if (!r->p.timeout_ns)
         r->p.timeout_ns = DEFAULT_TIMEOUT_NS;
+    r->spin_win_ns = r->p.poll_ns;   /* the spin starts at its longest and adapts */
     uint32_t feed = r->p.feed_records ? r->p.feed_records : DEFAULT_FEED;
     uint32_t cap = 16;
     while (cap < feed)
@@ -982,6 +1097,10 @@ struct dp_replay *dp_replay_new(const struct dp_replay_params *params, int *err)
     }
     for (unsigned i = 0; i < depth; i++)
         r->free_slots[r->nfree++] = (uint16_t)(depth - 1 - i);
+    if (hazard_setup(r) < 0) {
+        rc = -ENOMEM;
+        goto fail;
+    }
     if (params->kind == DP_REPLAY_VRING)
         vring_setup(r);
 
@@ -1166,5 +1285,6 @@ void dp_replay_free(struct dp_replay *r)
     free(r->series);
     free(r->head_to_slot);
     free(r->ptmpl);
+    free(r->hazard_map);
     free(r);
 }

@@ -43,9 +43,11 @@ struct replay_slot {
 struct replay_feed {
     struct dp_replay_rec *buf;
     uint32_t mask;
-    uint64_t head;               /* consumer's, published once per issue batch */
-    uint64_t tail;               /* producer's */
     uint64_t local_head;         /* consumer's private copy, ahead of head within a batch */
+    uint64_t local_tail;         /* consumer's last look at tail */
+    uint64_t head;               /* consumer's, published in chunks (feed_release) */
+    char pad[64];                /* the producer's stores to tail stay off the consumer's line */
+    uint64_t tail;               /* producer's */
     int end;                     /* no more records will come */
     int consumer_waiting;        /* the thread sleeps on wake_fd for records */
     int producer_waiting;        /* dp_replay_feed sleeps on `room` */
@@ -68,7 +70,11 @@ struct replay_series_snap {
 };
 
 #define REPLAY_SERIES_RING 16
-#define HAZARD_BUCKETS 4096
+/* In-flight requests whose range covers a bucket (hashed), and of those the writes and trims. */
+struct hazard_bucket {
+    uint16_t any;
+    uint16_t write;
+};
 
 struct dp_replay {
     struct dp_replay_params p;
@@ -90,8 +96,9 @@ struct dp_replay {
     uint16_t *inflight_list;     /* slots in flight, for the overlap check */
     unsigned inflight;
     unsigned writes_inflight;    /* of those, writes and trims */
-    uint16_t hazard_any[HAZARD_BUCKETS];     /* in-flight requests per 1 MiB bucket */
-    uint16_t hazard_write[HAZARD_BUCKETS];   /* of those, writes and trims */
+    struct hazard_bucket *hazard_map;   /* 1 << hazard_bits entries (replay.c: hazard_track) */
+    unsigned hazard_bits;
+    unsigned hazard_shift;       /* a bucket is 1 << hazard_shift bytes of the target */
     unsigned hazard_big;         /* in flight, too long to bucket */
     uint16_t *batch;             /* slots added since the last publish */
     unsigned nbatch;
@@ -101,6 +108,8 @@ struct dp_replay {
     uint64_t noted_hazard;       /* seq + 1 of the record last counted in hazard_waits */
     uint64_t noted_full;         /* ... in full_waits */
     int starved;                 /* counted in feed_waits, no record taken since */
+    uint64_t spin_win_ns;        /* the completion spin now, within [0, p.poll_ns] (spin_adapt) */
+    unsigned spin_skipped;       /* waits without a spin since the window closed */
     uint64_t start_ns;
     int begun;
     uint64_t last_completion;

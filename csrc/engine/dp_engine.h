@@ -67,5 +67,8 @@ void dp_debug_set_flags(unsigned flags);
 /* SIGKILL the process at the n-th interrupt any queue is about to send, after the used index
  * it is for was published (0: never). */
 void dp_debug_kill_before_signal(unsigned nth);
+/* Register guest memory in pieces of at most this many bytes (a multiple of 4096; 0: the
+ * kernel's limit, 1 GiB), so tests see a region split without pinning gigabytes. */
+int dp_debug_fixed_piece(uint64_t bytes);
 
 #endif

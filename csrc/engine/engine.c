@@ -181,6 +181,9 @@ static void reap(struct dp_engine *engine)
 {
     struct io_uring_cqe *cqe;
     unsigned head, n = 0;
+    if (!io_uring_cq_ready(&engine->ring))
+        return;
+    engine->clock_ns = now_ns();   /* the completion time of the requests these CQEs end */
     io_uring_for_each_cqe(&engine->ring, head, cqe) {
         handle_cqe(engine, cqe->user_data, cqe->res);
         n++;
@@ -192,10 +195,20 @@ static void reap(struct dp_engine *engine)
 static unsigned poll_disks(struct dp_engine *engine, uint64_t now)
 {
     unsigned n = 0;
+    engine->clock_ns = now;
     for (struct engine_disk *d = engine->disks; d; d = d->next)
         if (d->disk->ops->poll)
             n += d->disk->ops->poll(d->state, now);
     return n;
+}
+
+/* A disk with requests on a polled ring of its own: the engine must not sleep. */
+static int disks_busy(struct dp_engine *engine)
+{
+    for (struct engine_disk *d = engine->disks; d; d = d->next)
+        if (d->disk->ops->busy && d->disk->ops->busy(d->state))
+            return 1;
+    return 0;
 }
 
 static void disks_before_wait(struct dp_engine *engine)
@@ -241,6 +254,7 @@ static int poll_for_work(struct dp_engine *engine)
         return 0;
     io_uring_submit(&engine->ring);
     uint64_t now = now_ns(), until = now + window;
+    unsigned round = 0;
     do {
         /* Every queue with work, not just the first: while one queue always has some, its
          * thread never enters the kernel, so the kicks of the others (deferred task work)
@@ -255,9 +269,13 @@ static int poll_for_work(struct dp_engine *engine)
             return 1;
         if (io_uring_cq_ready(&engine->ring))
             return 1;
-        io_uring_get_events(&engine->ring);   /* run deferred completions */
-        if (io_uring_cq_ready(&engine->ring))
-            return 1;
+        /* Deferred completions (DEFER_TASKRUN) run only in a system call: every fourth look,
+         * not every one (the rings themselves are read in memory each time). */
+        if (++round % 4 == 0) {
+            io_uring_get_events(&engine->ring);
+            if (io_uring_cq_ready(&engine->ring))
+                return 1;
+        }
         cpu_relax();
         now = now_ns();
         if (engine->ndisk_polls && poll_disks(engine, now))
@@ -318,8 +336,10 @@ static void *engine_main(void *arg)
         rc = ring_init(engine);   /* created here: SINGLE_ISSUER wants the submitting thread */
     if (!rc)
         arm_ctl(engine);
+    fixed_init(engine);
     engine->disk_env = (struct dp_disk_env){
         .ring = &engine->ring, .complete = queue_io_done, .arg = engine, .wait = &engine->wait,
+        .files = &engine->fixed.ring_files,
     };
     engine->tick_cqe.done = tick_done;
 
@@ -334,7 +354,8 @@ static void *engine_main(void *arg)
 
     while (!engine->exiting) {
         engine->wait.slept_ns = 0;
-        if (engine->npolling) {
+        if (engine->npolling || (engine->ndisk_busy && disks_busy(engine))) {
+            /* a queue without a kick fd, or polled I/O in flight: look, never sleep */
             io_uring_submit_and_get_events(&engine->ring);
         } else if (!poll_for_work(engine)) {
             disks_before_wait(engine);
@@ -357,7 +378,8 @@ static void *engine_main(void *arg)
                 queue_notify(vq);
         queue_finish_detaches(engine);
     }
-    io_uring_queue_exit(&engine->ring);
+    io_uring_queue_exit(&engine->ring);   /* unregisters its buffers and files too */
+    fixed_free(engine);
     return NULL;
 }
 

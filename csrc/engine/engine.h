@@ -51,14 +51,33 @@ struct engine_disk {
     struct engine_disk *next;
 };
 
+/* What the engine registered with its ring (fixed.c). */
+struct fixed_slot;
+struct fixed_file;
+struct engine_fixed {
+    int buf_state;                /* 0: not tried; 1: the sparse buffer table is there; -errno */
+    int file_state;               /* the same, for the file table */
+    struct fixed_slot *slots;
+    struct fixed_file *files;
+    uint64_t registered_bytes;
+    struct dp_ring_files ring_files;   /* what the disks' env points at */
+};
+
 struct dp_engine {
     struct io_uring ring;
     struct dp_vq *vqs;            /* attached queues (engine thread only) */
     unsigned npolling;            /* attached queues without a kick fd */
     struct engine_disk *disks;    /* the disks of attached queues */
     unsigned ndisk_polls;         /* of those, disks with a poll hook */
+    unsigned ndisk_busy;          /* of those, disks with a busy hook (polled rings) */
     struct dp_disk_env disk_env;  /* what every disk here is lent */
     struct dp_engine_wait wait;   /* this round's sleep, for disks that time themselves */
+    /* The clock, read once per batch rather than twice per request: before a queue's
+     * requests are popped (their pop time), before a batch of CQEs is handled and when the
+     * disks' deferred work runs (the completion time of whatever finishes then). A request's
+     * service time is at that resolution, and the times a recording gets never go back. */
+    uint64_t clock_ns;
+    struct engine_fixed fixed;
     int exiting;
     /* the tick of queues waiting on a vIOMMU (parked requests, rings not in the IOTLB): they
      * ask again and give up on time (queue_iotlb_tick) */
@@ -149,6 +168,16 @@ void queue_set_iotlb(struct dp_engine *engine, struct dp_vq *vq, struct engine_c
  * tick itself (engine.c runs it once tick_next has passed). */
 uint64_t queue_iotlb_next_tick(struct dp_engine *engine, uint64_t now);
 void queue_iotlb_tick(struct dp_engine *engine, uint64_t now);
+
+/* fixed.c: guest memory and files registered with the engine's ring */
+void fixed_init(struct dp_engine *engine);
+void fixed_free(struct dp_engine *engine);
+/* The queue's memory table registered (what was registered for it before let go of). */
+void fixed_queue_set(struct dp_engine *engine, struct dp_vq *vq, const struct dp_mem *mem);
+void fixed_queue_clear(struct dp_engine *engine, struct dp_vq *vq);
+/* The registered buffer of the queue's table holding all of [base, base + len), or -1
+ * (vq->fixed must be set). */
+int fixed_lookup(const struct dp_vq *vq, const void *base, size_t len);
 
 /* record.c: a request into the queue's record ring (vq->rec set): taken (done 0) or completed */
 void queue_record(struct dp_vq *vq, const struct dp_req *req, int done, uint8_t status, uint64_t now);

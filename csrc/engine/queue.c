@@ -105,18 +105,22 @@ static void req_finish(struct dp_req *req, uint8_t status, int from_disk)
         req->used_len = 1;
         STAT_ADD(vq, errors, 1);
     }
-    if (req->io.flags & (DP_IO_F_BOUNCED | DP_IO_F_DELAYED)) {
+    if (req->io.flags & (DP_IO_F_BOUNCED | DP_IO_F_DELAYED | DP_IO_F_POLLED | DP_IO_F_FIXED)) {
         if (req->io.flags & DP_IO_F_BOUNCED)
             STAT_ADD(vq, bounced, 1);
         if (req->io.flags & DP_IO_F_DELAYED)
             STAT_ADD(vq, delayed, 1);
+        if (req->io.flags & DP_IO_F_POLLED)
+            STAT_ADD(vq, polled_ios, 1);
+        if (req->io.flags & DP_IO_F_FIXED)
+            STAT_ADD(vq, fixed_ios, 1);
     }
     if (req->seq < vq->max_completed_seq)
         STAT_ADD(vq, out_of_order, 1);
     else
         vq->max_completed_seq = req->seq;
-    uint64_t now = now_ns();
-    hist_add(&vq->latency, now - req->io.start_ns);
+    uint64_t now = vq->engine->clock_ns;
+    hist_add(&vq->latency, now > req->io.start_ns ? now - req->io.start_ns : 0);
     if (vq->rec)
         queue_record(vq, req, 1, status, now);
     /* The status byte is ordered before used->idx by the release in vq_push_used. */
@@ -221,6 +225,7 @@ static void retry_parked(struct dp_vq *vq, int final)
     vq->parked_tail = &vq->parked;
     vq->nparked = 0;
     uint64_t now = now_ns();
+    vq->engine->clock_ns = now;   /* the requests it runs may complete at once */
     while (list) {
         struct dp_req *req = list;
         list = req->next_free;
@@ -330,7 +335,7 @@ static void start_request(struct dp_req *req, const struct vq_chain *chain)
 {
     struct dp_vq *vq = req->vq;
     req->head = chain->head;
-    req->io.start_ns = now_ns();
+    req->io.start_ns = vq->engine->clock_ns;   /* read once for the batch (queue_process_avail) */
     req->seq = vq->submit_seq++;
     if (__builtin_expect(chain->err == VQ_MISS, 0)) {
         park(vq, req, chain->nsaved);
@@ -366,6 +371,10 @@ static void run_request(struct dp_req *req, const struct vq_chain *chain)
         req_finish(req, (uint8_t)status, 0);
         return;
     }
+    req->io.buf_index = -1;
+    if (vq->fixed && req->io.iovcnt == 1 && (req->io.op == DP_DISK_READ || req->io.op == DP_DISK_WRITE)) {
+        req->io.buf_index = fixed_lookup(vq, req->io.iov[0].iov_base, req->io.iov[0].iov_len);
+    }
     struct engine_disk *d = vq->disk;
     d->disk->ops->submit(d->state, vq->disk_queue, &req->io);
 }
@@ -376,9 +385,15 @@ void queue_process_avail(struct dp_engine *engine, struct dp_vq *vq)
     vq->need_pop = 0;
     if (vq->stopping || vq->broken || __builtin_expect(!vq->rings_ready, 0))
         return;
+    engine->clock_ns = now_ns();   /* the pop time of this batch */
+    unsigned popped = 0;
     do {
         struct dp_req *req;
         while ((req = vq->free_reqs)) {
+            /* Read again every 16 requests: a long batch (a driver that keeps publishing, a
+             * full SQ submitted on the way) must not stamp its last requests with its start. */
+            if (++popped % 16 == 0)
+                engine->clock_ns = now_ns();
             struct vq_chain chain;
             vq->nmiss = 0;
             int rc = vq_pop(vq, &chain, req->seg, REQ_MAX_SEGS);
@@ -467,6 +482,8 @@ static void unlink_disk(struct dp_engine *engine, struct engine_disk *d)
     *link = d->next;
     if (d->disk->ops->poll)
         engine->ndisk_polls--;
+    if (d->disk->ops->busy)
+        engine->ndisk_busy--;
 }
 
 /* Undo open for a disk state no queue ever used: open queues nothing on the ring, so close
@@ -500,6 +517,8 @@ static int bind_disk(struct dp_engine *engine, struct dp_vq *vq)
         engine->disks = d;
         if (disk->ops->poll)
             engine->ndisk_polls++;
+        if (disk->ops->busy)
+            engine->ndisk_busy++;
     }
     vq->disk_queue = NULL;
     if (disk->ops->queue_open) {
@@ -513,6 +532,9 @@ static int bind_disk(struct dp_engine *engine, struct dp_vq *vq)
     d->queues++;
     vq->disk = d;
     vq->disk_queue_open = 1;
+    vq->fixed_wanted = (disk->ring_flags & DISK_RING_FIXED_BUFFERS) != 0;
+    if (vq->fixed_wanted)
+        fixed_queue_set(engine, vq, vq->mem);
     return 0;
 }
 
@@ -561,6 +583,7 @@ int queue_attach(struct dp_engine *engine, struct dp_vq *vq)
     else
         engine->npolling++;
     engine_signal_call(vq);
+    engine->clock_ns = now_ns();
     resubmit_inflight(vq);
     return 0;
 }
@@ -572,6 +595,10 @@ int queue_attach(struct dp_engine *engine, struct dp_vq *vq)
 void queue_set_mem(struct dp_engine *engine, struct dp_vq *vq, struct engine_cmd *cmd)
 {
     vq->mem = cmd->ptr;
+    /* Registered here, on the engine thread, before a request can translate into the table;
+     * requests in flight on buffers it drops keep them (the kernel holds them until done). */
+    if (vq->fixed_wanted)
+        fixed_queue_set(engine, vq, vq->mem);
     vq_iotlb_changed(vq);   /* cached translations hold host addresses of the old table */
     /* The rings' host addresses stay as they were when they cannot be found in the new table:
      * the requests in flight still complete into them (the old mapping lives until the drain
@@ -718,6 +745,8 @@ void queue_finish_detaches(struct dp_engine *engine)
         }
         *link = vq->next;
         vq->next = NULL;
+        fixed_queue_clear(engine, vq);
+        vq->fixed_wanted = 0;
         if (vq->kick_fd < 0)
             engine->npolling--;
         if (vq->need_notify)

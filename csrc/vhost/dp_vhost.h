@@ -135,6 +135,10 @@ struct dp_vq_stats {
     uint64_t resubmitted;        /* in-flight requests resubmitted after a reconnect */
     uint64_t recovered_out_of_order;  /* of those, older than a request already completed */
     uint64_t delayed;            /* completions held back by emulated latency */
+    uint64_t fixed_ios;          /* reads and writes through a registered buffer (READ_FIXED) */
+    uint64_t fixed_buffers;      /* gauge: the memory table's pieces registered with the ring */
+    uint64_t fixed_error;        /* gauge: errno of the last refused registration (0: none) */
+    uint64_t polled_ios;         /* reads and writes completed by polling (IOPOLL ring) */
     /* vIOMMU */
     uint64_t iotlb_misses;       /* translations the IOTLB had no entry for (requests parked) */
     uint64_t iotlb_timeouts;     /* requests that waited in vain for their UPDATE: IOERR */

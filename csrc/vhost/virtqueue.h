@@ -43,6 +43,7 @@ struct vq_packed {
 struct dp_blk_dev;
 struct dp_engine;
 struct engine_disk;
+struct vq_fixed;
 struct dp_req;
 struct rec_ring;
 struct dp_dirty_log;
@@ -97,6 +98,8 @@ struct dp_vq {
 
     /* the queue's disk on its engine (set up at attach; cold on the ring's hot lines) */
     struct engine_disk *disk;     /* dev's disk as that engine serves it */
+    struct vq_fixed *fixed;       /* the memory table as registered buffers (engine/fixed.c) */
+    int fixed_wanted;             /* the disk takes registered buffers */
     void *disk_queue;             /* the disk's state for this queue */
     int disk_queue_open;
     uint64_t submit_seq;

@@ -41,7 +41,16 @@ from ..config import ExportConfig, SocketAddress, check_unique
 from ..disks import Disk, open_disk, split_disk_options
 from ..errors import ConfigError, DataplaneError
 from ..observe.metrics import merge_exports
-from ..placement import PER_QUEUE, BlockDevice, DeviceInfo, ExportDemand, Policy, ThreadPool, Topology
+from ..placement import (
+    PER_QUEUE,
+    BlockDevice,
+    DeviceInfo,
+    ExportDemand,
+    Policy,
+    ThreadPool,
+    Topology,
+    iopoll_unsupported,
+)
 from ..rpc import (
     EXPORT_BUSY,
     EXPORT_EXISTS,
@@ -82,6 +91,7 @@ class DaemonOptions:
     remove_grace_s: float = REMOVE_GRACE_S
     serial_control: bool = False     # --debug-serial-control: one export's control work at a time
     dirty_log: bool = True           # False (--debug-no-dirty-log): LOG_ALL offered, nothing logged
+    iopoll_unchecked: bool = False   # --debug-iopoll-without-poll-queues: poll where it cannot pay
     iotlb_check: bool = True         # False (--debug-no-iotlb-check): the vIOMMU enforces nothing
     iotlb_miss_timeout_ms: int = IOTLB_MISS_TIMEOUT_MS
 
@@ -95,6 +105,26 @@ def device_info(disk_spec: str) -> DeviceInfo:
         return DeviceInfo(spec, mapping_note=f"{scheme.group(1)} disk: no local block device;"
                           " threads are placed by NUMA and SMT only")
     return BlockDevice.resolve(spec)
+
+
+def iopoll_wanted(config: ExportConfig, unchecked: bool = False) -> bool:
+    """Whether an export asking for --iopoll gets it: only on a device with poll queues. Where
+    it cannot, the export is served with interrupt-driven I/O and the log says why."""
+    if not config.iopoll:
+        return False
+    spec = split_disk_options(config.disk)[0]
+    try:
+        why = iopoll_unsupported(spec, config.cache)
+    except ConfigError as exc:
+        why = str(exc)
+    if why is None:
+        return True
+    if unchecked and not spec.startswith(("null", "rbd:")) and config.cache == "none":
+        log.warning("export %s: --iopoll on a device that cannot poll (%s): debug, polling anyway",
+                    config.name, why)
+        return True
+    log.warning("export %s: --iopoll: %s; serving with interrupt-driven I/O", config.name, why)
+    return False
 
 
 def plan_pool(topology: Topology, exports: list[ExportConfig], policy: Policy = PER_QUEUE,
@@ -208,7 +238,8 @@ class Daemon:
             listener, label = export.handed.sock, export.handed.label
         try:
             export.disk = open_disk(config.disk, read_only=config.read_only, cache=config.cache,
-                                    serial=config.serial)
+                                    serial=config.serial, fixed=config.fixed,
+                                    iopoll=iopoll_wanted(config, self.options.iopoll_unchecked))
             with self._lock:
                 mapping = self._mapping(export)
             export.server = VhostUserBlkServer(

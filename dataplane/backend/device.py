@@ -248,6 +248,8 @@ class VhostUserBlkDevice:
         # (buffer key, queue) a packed ring was started from in this session: its region is
         # this session's, not a previous back end's (see _attach_inflight)
         self._inflight_live: set[tuple[tuple[int, int], int]] = set()
+        self._fixed_error_told = 0   # the fixed-buffer refusal already logged
+        self._iopoll_error_told = 0  # and the polled ring's
         self._reset_state()
         self.handlers: dict[int, Callable[[Message], bytes | Message | None]] = {
             Request.GET_FEATURES: self.get_features,
@@ -1055,6 +1057,14 @@ class VhostUserBlkDevice:
                             " end's base %#010x is stale after a back-end restart)", what, base,
                             vring.base)
         stats = self._vq_stats(vring)
+        if stats.fixed_error and stats.fixed_error != self._fixed_error_told:
+            # once per errno and session: every queue of an engine meets the same refusal
+            self._fixed_error_told = stats.fixed_error
+            log.warning("%s: guest memory not registered with io_uring as fixed buffers (%s%s): "
+                        "reads and writes of it go out as readv/writev", what,
+                        errno.errorcode.get(stats.fixed_error, stats.fixed_error),
+                        ", RLIMIT_MEMLOCK too small for it without CAP_IPC_LOCK"
+                        if stats.fixed_error == errno.ENOMEM else "")
         if stats.resubmitted:
             log.warning("%s: resubmitted %d request(s) in flight at the previous back end's end"
                         " (%d of them older than a request that had completed)", what,
@@ -1062,9 +1072,16 @@ class VhostUserBlkDevice:
         if not quiet:
             position = (f"packed ring, base {started_at:#010x}" if packed
                         else f"avail_idx {started_at}")
-            log.info("%s started: size %d, %s, thread %s%s", what, vring.num, position,
+            iopoll = self.disk.iopoll_state
+            if iopoll < 0 and iopoll != self._iopoll_error_told:
+                self._iopoll_error_told = iopoll
+                log.warning("%s: --iopoll: the kernel refused a polled ring (%s): interrupt-driven I/O",
+                            what, errno.errorcode.get(-iopoll, -iopoll))
+            log.info("%s started: size %d, %s, thread %s%s%s%s", what, vring.num, position,
                      self.engines.name_for(vring.index),
-                     "" if vring.kick_fd >= 0 else ", polling (no kick fd)")
+                     "" if vring.kick_fd >= 0 else ", polling (no kick fd)",
+                     f", {stats.fixed_buffers} fixed buffer(s)" if stats.fixed_buffers else "",
+                     ", polled I/O (IOPOLL)" if iopoll > 0 else "")
 
     def _attach_inflight(self, vring: Vring) -> bool:
         """Give the queue its region; returns whether it counts as a previous back end's.

@@ -29,6 +29,9 @@ _EXPORT_DOCS = {
     "queues": "virtqueues offered (default: online CPUs)",
     "read_only": "advertise VIRTIO_BLK_F_RO",
     "cache": "none (O_DIRECT) or writeback",
+    "fixed": "file disks: what the I/O threads register with io_uring: files (the file, default), "
+             "all (and guest memory, pinned), buffers or none",
+    "iopoll": "file disks on a device with poll queues: poll for completions (IORING_SETUP_IOPOLL)",
     "serial": "GET_ID serial, up to 20 bytes",
     "socket_mode": 'socket permissions, an octal string like "0660"',
     "socket_group": "group owning the socket (libvirt's QEMU: kvm)",

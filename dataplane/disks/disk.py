@@ -35,6 +35,9 @@ BLKIOOPT = 0x1279
 # Limits advertised in the config space (and enforced by the C core).
 MAX_DISCARD_SECTORS = 0x400000  # 2 GiB per range
 MAX_DISCARD_SEG = 32
+# --fixed: what a file disk asks each I/O thread to register with its io_uring
+FIXED_MODES = {"all": lib.DP_FILE_FIXED_BUFFERS | lib.DP_FILE_FIXED_FILE,
+               "buffers": lib.DP_FILE_FIXED_BUFFERS, "files": lib.DP_FILE_FIXED_FILE, "none": 0}
 
 @dataclass
 class Disk:
@@ -55,6 +58,12 @@ class Disk:
     blk: object = field(default=None, repr=False)      # struct dp_blk_dev *: what queues serve
     latency: LatencySpec | None = None
     rbd: RbdImage | None = None                         # an RBD image: its librbd side
+    file_handle: object = field(default=None, repr=False)  # a file disk's own struct dp_disk *
+
+    @property
+    def iopoll_state(self) -> int:
+        """1: a file disk's polled ring runs; -errno: the kernel refused one; 0: none asked for."""
+        return lib.dp_file_disk_iopoll_state(self.file_handle) if self.file_handle is not None else 0
 
     def apply_latency(self, num_queues: int) -> None:
         """Give the latency layer its queues' shares: IOPS/bandwidth caps are split evenly
@@ -132,12 +141,17 @@ def _ioctl_int(fd: int, request: int, fmt: str) -> int:
 
 
 def open_disk(spec: str, *, read_only: bool = False, cache: str = "none",
-              serial: str = "dataplane") -> Disk:
+              serial: str = "dataplane", fixed: str = "files", iopoll: bool = False) -> Disk:
     """Open `PATH`, `null:SIZE` or `rbd:POOL/IMAGE[,...]` (optionally followed by
-    `,latency=...,iops=N,bw=N`) and create the C handles. Raises ConfigError on bad input."""
+    `,latency=...,iops=N,bw=N`) and create the C handles. fixed: what a file disk asks its I/O
+    threads to register with io_uring (FIXED_MODES); iopoll: a file disk's reads and writes on
+    polled rings (the caller checked the device: placement.iopoll_unsupported). Raises
+    ConfigError on bad input."""
     spec, latency = split_disk_options(spec)
     if cache not in ("none", "writeback"):
         raise ConfigError(f"bad --cache {cache!r}: expected none or writeback")
+    if fixed not in FIXED_MODES:
+        raise ConfigError(f"bad --fixed {fixed!r}: expected one of {', '.join(FIXED_MODES)}")
     serial_bytes = serial.encode()
     if len(serial_bytes) > 20:
         raise ConfigError(f"bad --serial {serial!r}: at most 20 bytes")
@@ -154,8 +168,11 @@ def open_disk(spec: str, *, read_only: bool = False, cache: str = "none",
     else:
         disk = open_file(spec, read_only=read_only, direct=(cache == "none"), serial=serial)
 
+    if iopoll and (disk.null or disk.rbd is not None or not disk.direct):
+        disk.close()
+        raise ConfigError("--iopoll: polled I/O needs a file or block device opened with --cache none")
     try:
-        _make_handles(disk, latency, serial_bytes)
+        _make_handles(disk, latency, serial_bytes, fixed, iopoll)
     except BaseException:
         disk.close()
         raise
@@ -165,7 +182,8 @@ def open_disk(spec: str, *, read_only: bool = False, cache: str = "none",
     return disk
 
 
-def _make_handles(disk: Disk, latency: LatencySpec | None, serial: bytes) -> None:
+def _make_handles(disk: Disk, latency: LatencySpec | None, serial: bytes, fixed: str = "files",
+                  iopoll: bool = False) -> None:
     """The C side of an open disk: the disk itself, the latency layer on it (caps set later by
     apply_latency, when the queue count is known), and the virtio-blk device over both."""
     info = ffi.new("struct dp_disk_info *")
@@ -180,6 +198,10 @@ def _make_handles(disk: Disk, latency: LatencySpec | None, serial: bytes) -> Non
         disk.handle = _new_handle(lib.dp_null_disk_new(info, err), err, disk.description)
     else:
         disk.handle = _new_handle(lib.dp_file_disk_new(disk.fd, info, err), err, disk.description)
+        lib.dp_file_disk_set_fixed(disk.handle, FIXED_MODES[fixed])   # before the latency layer copies it
+        if iopoll and lib.dp_file_disk_set_iopoll(disk.handle, 1) < 0:
+            raise ConfigError("--iopoll: polled I/O needs an O_DIRECT file (--cache none)")
+        disk.file_handle = disk.handle
     if latency is not None:
         delayed = lib.dp_delay_disk_new(disk.handle, _latency_params(latency, 1), err)
         if delayed == ffi.NULL:

@@ -20,11 +20,14 @@ from .hist import hist_cumulative, hist_summary, new_hist
 
 COUNTERS = ("requests", "reads", "writes", "flushes", "discards", "write_zeroes", "get_ids",
             "unsupported", "errors", "bytes_read", "bytes_written", "kicks", "notifies",
-            "bounced", "out_of_order", "resubmitted", "delayed",
+            "bounced", "out_of_order", "resubmitted", "delayed", "fixed_ios", "polled_ios",
             # behind a vIOMMU: requests that waited for an IOTLB entry, of those in vain,
             # accesses an entry did not permit, invalidations that waited for requests
             "iotlb_misses", "iotlb_timeouts", "iotlb_faults", "iotlb_drains")
-GAUGES = ("inflight", "broken", "parked")   # parked: requests waiting for an IOTLB entry now
+# fixed_buffers: pieces of guest memory registered with the queue's io_uring (file disks);
+# fixed_error: the errno of a registration the kernel refused (then plain readv/writev);
+# parked: requests waiting for an IOTLB entry now
+GAUGES = ("inflight", "broken", "fixed_buffers", "fixed_error", "parked")
 # A recording's (serve --record): requests recorded, record-ring entries dropped (writer behind).
 RECORD_COUNTERS = ("recorded", "record_dropped")
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)

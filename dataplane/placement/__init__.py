@@ -4,7 +4,16 @@ pool of I/O threads many exports share (pool)."""
 
 from .planner import PER_QUEUE, SHARED, Plan, PlanRow, Policy, parse_policy, plan
 from .pool import ExportDemand, PoolRow, Slot, ThreadPool
-from .topology import MAX_CPUS, BlockDevice, DeviceInfo, HwQueue, Topology, format_cpulist, parse_cpulist
+from .topology import (
+    MAX_CPUS,
+    BlockDevice,
+    DeviceInfo,
+    HwQueue,
+    Topology,
+    format_cpulist,
+    iopoll_unsupported,
+    parse_cpulist,
+)
 
 __all__ = [
     "MAX_CPUS",
@@ -22,6 +31,7 @@ __all__ = [
     "ThreadPool",
     "Topology",
     "format_cpulist",
+    "iopoll_unsupported",
     "parse_cpulist",
     "parse_policy",
     "plan",

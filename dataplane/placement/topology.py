@@ -433,6 +433,31 @@ class BlockDevice:
         return [BlockDevice(p.name, p.resolve()) for p in _listdir(self.sysfs / "multipath")]
 
 
+def iopoll_unsupported(spec: str, cache: str = "none", root: Path = Path("/"),
+                       dev_of: DevOf = stat_dev) -> str | None:
+    """Why IORING_SETUP_IOPOLL cannot poll this disk's completions, or None when it can: polled
+    I/O is O_DIRECT I/O to a block device with poll queues (`queue/io_poll` reads 1; an NVMe
+    disk has them only when its driver was loaded with poll_queues=N). On a device without
+    them the kernel still completes polled I/O, by interrupt, and the polling thread spins for
+    nothing, which is why this is checked rather than left to the kernel."""
+    if spec == "null" or spec.startswith(("null:", "rbd:")):
+        return f"{spec.split(',')[0]} is not a block device: polled I/O goes to a local device"
+    if cache != "none":
+        return f"--cache {cache}: polled I/O is O_DIRECT I/O (--cache none)"
+    info = BlockDevice.resolve(spec, root, dev_of)
+    if info.sysfs is None:
+        return f"{spec}: no block device behind it to poll ({info.mapping_note})"
+    io_poll = _read(info.sysfs / "queue" / "io_poll")
+    if io_poll is None:
+        return f"{info.disk}: the kernel does not say whether it polls ({info.sysfs}/queue/io_poll)"
+    if io_poll.strip() != "1":
+        hint = (" (NVMe polls only with the nvme driver's poll_queues=N)"
+                if info.disk and info.disk.startswith("nvme") else "")
+        return (f"{info.disk} has no poll queues: /sys/block/{info.disk}/queue/io_poll is "
+                f"{io_poll.strip()}{hint}")
+    return None
+
+
 def _mount_of(root: Path, dev: str) -> tuple[str, str]:
     """(fstype, source) of the mount with device number dev, from proc/self/mountinfo."""
     text = _read(root / "proc/self/mountinfo") or ""

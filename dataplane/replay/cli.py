@@ -160,6 +160,10 @@ def add_replay_command(subparsers: argparse._SubParsersAction) -> argparse.Argum
                    help="memory for records waiting to be issued, all queues (default 256): a trace "
                         "that fits is loaded before the clock starts, a longer one streams")
     p.add_argument("--cpus", default="", help="pin queue i's thread to the i-th CPU of this list")
+    p.add_argument("--stamp", action=argparse.BooleanOptionalAction, default=False,
+                   help="every 4 KiB a write carries names its queue and record, so the target's "
+                        "contents say which record wrote them, and reads report the stamp they "
+                        "find (default off: about one cache miss per write against a fast backend)")
     p.add_argument("--read-only", action="store_true",
                    help="--native: open the target read-only; writes and trims are skipped (counted)")
     p.add_argument("--group-reporting", "--group_reporting", dest="group_reporting", action="store_true",
@@ -206,7 +210,7 @@ def run_replay(args: argparse.Namespace) -> int:
     options = ReplayOptions(mode=args.mode, speed=args.speed, iodepth=args.iodepth,
                             queue_map=args.queue_map, fit=args.fit, max_request=args.max_request,
                             spin_us=args.spin_us, poll_us=args.poll_us, cpus=cpus,
-                            feed_memory=args.feed_mb << 20)
+                            stamp=args.stamp, feed_memory=args.feed_mb << 20)
     reader = open_trace(args.trace, args.format, on_error=args.on_error, events=args.events)
     if args.native is not None:
         from .native import replay_native

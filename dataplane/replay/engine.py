@@ -71,7 +71,7 @@ class ReplayOptions:
     poll_us: int | None = None     # spin on completions before sleeping (None: 5 afap, 0 timed)
     timeout: float = 30.0          # no completion for this long ends the run
     cpus: Sequence[int] = ()       # pin queue i's thread to cpus[i % len(cpus)]
-    stamp: bool = True             # writes carry (queue, record) stamps; reads report them
+    stamp: bool = False            # writes carry (queue, record) stamps; reads report them
     keep_log: bool = False         # per-record timings and stamps (tests, small traces)
     feed_memory: int = FEED_MEMORY  # bytes of records the queues' feeds hold in all
     feed_records: int | None = None  # records per queue's feed (None: from feed_memory)
@@ -664,6 +664,11 @@ def prepare(reader: TraceReader, geometry: Geometry, queues: int, options: Repla
     if options.fit == "fail" and scan.max_end > geometry.capacity:
         raise ConfigError(f"{reader.path}: {scan.first_beyond(reader, geometry.capacity)} ends past the "
                           f"end of the target ({geometry.capacity} bytes); use --fit wrap or --fit scale")
+    if options.queue_map == "trace" and len(scan.streams) < queues:
+        log.warning("%s has %d stream(s) for %d queues: --queue-map trace keeps each stream on one "
+                    "queue, so %d queue(s) get no records; --queue-map rr or hash spread the trace "
+                    "over every queue", reader.path, len(scan.streams), queues,
+                    queues - len(scan.streams))
     size = buffer_size(scan, geometry, options)
     return scan, RecordMapper(scan, geometry, queues, options, size), size
 

@@ -64,8 +64,12 @@ wait_memtotal -ge $((base + {DIMMS * DIMM_MIB * 1024})) && echo "DP-MEM-ADDED $(
 before=$(movable_free)
 fio /tmp/b.fio > /tmp/b.out 2>&1 &
 bpid=$!
-sleep 4
-during=$(movable_free)
+during=$before   # the lowest free count while b runs (a loaded host starts fio late)
+while kill -0 $bpid 2>/dev/null; do
+    f=$(movable_free)
+    [ "$f" -lt "$during" ] && during=$f
+    sleep 0.2
+done
 echo "DP-MOVABLE before=$before during=$during"
 wait $bpid
 echo "DP-FIO-RC b $?"

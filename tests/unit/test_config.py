@@ -156,7 +156,8 @@ def test_unknown_key_suggests_the_close_one(tmp_path: Path, key: str, suggestion
 
 def test_unknown_key_far_from_any_lists_the_keys(tmp_path: Path) -> None:
     with pytest.raises(ConfigError,
-                       match=r'unknown key "zzz" \(known keys: cache, disk, export, inflight, io_threads,'):
+                       match=r'unknown key "zzz" \(known keys: cache, disk, export, fixed, inflight, '
+                             r'io_threads,'):
         load_config(write(tmp_path, "zzz = 1\n"))
     with pytest.raises(ConfigError, match='unknown key "serve"'):
         load_config(write(tmp_path, '[serve]\nqueues = 2\n'))

@@ -20,6 +20,7 @@ from dataplane.placement import (
     Policy,
     Topology,
     format_cpulist,
+    iopoll_unsupported,
     parse_cpulist,
     parse_policy,
     plan,
@@ -932,3 +933,20 @@ def test_real_plan_follows_the_completion_interrupt() -> None:
     row = p.rows[0]
     assert row.host_cpu in expected[row.hw_queue], (row, expected)
     assert "takes hw queue" in row.reason
+
+
+def test_iopoll_needs_a_device_with_poll_queues(tmp_path: Path) -> None:
+    fs = FakeSysfs(tmp_path)
+    fs.host(16, smt=True, nodes=[NODE0, NODE1])
+    fs.nvme(blk_mq_map(8, [parse_cpulist(NODE0), parse_cpulist(NODE1)], SIBLING16))
+    fs.devs["/srv/vm/disk.img"] = (259, 1, False)   # a file on nvme0n1p1
+    fs.write(f"{NVME_DISK}/queue/io_poll", "0")
+    why = iopoll_unsupported("/srv/vm/disk.img", "none", tmp_path, fs.dev_of)
+    assert why == ("nvme0n1 has no poll queues: /sys/block/nvme0n1/queue/io_poll is 0 (NVMe polls only "
+                   "with the nvme driver's poll_queues=N)")
+    fs.write(f"{NVME_DISK}/queue/io_poll", "1")
+    assert iopoll_unsupported("/srv/vm/disk.img", "none", tmp_path, fs.dev_of) is None
+    assert iopoll_unsupported("/dev/nvme0n1p1", "none", tmp_path, fs.dev_of) is None
+    assert "O_DIRECT" in iopoll_unsupported("/dev/nvme0n1", "writeback", tmp_path, fs.dev_of)
+    assert "not a block device" in iopoll_unsupported("null:1G", "none", tmp_path, fs.dev_of)
+    assert "not a block device" in iopoll_unsupported("rbd:pool/img,conf=x", "none", tmp_path, fs.dev_of)
