@@ -73,12 +73,21 @@ SCRATCH_SERIAL = "dp-scratch"
 
 def blktrace_start(outdir: str = "/tmp/bt", device: str = "vda") -> str:
     """Guest shell: trace /dev/DEVICE from the guest's block layer into OUTDIR (one file per
-    CPU, DEVICE.blktrace.N, on the guest's tmpfs) until blktrace_stop in the same script."""
+    CPU, DEVICE.blktrace.N, on the guest's tmpfs) until blktrace_stop in the same script.
+
+    blktrace 1.2 opens its files, one thread per CPU, before it starts the kernel's trace
+    (BLKTRACESTART, once every thread has its file): a file that exists does not mean events
+    are recorded yet, and I/O in that window is lost (seen: a write traced as nothing but the
+    start's own time note). So this waits for every CPU's file, then a second more for the
+    start to follow (under TCG on a loaded host the threads run late)."""
+    files = f"$(ls {outdir} 2>/dev/null | grep -c '^{device}\\.blktrace\\.')"
     return f"""mkdir -p {outdir}
 blktrace -d /dev/{device} -D {outdir} -o {device} > {outdir}.log 2>&1 &
 DP_BT_PID=$!
-i=0; while [ ! -e {outdir}/{device}.blktrace.0 ] && [ "$i" -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
-[ -e {outdir}/{device}.blktrace.0 ] || {{ echo "{WARN_MARKER} blktrace did not start"; cat {outdir}.log; }}
+DP_BT_CPUS=$(grep -c ^processor /proc/cpuinfo)
+i=0; while [ "{files}" -lt "$DP_BT_CPUS" ] && [ "$i" -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+if [ "{files}" -lt "$DP_BT_CPUS" ]; then echo "{WARN_MARKER} blktrace did not start"; cat {outdir}.log; fi
+sleep 1
 """
 
 

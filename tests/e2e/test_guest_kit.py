@@ -140,7 +140,7 @@ echo DP-WROTE
         (tmp_path / name).write_bytes(data)
     writes = [r for r in open_trace(tmp_path / "vda.blktrace.0").read_all() if r["op"] == Op.WRITE]
     at = MARKER_SECTOR * SECTOR
-    assert any(r["offset"] <= at < r["offset"] + r["length"] for r in writes), writes
+    assert any(r["offset"] <= at < r["offset"] + r["length"] for r in writes), (writes, result.output)
     with open(img, "rb") as fh:
         fh.seek(MARKER_SECTOR * SECTOR)
         block = fh.read(SECTOR)
