@@ -25,8 +25,10 @@ from __future__ import annotations
 import bisect
 import contextlib
 import logging
+import select
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -91,6 +93,8 @@ class Iommu:
         self._free: list[tuple[int, int]] = []   # freed dynamic ranges (iova, size)
         self._answering = threading.Event()    # cleared: misses wait (hold())
         self._answering.set()
+        self._busy = False                     # the thread has a message (settle())
+        self._busy_lock = threading.Lock()
         self._thread = threading.Thread(target=self._serve, name="dp-viommu", daemon=True)
         self._thread.start()
 
@@ -102,6 +106,20 @@ class Iommu:
             yield
         finally:
             self._answering.set()
+
+    def settle(self, timeout: float = 5.0) -> None:
+        """Wait until every miss the backend has sent so far is answered: nothing unread on
+        the channel and no answer under way. The backend sends a miss before it handles the
+        next front-end message, so after any round trip on the main socket (REPLY_ACK), this
+        leaves no answer (an UPDATE) to arrive after what the caller sends next."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._busy_lock:
+                if not self._busy and not select.select([self.channel], [], [], 0)[0]:
+                    return
+            if time.monotonic() > deadline:
+                raise DeviceError(f"vIOMMU misses still unanswered after {timeout:g} s")
+            time.sleep(0.005)
 
     def close(self) -> None:
         self._answering.set()
@@ -227,22 +245,33 @@ class Iommu:
     def _serve(self) -> None:
         while True:
             try:
-                msg = proto.recv_message(self.channel)
-            except (OSError, ProtocolError) as exc:
+                select.select([self.channel], [], [])
+                with self._busy_lock:   # settle() sees the message unread or being answered
+                    self._busy = True
+                try:
+                    msg = proto.recv_message(self.channel)
+                    if msg is not None:
+                        self._handle(msg)
+                finally:
+                    with self._busy_lock:
+                        self._busy = False
+            except (OSError, ValueError, ProtocolError) as exc:
                 log.debug("back-end channel: %s", exc)
                 return
             if msg is None:
                 return
-            proto.close_fds(msg.fds)
-            if msg.request != BackendRequest.IOTLB_MSG or len(msg.payload) < IOTLB_MSG.size:
-                log.warning("back-end channel: unexpected %r", msg)
-                continue
-            iova, _size, _uaddr, perm, type_ = IOTLB_MSG.unpack_from(msg.payload)
-            if type_ != IotlbType.MISS:
-                log.warning("back-end channel: IOTLB message of type %d", type_)
-                continue
-            self._answering.wait()
-            try:
-                self._answer(iova, perm)
-            except (DeviceError, ProtocolError, OSError) as exc:
-                log.warning("answering the miss at %#x: %s", iova, exc)
+
+    def _handle(self, msg: proto.Message) -> None:
+        proto.close_fds(msg.fds)
+        if msg.request != BackendRequest.IOTLB_MSG or len(msg.payload) < IOTLB_MSG.size:
+            log.warning("back-end channel: unexpected %r", msg)
+            return
+        iova, _size, _uaddr, perm, type_ = IOTLB_MSG.unpack_from(msg.payload)
+        if type_ != IotlbType.MISS:
+            log.warning("back-end channel: IOTLB message of type %d", type_)
+            return
+        self._answering.wait()
+        try:
+            self._answer(iova, perm)
+        except (DeviceError, ProtocolError, OSError) as exc:
+            log.warning("answering the miss at %#x: %s", iova, exc)

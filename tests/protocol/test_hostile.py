@@ -418,6 +418,7 @@ def iommu_device(start_backend, disk: str, checked: bool, ring: str = "split") -
     backend = start_backend(disk, queues=2, iotlb_check=checked, iotlb_timeout_ms=IOMMU_TIMEOUT_MS)
     dev = Device.connect(backend.socket, queues=2, ring=ring, iommu=True, iommu_push="rings")
     dev.iommu.push(IOVA_BASE, dev.mem.size, page=0)   # all guest memory: no well-behaved misses
+    dev.iommu.settle()   # the rings' misses from before the push answered: no late UPDATE
     dev.backend = backend
     dev.err_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     dev.client.set_u64(Request.SET_VRING_ERR, 0, [dev.err_fd])

@@ -18,6 +18,8 @@ from dataplane.driver.device import OUTHDR
 from dataplane.driver.iommu import IOVA_BASE, PAGE, RW
 from dataplane.driver.load import Job, run_load
 from dataplane.errors import DeviceError
+from dataplane.observe.metrics import format_table
+from dataplane.observe.prometheus import exposition
 from dataplane.protocol import virtio_blk as vb
 from dataplane.protocol.vhost_user import (
     IOTLB_MSG,
@@ -83,6 +85,16 @@ def test_round_trips_through_iovas_and_misses(start_backend, disk_file, ring, in
         s = backend_stats(backend)
         assert s["iotlb_misses"] > 0 and s["iotlb_timeouts"] == 0 and s["errors"] == 0, s
         assert dev.iommu.counters.refused == 0
+        # The counters reach `dataplane stats` (table and JSON) and Prometheus.
+        snap = backend.server.snapshot()
+        assert sum(q["iotlb_misses"] for q in snap["queues"]) == s["iotlb_misses"]
+        assert all(q["parked"] == 0 for q in snap["queues"]), snap["queues"]
+        table = format_table(snap)
+        assert f"vIOMMU: {s['iotlb_misses']} request(s) waited for an IOTLB entry (0 in vain" in table
+        body, _ = exposition(backend.server.snapshot)
+        misses = [float(line.rsplit(" ", 1)[1]) for line in body.decode().splitlines()
+                  if line.startswith("dataplane_iotlb_misses_total{")]
+        assert len(misses) == 2 and sum(misses) == s["iotlb_misses"], body.decode()
 
 
 @pytest.mark.parametrize("ring", RINGS)
@@ -94,9 +106,7 @@ def test_rings_only_in_the_page_table_start_once_their_misses_are_answered(start
             assert dev.read(4096 * q, 4096, queue=q) == bytes(4096)
         # The frontend's channel thread counts an answer after sending its UPDATE, which the
         # backend may have used (and the read completed) before the count: let it catch up.
-        deadline = time.monotonic() + 5
-        while dev.iommu.counters.answered < dev.iommu.counters.misses and time.monotonic() < deadline:
-            time.sleep(0.01)
+        dev.iommu.settle()
         assert dev.iommu.counters.answered >= 4   # desc and used of two queues at least
 
 
@@ -106,6 +116,8 @@ def test_a_miss_answered_late_still_completes_and_others_carry_on(start_backend)
         dev.iommu.push(IOVA_BASE, dev.mem.size, page=0)   # all guest memory: no legit misses
         buf = dev.mem.alloc(4096, 4096)
         late = dev.iommu.map(buf, 4096, RW)               # in the page table, not the IOTLB
+        dev.iommu.settle()                                # the rings' misses: answered
+        misses = dev.iommu.counters.misses
         with dev.iommu.hold():
             req = BlkRequest(0, 0, vb.ReqType.IN, 0, buf, 4096, 0, [])
             hdr, st = dev.mem.alloc(16, 16), dev.mem.alloc(1, 1)
@@ -122,7 +134,13 @@ def test_a_miss_answered_late_still_completes_and_others_carry_on(start_backend)
             assert dev.read(8192, 4096, queue=0) == bytes(4096)
             assert dev.read(8192, 4096, queue=1) == bytes(4096)
             assert dev.mem.read(st, 1) == b"\xee", "answered before its UPDATE came"
+            assert backend_stats(backend)["parked"] == 1
+            with pytest.raises(DeviceError, match="unanswered"):   # the miss waits on the thread
+                dev.iommu.settle(timeout=0.2)
         assert dev.wait([req])[id(req)][0] == vb.Status.OK
+        dev.iommu.settle()
+        c = dev.iommu.counters
+        assert c.answered == c.misses == misses + 1, c
         assert backend_stats(backend)["parked"] == 0
 
 
