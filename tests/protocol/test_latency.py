@@ -218,16 +218,20 @@ def test_latency_and_iops_cap_together(start_backend) -> None:
 
 
 OVERSHOOT = 50 * US  # a timer's wake-up on a busy host, added to every delay
+# How far above the configured value each observed percentile may be. The tail is where a
+# busy host's scheduler shows (two busy loops beside this test, measured: p90 1.04-1.11x,
+# p99 1.26-1.36x; on a quiet host every percentile is within 2-4%).
+SLOWER = {10.0: 1.1, 50.0: 1.1, 90.0: 1.25, 99.0: 1.5}
 
 
 def test_configured_and_observed_percentiles_per_queue(start_backend) -> None:
     """Each queue reports its own observed distribution next to the configured one; with a
-    light closed-loop load they agree: p10..p90 within 10% (p99 within 50%) of the configured
-    value, plus the timer's wake-up, which is a constant and not a fraction: OVERSHOOT covers
-    it (two I/O threads and the driver share this CI machine's two cores; a wake-up there is
-    tens of microseconds). The device may never be faster than 90% of the configuration; a
-    host stall (seconds, while a QEMU guest runs beside the tests) can only make it slower, so
-    up to three runs get the chance to show the agreement."""
+    light closed-loop load they agree. Never faster than 90% of the configured value: that
+    bound is tight, since the host can only add (and a distribution too wide or too narrow
+    breaks it at p10 or p90). Slower by at most SLOWER's fraction plus the timer's wake-up,
+    a constant (OVERSHOOT): two I/O threads and the driver share this CI machine's two cores,
+    with whatever else runs there. A host stall (seconds, while a QEMU guest runs beside the
+    tests) can only make it slower, so up to three runs get the chance to show the agreement."""
     backend = start_backend("null:64M,latency=lognormal:p50=500us,p99=3ms", queues=2)
     problems: list[str] = []
     for _attempt in range(3):
@@ -241,7 +245,7 @@ def test_configured_and_observed_percentiles_per_queue(start_backend) -> None:
                 assert observed >= 0.9 * configured, (
                     f"vq{queue} p{pct:g}: observed {observed / US:.0f} us, configured "
                     f"{configured / US:.0f} us")
-                if observed > (1.5 if pct == 99.0 else 1.1) * configured + OVERSHOOT:
+                if observed > SLOWER[pct] * configured + OVERSHOOT:
                     problems.append(f"vq{queue} p{pct:g} {observed / US:.0f} us (configured "
                                     f"{configured / US:.0f} us)")
         if not problems:
