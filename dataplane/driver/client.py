@@ -9,6 +9,7 @@ import errno
 import os
 import socket
 import struct
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -58,11 +59,24 @@ class VhostUserClient:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         self.timeout = timeout
-        try:
-            self.sock.connect(str(path))
-        except OSError as exc:
-            self.sock.close()
-            raise DeviceError(f"cannot connect to {path}: {exc.strerror}") from None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock.connect(str(path))
+                break
+            except BlockingIOError:
+                # EAGAIN: the backend's listen backlog is full (it serves one front end at a
+                # time and others wait). A socket with a timeout does not wait for room on a
+                # UNIX socket as a blocking one would: wait here, up to the timeout.
+                if time.monotonic() < deadline:
+                    time.sleep(0.01)
+                    continue
+                self.sock.close()
+                raise DeviceError(f"cannot connect to {path}: its backlog stayed full for "
+                                  f"{timeout:g} s") from None
+            except OSError as exc:
+                self.sock.close()
+                raise DeviceError(f"cannot connect to {path}: {exc.strerror}") from None
         self.reply_ack = False
         self.vu = lib.dp_vu_socket_new(self.sock.fileno())
         if self.vu == ffi.NULL:
