@@ -109,9 +109,11 @@ class Iommu:
 
     def settle(self, timeout: float = 5.0) -> None:
         """Wait until every miss the backend has sent so far is answered: nothing unread on
-        the channel and no answer under way. The backend sends a miss before it handles the
-        next front-end message, so after any round trip on the main socket (REPLY_ACK), this
-        leaves no answer (an UPDATE) to arrive after what the caller sends next."""
+        the channel and no answer under way (inside hold(), a miss waits: DeviceError after
+        timeout). The misses a backend sends while it handles a front-end message (those of
+        the rings) are on the channel before its reply, so after a round trip on the main
+        socket (REPLY_ACK), this leaves none of their answers (UPDATEs) to arrive after what
+        the caller sends next; a request's misses come from its I/O thread, at any time."""
         deadline = time.monotonic() + timeout
         while True:
             with self._busy_lock:
