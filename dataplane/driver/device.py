@@ -513,10 +513,12 @@ class Device:
 
     def submit(self, type_: int, sector: int = 0, *, data: bytes | None = None,
                read_len: int = 0, queue: int = 0, indirect: bool = False,
-               area: _Area | None = None) -> BlkRequest:
+               area: _Area | None = None, buf: int | None = None) -> BlkRequest:
         """Build and publish one request. `data` is device-readable payload (OUT, DISCARD...);
         read_len is the device-writable payload size (IN, GET_ID). Its buffers are allocated
-        in `area` (memory from add_memory) when given."""
+        in `area` (memory from add_memory) when given. `buf`: the device-writable buffer at
+        that guest-physical address instead, which the request does not own (a test's chosen
+        place: across a boundary, in a region removed since)."""
         ring = self.rings[queue]
         hdr = self.mem.alloc(OUTHDR.size, 16, area)
         self.mem.write(hdr, OUTHDR.pack(type_, 0, sector))
@@ -531,9 +533,12 @@ class Device:
             owned.append(data_gpa)
         elif read_len:
             data_len = read_len
-            data_gpa = self.mem.alloc(read_len, 4096, area)
+            if buf is None:
+                data_gpa = self.mem.alloc(read_len, 4096, area)
+                owned.append(data_gpa)
+            else:
+                data_gpa = buf
             bufs.append((data_gpa, read_len, True))
-            owned.append(data_gpa)
         status = self.mem.alloc(1, 1, area)
         self.mem.write(status, b"\xff")
         bufs.append((status, 1, True))

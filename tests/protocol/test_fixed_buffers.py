@@ -27,8 +27,7 @@ from serve_process import ServeProcess
 
 from dataplane.backend import fetch_stats
 from dataplane.core import lib
-from dataplane.driver import BlkRequest, Device
-from dataplane.driver.device import OUTHDR
+from dataplane.driver import Device
 from dataplane.driver.load import Job, run_load
 from dataplane.placement import iopoll_unsupported
 from dataplane.protocol import virtio_blk as vb
@@ -136,21 +135,12 @@ def test_a_region_is_registered_in_pieces(start_backend, disk_file):
             assert stats["fixed_buffers"] == 16
             fixed = stats["fixed_ios"]
             assert fixed >= 1
-            hdr, status = dev.mem.alloc(16), dev.mem.alloc(1, 1)
-            dev.mem.write(hdr, OUTHDR.pack(vb.ReqType.IN, 0, 0))
-            dev.mem.write(status, b"\xff")
             buf = 3 * MiB - 2048                   # across the boundary of pieces 2 and 3
-            ring = dev.rings[0]
-            head = ring.add_chain([(hdr, 16, False), (buf, 4096, True), (status, 1, True)])
-            old = ring.avail_idx
-            ring.publish(head)
-            ring.kick(old)
-            req = BlkRequest(0, head, vb.ReqType.IN, hdr, buf, 4096, status, [hdr, status])
+            req = dev.submit(vb.ReqType.IN, 0, read_len=4096, buf=buf)
             assert dev.wait([req], timeout=5)[id(req)] == (vb.Status.OK, 4097)
             assert dev.mem.read(buf, 4096) == b"\x5a" * 4096
             assert backend.device.stats()[0]["fixed_ios"] == fixed   # that one was not fixed
-            dev.mem.free(hdr)
-            dev.mem.free(status)
+            dev.release(req)
     finally:
         lib.dp_debug_fixed_piece(0)
 

@@ -19,7 +19,6 @@ from hotplug import hot_plug_under_load
 from serve_process import ServeProcess
 
 from dataplane.driver import Device, VhostUserClient
-from dataplane.driver.device import OUTHDR
 from dataplane.driver.load import Job, run_load
 from dataplane.errors import DeviceError
 from dataplane.protocol import virtio_blk as vb
@@ -90,16 +89,7 @@ def test_region_removed_under_a_request_in_flight(start_backend):
         assert (status, used_len) == (vb.Status.OK, 8193)
         assert dev.mem.read(req.data, 8192) == bytes(8192)
         # A new request whose data buffer is in the removed region: IOERR, nothing written.
-        hdr, st = dev.mem.alloc(16), dev.mem.alloc(1, 1)
-        dev.mem.write(hdr, OUTHDR.pack(vb.ReqType.IN, 0, 0))
-        dev.mem.write(st, b"\xff")
-        ring = dev.rings[0]
-        head = ring.add_chain([(hdr, 16, False), (buf, 4096, True), (st, 1, True)])
-        old = ring.avail_idx
-        ring.publish(head)
-        ring.kick(old)
-        from dataplane.driver import BlkRequest
-        late = BlkRequest(0, head, vb.ReqType.IN, hdr, buf, 4096, st, [hdr, st])
+        late = dev.submit(vb.ReqType.IN, 0, read_len=4096, buf=buf)
         status, _ = dev.wait([late], timeout=2)[id(late)]
         assert status == vb.Status.IOERR
         assert dev.mem.read(buf, 4096) == b"\xaa" * 4096
