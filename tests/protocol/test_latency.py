@@ -13,6 +13,7 @@ Run as a script to draw the configured-vs-observed chart of docs/emulation.md:
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from dataclasses import dataclass
@@ -222,6 +223,11 @@ OVERSHOOT = 50 * US  # a timer's wake-up on a busy host, added to every delay
 # busy host's scheduler shows; how much depends on the moment on this shared VM (measured
 # with bench/latency_agreement.py: docs/emulation.md, "Reading configured vs observed").
 SLOWER = {10.0: 1.1, 50.0: 1.1, 90.0: 1.25, 99.0: 1.5}
+# In the sanitized pass (./dev test's second run) the ring walk, the completion and the load
+# generator are all instrumented: each request takes longer than OVERSHOOT allows for, by
+# design (bench/latency_agreement.py under ASan, quiet host: p10 and p50 at 1.09–1.30x). That
+# pass checks memory safety; the upper bound is the main pass's to check.
+SANITIZED = os.environ.get("DATAPLANE_SANITIZE") not in (None, "", "0")
 
 
 def test_configured_and_observed_percentiles_per_queue(start_backend) -> None:
@@ -231,7 +237,8 @@ def test_configured_and_observed_percentiles_per_queue(start_backend) -> None:
     breaks it at p10 or p90). Slower by at most SLOWER's fraction plus the timer's wake-up,
     a constant (OVERSHOOT): two I/O threads and the driver share this CI machine's two cores,
     with whatever else runs there. A host stall (seconds, while a QEMU guest runs beside the
-    tests) can only make it slower, so up to three runs get the chance to show the agreement."""
+    tests) can only make it slower, so up to three runs get the chance to show the agreement.
+    Under the sanitizers only the lower bound holds (SANITIZED)."""
     backend = start_backend("null:64M,latency=lognormal:p50=500us,p99=3ms", queues=2)
     problems: list[str] = []
     for _attempt in range(3):
@@ -245,7 +252,7 @@ def test_configured_and_observed_percentiles_per_queue(start_backend) -> None:
                 assert observed >= 0.9 * configured, (
                     f"vq{queue} p{pct:g}: observed {observed / US:.0f} us, configured "
                     f"{configured / US:.0f} us")
-                if observed > SLOWER[pct] * configured + OVERSHOOT:
+                if not SANITIZED and observed > SLOWER[pct] * configured + OVERSHOOT:
                     problems.append(f"vq{queue} p{pct:g} {observed / US:.0f} us (configured "
                                     f"{configured / US:.0f} us)")
         if not problems:
