@@ -7,9 +7,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import socket
 import struct
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -32,6 +30,7 @@ from ..protocol.vhost_user import (
     Message,
     Request,
 )
+from ..unix import BacklogFull, connect_unix
 from .vring import Vring
 
 # The inflight buffer's per-queue layout (vhost-user spec, QueueRegionSplit): a 16-byte header
@@ -56,27 +55,15 @@ class VhostUserClient:
     socket's lock (a C mutex, csrc/driver/vu_socket.c, which the C threads take too)."""
 
     def __init__(self, path: str, timeout: float = 10.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
         self.timeout = timeout
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.sock.connect(str(path))
-                break
-            except BlockingIOError:
-                # EAGAIN: the backend's listen backlog is full (it serves one front end at a
-                # time and others wait). A socket with a timeout does not wait for room on a
-                # UNIX socket as a blocking one would: wait here, up to the timeout.
-                if time.monotonic() < deadline:
-                    time.sleep(0.01)
-                    continue
-                self.sock.close()
-                raise DeviceError(f"cannot connect to {path}: its backlog stayed full for "
-                                  f"{timeout:g} s") from None
-            except OSError as exc:
-                self.sock.close()
-                raise DeviceError(f"cannot connect to {path}: {exc.strerror}") from None
+        try:
+            # A backend serves one front end at a time: others wait in its backlog.
+            self.sock = connect_unix(str(path), timeout)
+        except BacklogFull:
+            raise DeviceError(f"cannot connect to {path}: its backlog stayed full for "
+                              f"{timeout:g} s") from None
+        except OSError as exc:
+            raise DeviceError(f"cannot connect to {path}: {exc.strerror}") from None
         self.reply_ack = False
         self.vu = lib.dp_vu_socket_new(self.sock.fileno())
         if self.vu == ffi.NULL:

@@ -7,10 +7,10 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import socket
 from typing import Any, Self
 
 from ..errors import ConfigError
+from ..unix import BacklogFull, connect_unix
 from .protocol import JSONRPC, MAX_LINE, RpcError, encode
 
 DEFAULT_SOCKET = "/run/dataplane/rpc.sock"
@@ -23,16 +23,16 @@ class Client:
         self.path = os.fspath(path)
         self._ids = itertools.count(1)
         self._buf = bytearray()
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
         try:
-            self.sock.connect(self.path)
+            # The daemon's loop accepts between calls: a busy one lets clients wait in its backlog.
+            self.sock = connect_unix(self.path, timeout)
         except FileNotFoundError:
-            self.sock.close()
             raise ConfigError(f"no management socket at {self.path}: is `dataplane serve"
                               f" --rpc-socket {self.path}` running?") from None
+        except BacklogFull:
+            raise ConfigError(f"cannot connect to {self.path}: its backlog stayed full for "
+                              f"{timeout:g} s") from None
         except OSError as exc:
-            self.sock.close()
             raise ConfigError(f"cannot connect to {self.path}: {exc.strerror or exc}") from None
 
     def call(self, method: str, params: dict[str, Any] | list[Any] | None = None, /,

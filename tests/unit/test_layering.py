@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PYTHON_ARROWS = {
     "errors": set(),
     "units": {"errors"},
+    "unix": set(),
     "core": {"errors", "_core"},
     "cli_common": {"errors", "units"},
     "protocol": {"errors"},
@@ -26,8 +27,8 @@ PYTHON_ARROWS = {
     "guest": {"errors"},
     "observe": {"core", "errors"},
     "disks": {"core", "errors", "units"},
-    "driver": {"core", "errors", "units", "protocol", "observe"},
-    "rpc": {"errors"},
+    "driver": {"core", "errors", "units", "unix", "protocol", "observe"},
+    "rpc": {"errors", "unix"},
     "backend": {"core", "errors", "units", "protocol", "disks", "observe", "placement", "config", "rpc"},
     "replay": {"core", "errors", "units", "cli_common", "protocol", "disks", "driver", "observe"},
     "frontend": {"driver"},
